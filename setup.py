@@ -1,0 +1,28 @@
+"""ns-data: build Noisy Student pseudo-label corpora at scale (Apache Beam + Arrow)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ns-data",
+    version="0.1.0",
+    description="Data engineering for Noisy Student self-training: pseudo labels, balanced selection, shards.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ns_data", "ns_data.*", "pipelines", "pipelines.*"]),
+    # What `balance` and `synth` need; no torch, no tensorflow.
+    install_requires=[
+        "apache-beam>=2.77.0,<3",
+        "pyarrow>=14",
+        "numpy>=1.26",
+        "pandas>=2.0",
+        "click>=8.1",
+    ],
+    extras_require={
+        # Dataflow: GCS filesystem and the Dataflow runner client.
+        "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
+        "test": ["pytest>=8"],
+        # Benchmarks compare against DuckDB and measure peak memory.
+        "bench": ["duckdb>=1.1", "psutil>=5.9"],
+    },
+    entry_points={"console_scripts": ["ns-data=ns_data.cli:main"]},
+)
