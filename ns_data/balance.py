@@ -1,0 +1,601 @@
+"""`balance`: the exact, deterministic per-class selection of Noisy Student as one Beam pipeline.
+
+Passes over the input (each reads only the columns it needs, in Arrow record batches):
+
+1. scan: validate id/label/confidence, hash ids, count candidates per (class, confidence bin), and send the
+   hashes of valid rows to buckets to find repeated ids;
+2. duplicates (only when an id repeats): decide which copy of a repeated id is kept;
+3. refine (only for bins that hold kept rows and exceed `unit_rows`): finer counts, so no sort unit is large;
+4. route: send the keys of rows that can be kept to their sort unit; each unit is sorted and ranked;
+5. write: join the ranks back to the full rows per row group, write selection and error files;
+6. finalize: move the files in place and write stats.json last.
+
+Only small key arrays cross a shuffle; pass-through columns are read from the input where they are written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from ns_data import selection as sel
+from ns_data.hashing import hash_ids
+from ns_data.progress import Progress
+from ns_data.reading import WorkUnit, expand_inputs, inspect_inputs, iter_batches
+
+NAMESPACE = "ns_data.balance"
+OUTPUT_COLUMNS = ("rank", "copies")
+ERROR_COLUMN = "reason"
+STATS_FILE = "stats.json"
+
+
+class OptionsError(ValueError):
+    """An option out of its range: reported before any work starts."""
+
+
+@dataclass(frozen=True)
+class BalanceOptions:
+    """What `ns-data balance` takes; validated once by `validate()`."""
+
+    inputs: tuple[str, ...]
+    output: str
+    per_class: int = 130_000
+    min_confidence: float = 0.3
+    upsample: bool = True
+    seed: int = 0
+    num_classes: int | None = None
+    overwrite: bool = False
+    batch_rows: int = 131_072
+    unit_rows: int = 262_144
+    dedup_bucket_rows: int = 4_000_000
+    progress: bool = False
+
+    def validate(self) -> "BalanceOptions":
+        if not self.inputs:
+            raise OptionsError("give at least one INPUT")
+        if not self.output:
+            raise OptionsError("--output is required")
+        if self.per_class < 1:
+            raise OptionsError(f"--per-class must be at least 1, got {self.per_class}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise OptionsError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
+        if not 0 <= self.seed < 2**64:
+            raise OptionsError(f"--seed must be in [0, 2**64), got {self.seed}")
+        if self.num_classes is not None and not 1 <= self.num_classes <= sel.MAX_LABEL + 1:
+            raise OptionsError(f"--num-classes must be in [1, 2**31], got {self.num_classes}")
+        for name in ("batch_rows", "unit_rows", "dedup_bucket_rows"):
+            if getattr(self, name) < 1:
+                raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")
+        return self
+
+    def rule(self) -> dict[str, Any]:
+        """The options that decide the result (recorded in stats.json and the output's metadata)."""
+        return {"per_class": self.per_class, "min_confidence": self.min_confidence, "upsample": self.upsample,
+                "seed": self.seed, "num_classes": self.num_classes}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the pipeline's steps share: options, the work units, where temporary files go."""
+
+    options: BalanceOptions
+    units: tuple[WorkUnit, ...]
+    schema: pa.Schema
+    tmp_dir: str
+    run_id: str
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.num_rows for u in self.units)
+
+    def progress(self, stage: str) -> Progress:
+        return Progress(self.run_id, stage, self.total_rows, self.options.progress)
+
+    def dedup_buckets(self) -> int:
+        return max(1, -(-self.total_rows // self.options.dedup_bucket_rows))
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _empty_u64() -> np.ndarray:
+    return np.zeros(0, np.uint64)
+
+
+def _unit_losers(losers: dict, unit: WorkUnit) -> np.ndarray:
+    """Row indexes (in the unit) of the rows rejected as duplicate ids."""
+    pos = losers["positions"]
+    lo, hi = np.searchsorted(pos, [unit.index << 32, (unit.index + 1) << 32])
+    return (pos[lo:hi] - (unit.index << 32)).astype(np.int64)
+
+
+def _key_batches(ctx: RunContext, unit: WorkUnit, losers: dict | None, stage: str, columns=None):
+    """(first row, batch, KeyBatch) over a unit, with duplicate losers marked."""
+    progress = ctx.progress(stage)
+    loser_rows = _unit_losers(losers, unit) if losers is not None else np.zeros(0, np.int64)
+    for start, batch in iter_batches(unit, columns or sel.KEY_COLUMNS, ctx.options.batch_rows):
+        kb = sel.read_keys(batch, ctx.options.num_classes)
+        if len(loser_rows):
+            lo, hi = np.searchsorted(loser_rows, [start, start + batch.num_rows])
+            kb.reason[loser_rows[lo:hi] - start] = sel.DUPLICATE
+        yield start, batch, kb
+        progress.add(batch.num_rows)
+
+
+class SparseCountsFn(beam.CombineFn):
+    """Sums sparse histograms given as (keys, counts) arrays."""
+
+    def create_accumulator(self):
+        return sel.SparseCounts()
+
+    def add_input(self, acc, element):
+        return acc.add(*element)
+
+    def merge_accumulators(self, accs):
+        out = sel.SparseCounts()
+        for acc in accs:
+            out.add(*acc.compact())
+        return out
+
+    def extract_output(self, acc):
+        return acc.compact()
+
+
+class SumDictsFn(beam.CombineFn):
+    """Adds up dicts of counters."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, element):
+        for key, value in element.items():
+            acc[key] = acc.get(key, 0) + value
+        return acc
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for acc in accs:
+            self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+# ------------------------------------------------------------------------------------------- pass 1
+
+
+class ScanFn(beam.DoFn):
+    """Validates rows, counts candidates per level-1 bin, sends valid ids' hashes to dedup buckets."""
+
+    HASHES = "hashes"
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.rows = Metrics.counter(NAMESPACE, "rows_read")
+
+    def process(self, unit: WorkUnit):
+        opts = self.ctx.options
+        buckets = np.uint64(self.ctx.dedup_buckets())
+        for _, _, kb in _key_batches(self.ctx, unit, None, "scan"):
+            self.rows.inc(len(kb.reason))
+            valid = kb.reason == 0
+            hashes = hash_ids(kb.ids.filter(pa.array(valid)), opts.seed)
+            bucket = hashes % buckets
+            for b in np.unique(bucket):
+                yield beam.pvalue.TaggedOutput(self.HASHES, (int(b), hashes[bucket == b]))
+            cand = sel.is_candidate(kb, opts.min_confidence)
+            s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
+            yield sel.sum_counts(sel.level1_keys(s))
+
+
+def repeated_hashes(bucket_and_parts) -> list[np.ndarray]:
+    """Hashes that occur more than once in one bucket (repeated ids, and the rare hash collision)."""
+    _, parts = bucket_and_parts
+    hashes = np.sort(np.concatenate(list(parts)))
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    return [repeated] if len(repeated) else []
+
+
+def _union(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(arrays)) if arrays else _empty_u64()
+
+
+# ------------------------------------------------------------------------------------------- pass 2
+
+
+class DuplicateRowsFn(beam.DoFn):
+    """Emits the valid rows whose id hash repeats, with what decides which copy is kept."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    def process(self, unit: WorkUnit, repeated: np.ndarray):
+        if not len(repeated):
+            return
+        opts = self.ctx.options
+        for start, batch in iter_batches(unit, None, opts.batch_rows):
+            kb = sel.read_keys(batch, opts.num_classes)
+            hashes = hash_ids(kb.ids, opts.seed)
+            rows = np.flatnonzero((kb.reason == 0) & np.isin(hashes, repeated))
+            for i in rows:
+                content = batch.slice(int(i), 1).to_pylist()[0]
+                digest = hashlib.sha256(repr(sorted(content.items())).encode()).hexdigest()
+                yield int(hashes[i]), (content["id"], -float(kb.confidence[i]), int(kb.labels[i]), digest,
+                                       (unit.index << 32) + start + int(i))
+
+
+def losing_copies(hash_and_rows) -> list[tuple[int, int, float]]:
+    """Of rows sharing an id, keep the most confident, then lowest label, then smallest content digest.
+
+    Rows equal in all of these are equal in content, so which of them is kept does not change the output.
+    Returns (position, label, confidence) of the others.
+    """
+    _, rows = hash_and_rows
+    by_id: dict[str, list] = {}
+    for row in rows:
+        by_id.setdefault(row[0], []).append(row[1:])
+    losers = []
+    for copies in by_id.values():
+        copies.sort()
+        losers.extend((pos, label, -neg_conf) for neg_conf, label, _, pos in copies[1:])
+    return losers
+
+
+def collect_losers(losers: list[tuple[int, int, float]]) -> dict:
+    losers = sorted(losers)
+    return {
+        "positions": np.array([p for p, _, _ in losers], np.int64),
+        "labels": np.array([lab for _, lab, _ in losers], np.int64),
+        "confidence": np.array([c for _, _, c in losers], np.float32),
+    }
+
+
+# ------------------------------------------------------------------------------------------- pass 3
+
+
+def make_level1(hist, losers: dict, opts: BalanceOptions) -> sel.Level:
+    """Level-1 bins from the scan's counts, less the duplicate copies that were rejected."""
+    keys, counts = hist
+    cand = losers["confidence"] >= np.float32(opts.min_confidence)
+    if cand.any():
+        lost = sel.level1_keys(sel.order_keys(losers["labels"][cand], losers["confidence"][cand]))
+        keys, counts = sel.sum_counts(np.concatenate([keys, lost]),
+                                      np.concatenate([counts, -np.ones(len(lost), np.int64)]))
+        keys, counts = keys[counts > 0], counts[counts > 0]
+    return sel.level1(keys, counts, opts.per_class, opts.unit_rows)
+
+
+class RefineFn(beam.DoFn):
+    """Counts the rows of refined bins one level finer (level 2: exact confidence; 3: id hash prefix)."""
+
+    def __init__(self, ctx: RunContext, depth: int):
+        self.ctx = ctx
+        self.depth = depth
+
+    def process(self, unit: WorkUnit, parent: sel.Level, losers: dict):
+        refined = parent.refined_keys
+        if not len(refined):
+            return
+        opts = self.ctx.options
+        for _, _, kb in _key_batches(self.ctx, unit, losers, f"refine-{self.depth + 1}"):
+            cand = np.flatnonzero(sel.is_candidate(kb, opts.min_confidence))
+            s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
+            probe = sel.level1_keys(s) if self.depth == 1 else s
+            inside = np.isin(probe, refined)
+            if not inside.any():
+                continue
+            if self.depth == 1:
+                keys = s[inside]
+            else:
+                hashes = hash_ids(kb.ids.take(pa.array(cand[inside])), opts.seed)
+                keys = sel.level3_keys(parent, s[inside], hashes)
+            yield sel.sum_counts(keys)
+
+
+# ------------------------------------------------------------------------------------------- pass 4
+
+
+class RouteFn(beam.DoFn):
+    """Sends the sort keys of rows that can be kept to their sort unit."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    def process(self, unit: WorkUnit, plan: sel.Plan, repeated: np.ndarray, losers: dict):
+        opts = self.ctx.options
+        for start, _, kb in _key_batches(self.ctx, unit, losers, "route"):
+            cand = np.flatnonzero(sel.is_candidate(kb, opts.min_confidence))
+            ids = kb.ids.take(pa.array(cand))
+            hashes = hash_ids(ids, opts.seed)
+            s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
+            group = sel.assign_groups(plan, s, hashes)
+            kept = np.flatnonzero(group >= 0)
+            if not len(kept):
+                continue
+            group, s, hashes = group[kept], s[kept], hashes[kept]
+            # Ids are needed only to order rows whose hashes collide (the repeated set holds all such hashes).
+            collide = np.isin(hashes, repeated)
+            tie_ids = pc.if_else(pa.array(collide), ids.take(pa.array(kept)), "")
+            pos = (np.int64(unit.index) << np.int64(32)) + start + cand[kept]
+            sort_unit = plan.group_unit[group]
+            for u in np.unique(sort_unit):
+                m = sort_unit == u
+                yield int(u), (pos[m], group[m], (s[m] & np.uint64(0xFFFFFFFF)).astype(np.uint32), hashes[m],
+                               tie_ids.filter(pa.array(m)))
+
+
+class RankFn(beam.DoFn):
+    """Sorts one unit, gives ranks, keeps the first per_class of each class; emits ranks per work unit."""
+
+    MIN_CONF = "min_conf"
+
+    def process(self, unit_and_parts, plan: sel.Plan):
+        _, parts = unit_and_parts
+        parts = list(parts)
+        pos, group, inv, hashes = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        tie_ids = pa.concat_arrays([p[4] for p in parts])
+        order, rank = sel.rank_unit(plan, group, inv, hashes, tie_ids)
+        pos, group, inv = pos[order], group[order], inv[order]
+        keep = rank < plan.per_class
+        pos, group, inv, rank = pos[keep], group[keep], inv[keep], rank[keep]
+        labels = plan.group_label[group]
+        last = rank == plan.selected_for(labels) - 1
+        for label, c in zip(labels[last], sel.conf_from_inv(inv[last])):
+            yield beam.pvalue.TaggedOutput(self.MIN_CONF, (int(label), float(c)))
+        work_unit = pos >> np.int64(32)
+        for wu in np.unique(work_unit):
+            m = work_unit == wu
+            yield int(wu), ((pos[m] & 0xFFFFFFFF).astype(np.int64), rank[m].astype(np.int32))
+
+
+# ------------------------------------------------------------------------------------------- pass 5
+
+
+class WriteFn(beam.DoFn):
+    """Writes one row group's selected rows (+ rank, copies) and rejected rows (+ reason) to temp files."""
+
+    COUNTS = "counts"
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.selected = Metrics.counter(NAMESPACE, "selected_rows")
+        self.copies = Metrics.counter(NAMESPACE, "total_copies")
+        self.rejected = {r: Metrics.counter(NAMESPACE, f"rejected_{r}") for r in sel.REASONS}
+
+    def process(self, keyed, plan: sel.Plan, losers: dict):
+        _, joined = keyed
+        unit = joined["unit"][0]
+        ranks = list(joined["ranks"])
+        rows = np.concatenate([r[0] for r in ranks]) if ranks else np.zeros(0, np.int64)
+        order = np.argsort(rows, kind="stable")
+        rows = rows[order]
+        rank = np.concatenate([r[1] for r in ranks])[order] if ranks else np.zeros(0, np.int32)
+
+        opts = self.ctx.options
+        schema = self.ctx.schema.with_metadata(_output_metadata(self.ctx))
+        sel_schema = schema.append(pa.field("rank", pa.int32())).append(pa.field("copies", pa.int32()))
+        err_schema = schema.append(pa.field(ERROR_COLUMN, pa.string()))
+        sel_path = FileSystems.join(self.ctx.tmp_dir, f"selection-{unit.index:05d}.parquet")
+        err_path = FileSystems.join(self.ctx.tmp_dir, f"errors-{unit.index:05d}.parquet")
+        counts = {"input_rows": 0, "below_min_confidence": 0, "candidates": 0, "selected_rows": 0,
+                  "total_copies": 0}
+        err_writer = None
+        with FileSystems.create(sel_path) as sel_file, pq.ParquetWriter(sel_file, sel_schema) as sel_writer:
+            for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
+                n = batch.num_rows
+                counts["input_rows"] += n
+                valid = kb.reason == 0
+                cand = sel.is_candidate(kb, opts.min_confidence)
+                counts["candidates"] += int(cand.sum())
+                counts["below_min_confidence"] += int((valid & ~cand).sum())
+                lo, hi = np.searchsorted(rows, [start, start + n])
+                if hi > lo:
+                    take = rows[lo:hi] - start
+                    copies = sel.copies_for(rank[lo:hi], plan.selected_for(kb.labels[take]), plan.per_class,
+                                            plan.upsample)
+                    out = pa.RecordBatch.from_arrays(
+                        list(batch.take(pa.array(take)).columns) + [pa.array(rank[lo:hi]), pa.array(copies)],
+                        schema=sel_schema)
+                    sel_writer.write_batch(out)
+                    counts["selected_rows"] += int(hi - lo)
+                    counts["total_copies"] += int(copies.sum())
+                bad = np.flatnonzero(~valid)
+                if len(bad):
+                    reasons = np.array(sel.REASONS, dtype=object)[kb.reason[bad] - 1]
+                    for r, c in zip(*np.unique(reasons, return_counts=True)):
+                        counts[f"rejected:{r}"] = counts.get(f"rejected:{r}", 0) + int(c)
+                        self.rejected[r].inc(int(c))
+                    out = pa.RecordBatch.from_arrays(
+                        list(batch.take(pa.array(bad)).columns) + [pa.array(reasons, pa.string())],
+                        schema=err_schema)
+                    if err_writer is None:
+                        err_file = FileSystems.create(err_path)
+                        err_writer = pq.ParquetWriter(err_file, err_schema)
+                    err_writer.write_batch(out)
+        if err_writer is not None:
+            err_writer.close()
+            err_file.close()
+            yield err_path
+        self.selected.inc(counts["selected_rows"])
+        self.copies.inc(counts["total_copies"])
+        yield sel_path
+        yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+
+
+def _output_metadata(ctx: RunContext) -> dict:
+    meta = dict(ctx.schema.metadata or {})
+    meta[b"ns_data.balance"] = json.dumps(ctx.options.rule(), sort_keys=True).encode()
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- pass 6
+
+
+def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tuple[int, float]]) -> dict:
+    opts = ctx.options
+    rejected = {r: counts.get(f"rejected:{r}", 0) for r in sel.REASONS if counts.get(f"rejected:{r}", 0)}
+    expected = int(plan.class_selected.sum())
+    if counts.get("selected_rows", 0) != expected or counts.get("candidates", 0) != int(
+            plan.class_candidates.sum()):
+        raise RuntimeError(
+            f"internal check failed: wrote {counts.get('selected_rows', 0)} rows, planned {expected}; "
+            "did the input change during the run?")
+    mins = dict(min_conf)
+    per_class_copies = sel.copies_total(plan.class_selected, opts.per_class, opts.upsample)
+    classes = {
+        str(int(label)): {"candidates": int(c), "selected": int(s), "copies": int(k),
+                          "min_confidence_selected": mins.get(int(label))}
+        for label, c, s, k in zip(plan.class_labels, plan.class_candidates, plan.class_selected, per_class_copies)
+    }
+    return {
+        "input_rows": counts.get("input_rows", 0),
+        "rejected_rows": sum(rejected.values()),
+        "rejected_by_reason": rejected,
+        "below_min_confidence": counts.get("below_min_confidence", 0),
+        "candidates": counts.get("candidates", 0),
+        "not_kept": counts.get("candidates", 0) - expected,
+        "selected_rows": counts.get("selected_rows", 0),
+        "total_copies": counts.get("total_copies", 0),
+        "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
+        "input_files": sorted({u.path for u in ctx.units}),
+        "classes": classes,
+    }
+
+
+def finalize(_, ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list) -> str:
+    """Moves files from the temp dir into the output, then writes stats.json: the output is complete."""
+    stats = json.dumps(build_stats(ctx, plan, counts, min_conf), indent=1, sort_keys=True)
+    written = sorted(written)
+    FileSystems.rename(written, [FileSystems.join(ctx.options.output, FileSystems.split(p)[1]) for p in written])
+    tmp_stats = FileSystems.join(ctx.tmp_dir, STATS_FILE)
+    with FileSystems.create(tmp_stats) as f:
+        f.write(stats.encode())
+    FileSystems.rename([tmp_stats], [FileSystems.join(ctx.options.output, STATS_FILE)])
+    FileSystems.delete([ctx.tmp_dir])
+    return FileSystems.join(ctx.options.output, STATS_FILE)
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+
+class Balance(beam.PTransform):
+    """Work units in; the path of the written stats.json out (one element, once everything is in place)."""
+
+    def __init__(self, ctx: RunContext):
+        super().__init__()
+        self.ctx = ctx
+
+    def expand(self, units):
+        ctx = self.ctx
+        opts = ctx.options
+        as_single = beam.pvalue.AsSingleton
+        scanned = units | "Scan" >> beam.ParDo(ScanFn(ctx)).with_outputs(ScanFn.HASHES, main="hist")
+        repeated = (
+            scanned[ScanFn.HASHES]
+            | "GroupHashBuckets" >> beam.GroupByKey()
+            | "FindRepeatedHashes" >> beam.FlatMap(repeated_hashes)
+            | "CollectRepeated" >> beam.combiners.ToList()
+            | "UnionRepeated" >> beam.Map(_union))
+        losers = (
+            units
+            | "ReadDuplicateRows" >> beam.ParDo(DuplicateRowsFn(ctx), as_single(repeated))
+            | "GroupDuplicates" >> beam.GroupByKey()
+            | "PickLosers" >> beam.FlatMap(losing_copies)
+            | "CollectLosers" >> beam.combiners.ToList()
+            | "IndexLosers" >> beam.Map(collect_losers))
+        level1 = (scanned["hist"]
+                  | "SumLevel1" >> beam.CombineGlobally(SparseCountsFn())
+                  | "PlaceLevel1" >> beam.Map(make_level1, as_single(losers), opts))
+        level2 = (units
+                  | "CountLevel2" >> beam.ParDo(RefineFn(ctx, 1), as_single(level1), as_single(losers))
+                  | "SumLevel2" >> beam.CombineGlobally(SparseCountsFn())
+                  | "PlaceLevel2" >> beam.Map(
+                      lambda h, parent: sel.level2(parent, h[0], h[1], opts.per_class, opts.unit_rows),
+                      as_single(level1)))
+        level3 = (units
+                  | "CountLevel3" >> beam.ParDo(RefineFn(ctx, 2), as_single(level2), as_single(losers))
+                  | "SumLevel3" >> beam.CombineGlobally(SparseCountsFn())
+                  | "PlaceLevel3" >> beam.Map(
+                      lambda h, parent: sel.level3(parent, h[0], h[1], opts.per_class), as_single(level2)))
+        plan = level3 | "Plan" >> beam.Map(
+            lambda l3, l1, l2: sel.finish_plan([l1, l2, l3], opts.per_class, opts.unit_rows, opts.upsample),
+            as_single(level1), as_single(level2))
+        ranked = (
+            units
+            | "Route" >> beam.ParDo(RouteFn(ctx), as_single(plan), as_single(repeated), as_single(losers))
+            | "GroupSortUnits" >> beam.GroupByKey()
+            | "Rank" >> beam.ParDo(RankFn(), as_single(plan)).with_outputs(RankFn.MIN_CONF, main="ranks"))
+        written = (
+            {"unit": units | "KeyUnits" >> beam.Map(lambda u: (u.index, u)), "ranks": ranked["ranks"]}
+            | "JoinRanks" >> beam.CoGroupByKey()
+            | "Write" >> beam.ParDo(WriteFn(ctx), as_single(plan), as_single(losers)).with_outputs(
+                WriteFn.COUNTS, main="files"))
+        counts = written[WriteFn.COUNTS] | "SumCounts" >> beam.CombineGlobally(SumDictsFn())
+        return (
+            units.pipeline
+            | "FinalizeTrigger" >> beam.Create([None])
+            | "Finalize" >> beam.Map(finalize, ctx, beam.pvalue.AsList(written["files"]), as_single(plan),
+                                     as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF])))
+
+
+def prepare(opts: BalanceOptions) -> RunContext:
+    """Everything checked before the run: options, inputs and their schema, the output directory."""
+    opts.validate()
+    files = expand_inputs(opts.inputs)
+    schema, units = inspect_inputs(files, sel.REQUIRED_COLUMNS, reserved=OUTPUT_COLUMNS + (ERROR_COLUMN,))
+    _prepare_output(opts)
+    run_id = uuid.uuid4().hex[:12]
+    tmp_dir = FileSystems.join(opts.output, f".tmp-balance-{run_id}")
+    FileSystems.mkdirs(tmp_dir)
+    return RunContext(options=opts, units=tuple(units), schema=schema, tmp_dir=tmp_dir, run_id=run_id)
+
+
+def _leftovers(output: str) -> list[str]:
+    """Files of an earlier selection in `output`, and temporary directories of unfinished runs."""
+    files = [m.path for pattern in ("selection-*.parquet", "errors-*.parquet", ".tmp-balance-*/*")
+             for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
+    tmp_dirs = {FileSystems.split(f)[0] for f in files if ".tmp-balance-" in f}
+    if "://" not in output:
+        tmp_dirs.update(glob.glob(os.path.join(output, ".tmp-balance-*")))
+    return [f for f in files if ".tmp-balance-" not in f] + sorted(tmp_dirs)
+
+
+def _prepare_output(opts: BalanceOptions) -> None:
+    stats = FileSystems.join(opts.output, STATS_FILE)
+    old = _leftovers(opts.output)
+    exists = FileSystems.exists(stats)
+    if (exists or old) and not opts.overwrite:
+        state = "a complete selection" if exists else "files of an unfinished run"
+        raise OptionsError(f"{opts.output} already holds {state}; pass --overwrite to replace it")
+    if exists:
+        FileSystems.delete([stats])  # first: the output is now marked incomplete
+    if old:
+        FileSystems.delete(old)
+    if not FileSystems.exists(opts.output):
+        FileSystems.mkdirs(opts.output)
+
+
+def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None) -> dict:
+    """Runs the pipeline and returns the stats (read back from stats.json)."""
+    from ns_data.runner import make_pipeline
+
+    ctx = prepare(opts)
+    with make_pipeline(beam_args) as pipeline:
+        units = pipeline | "WorkUnits" >> beam.Create(list(ctx.units)) | "SpreadUnits" >> beam.Reshuffle()
+        _ = units | "Balance" >> Balance(ctx)
+    with FileSystems.open(FileSystems.join(opts.output, STATS_FILE)) as f:
+        return json.loads(f.read())

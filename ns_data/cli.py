@@ -1,0 +1,101 @@
+"""The `ns-data` command line. Each command maps its options one to one onto a typed options dataclass."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+
+class _DropNoise(logging.Filter):
+    """Beam warns about optional GCP client libraries on import even when no GCP path is used."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Leading plain words are inputs; from the first unknown --option on, everything goes to Beam."""
+    args = list(args)
+    first_flag = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    return args[:first_flag], args[first_flag:]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ns-data")
+def main() -> None:
+    """Build Noisy Student pseudo-label corpora: label, balance, shard."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropNoise())
+
+
+@main.group()
+def synth() -> None:
+    """Generate synthetic inputs for demos, tests and benchmarks."""
+
+
+@synth.command("pseudo-labels")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
+@click.option("--rows", default=1_000_000, show_default=True, type=click.IntRange(min=0))
+@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--files", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--invalid-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of rows spoiled (NaN/out-of-range confidence, bad label, repeated id).")
+@click.option("--overwrite", is_flag=True, help="Replace Parquet files already in --output.")
+def synth_pseudo_labels(**kwargs) -> None:
+    """Write a synthetic pseudo-label table (skewed classes, tied confidences) as Parquet."""
+    from ns_data.synth import SynthOptions, write_pseudo_labels
+
+    try:
+        paths = write_pseudo_labels(SynthOptions(**kwargs))
+    except (ValueError, FileExistsError) as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(f"wrote {kwargs['rows']:,} rows in {len(paths)} file(s) to {kwargs['output']}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--output", required=True, help="Output directory (local or any Beam filesystem, e.g. gs://).")
+@click.option("--per-class", default=130_000, show_default=True, type=int,
+              help="Rows kept per class (the most confident).")
+@click.option("--min-confidence", default=0.3, show_default=True, type=float,
+              help="Rows below this confidence are never kept.")
+@click.option("--upsample/--no-upsample", default=True, show_default=True,
+              help="Duplicate rows of small classes so every non-empty class totals --per-class.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the id hash that breaks ties.")
+@click.option("--num-classes", default=None, type=int, help="When given, labels outside [0, N) are invalid.")
+@click.option("--overwrite", is_flag=True, help="Replace a selection already in --output.")
+@click.option("--batch-rows", default=131_072, show_default=True, type=int, help="Rows per Arrow batch.")
+@click.option("--unit-rows", default=262_144, show_default=True, type=int,
+              help="Rows per sort unit: bounds a worker's memory for ranking.")
+@click.option("--progress/--no-progress", default=None,
+              help="Print progress lines (default: on with the local runner).")
+def balance(args, **kwargs) -> None:
+    """Keep the most confident --per-class rows of each class, exactly and deterministically.
+
+    INPUT... are Parquet files, globs or directories (pseudo-label tables from `ns-data label`).
+    Options this command does not know are passed to Beam (e.g. --runner DataflowRunner --project P);
+    put them after the inputs.
+    """
+    from ns_data.balance import BalanceOptions, OptionsError, run_balance
+    from ns_data.reading import InputError
+    from ns_data.runner import is_local
+    from ns_data.stats import format_summary
+
+    inputs, beam_args = _split_beam_args(args)
+    if kwargs["progress"] is None:
+        kwargs["progress"] = is_local(beam_args)
+    opts = BalanceOptions(inputs=tuple(inputs), **kwargs)
+    try:
+        opts.validate()
+        stats = run_balance(opts, beam_args)
+    except (OptionsError, InputError) as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(format_summary(stats, opts.output))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""A readable summary of a selection's stats.json: totals, rejects, and per-class balance at a glance."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pct(values: np.ndarray) -> str:
+    if not len(values):
+        return "-"
+    q = np.percentile(values, [0, 10, 50, 90, 100], method="lower")
+    return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p10", "median", "p90", "max"), q))
+
+
+def format_summary(stats: dict, output: str) -> str:
+    opts = stats["options"]
+    per_class = opts["per_class"]
+    classes = stats["classes"]
+    labels = np.array([int(k) for k in classes], dtype=np.int64)
+    selected = np.array([c["selected"] for c in classes.values()], dtype=np.int64)
+    candidates = np.array([c["candidates"] for c in classes.values()], dtype=np.int64)
+    lines = [
+        f"balance: {stats['input_rows']:,} rows read from {len(stats['input_files'])} file(s)",
+        f"  rejected         {stats['rejected_rows']:>13,}"
+        + ("  (" + ", ".join(f"{r} {n:,}" for r, n in sorted(stats["rejected_by_reason"].items())) + ")"
+           if stats["rejected_rows"] else ""),
+        f"  below {opts['min_confidence']:<10} {stats['below_min_confidence']:>13,}",
+        f"  candidates       {stats['candidates']:>13,}  in {len(classes):,} classes",
+        f"  not kept         {stats['not_kept']:>13,}  (beyond {per_class:,} per class)",
+        f"  selected         {stats['selected_rows']:>13,}  unique rows",
+        f"  corpus           {stats['total_copies']:>13,}  rows with copies"
+        f" (upsampling {'on' if opts['upsample'] else 'off'})",
+    ]
+    if len(classes):
+        full = int((candidates >= per_class).sum())
+        lines += [
+            "per-class balance:",
+            f"  classes at {per_class:,} (capped): {full:,} of {len(classes):,}",
+            f"  kept rows per class:  {_pct(selected)}",
+        ]
+        if opts["upsample"] and full < len(classes):
+            factor = per_class / selected[selected < per_class]
+            lines.append(f"  copies per row in upsampled classes:  min {factor.min():.2f}  "
+                         f"median {np.median(factor):.2f}  max {factor.max():.2f}")
+        smallest = np.argsort(selected, kind="stable")[:5]
+        lines.append("  smallest classes: " + ", ".join(
+            f"{labels[i]} ({selected[i]:,} rows)" for i in smallest))
+    num_classes = opts.get("num_classes")
+    if num_classes:
+        empty = num_classes - len(classes)
+        if empty:
+            lines.append(f"  classes with no candidate: {empty:,} of {num_classes:,}")
+    lines.append(f"output: {output} (stats.json, selection-*.parquet"
+                 + (", errors-*.parquet" if stats["rejected_rows"] else "") + ")")
+    return "\n".join(lines)
