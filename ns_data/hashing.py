@@ -3,7 +3,7 @@
 The selection rule breaks confidence ties by this hash, so its values are part of the output contract:
 they must never change between versions, platforms or Python processes. The definition:
 
-    state = (seed * 0x9E3779B97F4A7C15 + byte_length(id)) mod 2**64
+    state = ((seed + 1) * 0x9E3779B97F4A7C15 + byte_length(id)) mod 2**64
     for each 8-byte little-endian word w of the UTF-8 id, zero-padded to a multiple of 8 bytes:
         state = fmix64(state XOR ((w + 0x9E3779B97F4A7C15) mod 2**64))
     hash = fmix64(state)
@@ -64,7 +64,7 @@ def hash_ids(ids: pa.Array, seed: int) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     matrix, lengths = _padded_bytes(ids)
     words = np.ascontiguousarray(matrix).view("<u8")
-    start = np.uint64((seed * 0x9E3779B97F4A7C15) & _MASK64)
+    start = np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) & _MASK64)
     with np.errstate(over="ignore"):
         state = start + lengths.astype(np.uint64)
         for j in range(words.shape[1]):

@@ -1,0 +1,69 @@
+"""The `ns-data` command line and the Beam entry point, as a user runs them."""
+import json
+
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from ns_data.cli import main
+from ns_data.synth import SCHEMA
+from pipelines import balance as balance_pipeline
+
+
+def synth(tmp_path, *extra):
+    out = tmp_path / "pl"
+    result = CliRunner().invoke(main, ["synth", "pseudo-labels", "--rows", "5000", "--classes", "20", "--files",
+                                       "3", "--topk", "4", "--output", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_synth_writes_the_documented_schema_with_skew_and_ties(tmp_path):
+    out = synth(tmp_path)
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    assert len(list(out.glob("part-*.parquet"))) == 3 and table.num_rows == 5000
+    counts = table.column("label").value_counts().field("counts").to_numpy()
+    assert counts.max() > 4 * counts.min()  # skewed classes
+    conf = table.column("confidence").to_numpy()
+    assert (conf == 1.0).sum() > 50 and len(set(conf.tolist())) < 0.95 * len(conf)  # ties
+    first = table.slice(0, 1).to_pylist()[0]
+    assert first["topk_classes"][0] == first["label"] and first["topk_probs"][0] == first["confidence"]
+    assert len(set(first["topk_classes"])) == 4
+    assert b"ns_data.teacher" in table.schema.metadata
+    again = synth(tmp_path, "--overwrite")
+    assert pq.read_table(again).equals(table)  # seeded: same rows again
+
+
+def test_synth_refuses_to_overwrite_silently(tmp_path):
+    synth(tmp_path)
+    result = CliRunner().invoke(main, ["synth", "pseudo-labels", "--rows", "10", "--output", str(tmp_path / "pl")])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+def test_balance_command_prints_a_summary_and_passes_beam_options_through(tmp_path):
+    pl = synth(tmp_path, "--invalid-fraction", "0.01")
+    out = tmp_path / "sel"
+    result = CliRunner().invoke(main, ["balance", str(pl), "--output", str(out), "--per-class", "200",
+                                       "--no-progress", "--runner", "FnApiRunner", "--job_name", "t"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads((out / "stats.json").read_text())
+    assert f"{stats['input_rows']:,} rows read" in result.output
+    assert "duplicate_id" in result.output and "per-class balance" in result.output
+    assert stats["total_copies"] == 200 * len(stats["classes"])
+    assert list(out.glob("errors-*.parquet"))
+
+
+def test_balance_command_reports_bad_options_and_inputs_clearly(tmp_path):
+    pl = synth(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["balance", str(pl), "--output", str(tmp_path / "o"), "--per-class", "0"])
+    assert result.exit_code == 2 and "--per-class must be at least 1" in result.output
+    result = runner.invoke(main, ["balance", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "input not found" in result.output
+
+
+def test_pipeline_entry_point_runs_the_same_command(tmp_path):
+    pl = synth(tmp_path)
+    balance_pipeline.run([str(pl), "--output", str(tmp_path / "sel"), "--per-class", "100", "--no-progress"])
+    stats = json.loads((tmp_path / "sel" / "stats.json").read_text())
+    assert stats["options"]["per_class"] == 100 and stats["selected_rows"] > 0
