@@ -33,6 +33,7 @@ from apache_beam.metrics import Metrics
 
 from ns_data import selection as sel
 from ns_data.hashing import hash_ids
+from ns_data.memory import release_freed_memory
 from ns_data.progress import Progress
 from ns_data.reading import WorkUnit, expand_inputs, inspect_inputs, iter_batches
 
@@ -115,6 +116,16 @@ def _empty_u64() -> np.ndarray:
     return np.zeros(0, np.uint64)
 
 
+def split_by(keys: np.ndarray, *arrays):
+    """(key, arrays restricted to that key) for each distinct key, in key order; one sort, no per-key scans."""
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(keys)]
+    for a, b in zip(starts, ends):
+        yield keys[a], [x[order[a:b]] for x in arrays]
+
+
 def _unit_losers(losers: dict, unit: WorkUnit) -> np.ndarray:
     """Row indexes (in the unit) of the rows rejected as duplicate ids."""
     pos = losers["positions"]
@@ -178,7 +189,14 @@ class SumDictsFn(beam.CombineFn):
 # ------------------------------------------------------------------------------------------- pass 1
 
 
-class ScanFn(beam.DoFn):
+class _TrimmingDoFn(beam.DoFn):
+    """A DoFn that hands freed memory back to the OS after each bundle (see ns_data.memory)."""
+
+    def finish_bundle(self):
+        release_freed_memory()
+
+
+class ScanFn(_TrimmingDoFn):
     """Validates rows, counts candidates per level-1 bin, sends valid ids' hashes to dedup buckets."""
 
     HASHES = "hashes"
@@ -194,9 +212,8 @@ class ScanFn(beam.DoFn):
             self.rows.inc(len(kb.reason))
             valid = kb.reason == 0
             hashes = hash_ids(kb.ids.filter(pa.array(valid)), opts.seed)
-            bucket = hashes % buckets
-            for b in np.unique(bucket):
-                yield beam.pvalue.TaggedOutput(self.HASHES, (int(b), hashes[bucket == b]))
+            for b, (part,) in split_by(hashes % buckets, hashes):
+                yield beam.pvalue.TaggedOutput(self.HASHES, (int(b), part))
             cand = sel.is_candidate(kb, opts.min_confidence)
             s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
             yield sel.sum_counts(sel.level1_keys(s))
@@ -302,14 +319,14 @@ class RefineFn(beam.DoFn):
                 keys = s[inside]
             else:
                 hashes = hash_ids(kb.ids.take(pa.array(cand[inside])), opts.seed)
-                keys = sel.level3_keys(parent, s[inside], hashes)
+                keys = sel.level3_keys(refined, s[inside], hashes)
             yield sel.sum_counts(keys)
 
 
 # ------------------------------------------------------------------------------------------- pass 4
 
 
-class RouteFn(beam.DoFn):
+class RouteFn(_TrimmingDoFn):
     """Sends the sort keys of rows that can be kept to their sort unit."""
 
     def __init__(self, ctx: RunContext):
@@ -327,18 +344,21 @@ class RouteFn(beam.DoFn):
             if not len(kept):
                 continue
             group, s, hashes = group[kept], s[kept], hashes[kept]
-            # Ids are needed only to order rows whose hashes collide (the repeated set holds all such hashes).
-            collide = np.isin(hashes, repeated)
-            tie_ids = pc.if_else(pa.array(collide), ids.take(pa.array(kept)), "")
-            pos = (np.int64(unit.index) << np.int64(32)) + start + cand[kept]
-            sort_unit = plan.group_unit[group]
-            for u in np.unique(sort_unit):
-                m = sort_unit == u
-                yield int(u), (pos[m], group[m], (s[m] & np.uint64(0xFFFFFFFF)).astype(np.uint32), hashes[m],
-                               tie_ids.filter(pa.array(m)))
+            inv = (s & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+            rows = (start + cand[kept]).astype(np.uint32)
+            # Ids are needed only to order rows whose hashes collide (the repeated set holds all such hashes);
+            # the row's index in `kept_ids` goes along, -1 for the (almost always all) others.
+            collide = np.isin(hashes, repeated) if len(repeated) else np.zeros(len(kept), bool)
+            tie_index = np.where(collide, np.arange(len(kept)), -1)
+            kept_ids = ids.take(pa.array(kept))
+            for u, (r, g, c, h, t) in split_by(plan.group_unit[group], rows, group, inv, hashes, tie_index):
+                tie_ids = None
+                if (t >= 0).any():
+                    tie_ids = pc.if_else(pa.array(t >= 0), kept_ids.take(pa.array(np.maximum(t, 0))), "")
+                yield int(u), (unit.index, r, g, c, h, tie_ids)
 
 
-class RankFn(beam.DoFn):
+class RankFn(_TrimmingDoFn):
     """Sorts one unit, gives ranks, keeps the first per_class of each class; emits ranks per work unit."""
 
     MIN_CONF = "min_conf"
@@ -346,26 +366,29 @@ class RankFn(beam.DoFn):
     def process(self, unit_and_parts, plan: sel.Plan):
         _, parts = unit_and_parts
         parts = list(parts)
-        pos, group, inv, hashes = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        tie_ids = pa.concat_arrays([p[4] for p in parts])
+        pos = np.concatenate([(np.int64(p[0]) << np.int64(32)) + p[1] for p in parts])
+        group, inv, hashes = (np.concatenate([p[i] for p in parts]) for i in (2, 3, 4))
+        tie_ids = None
+        if any(p[5] is not None for p in parts):
+            tie_ids = pa.concat_arrays([p[5] if p[5] is not None else pa.array([""] * len(p[1])) for p in parts])
         order, rank = sel.rank_unit(plan, group, inv, hashes, tie_ids)
-        pos, group, inv = pos[order], group[order], inv[order]
         keep = rank < plan.per_class
-        pos, group, inv, rank = pos[keep], group[keep], inv[keep], rank[keep]
+        order, rank = order[keep], rank[keep]
+        pos, group, inv = pos[order], group[order], inv[order]
         labels = plan.group_label[group]
         last = rank == plan.selected_for(labels) - 1
         for label, c in zip(labels[last], sel.conf_from_inv(inv[last])):
             yield beam.pvalue.TaggedOutput(self.MIN_CONF, (int(label), float(c)))
-        work_unit = pos >> np.int64(32)
-        for wu in np.unique(work_unit):
-            m = work_unit == wu
-            yield int(wu), ((pos[m] & 0xFFFFFFFF).astype(np.int64), rank[m].astype(np.int32))
+        # Per work unit, one uint64 per row: row index << 32 | rank (sorting it sorts by row).
+        packed = ((pos & 0xFFFFFFFF).astype(np.uint64) << np.uint64(32)) | rank.astype(np.uint64)
+        for wu, (rows,) in split_by(pos >> np.int64(32), packed):
+            yield int(wu), rows
 
 
 # ------------------------------------------------------------------------------------------- pass 5
 
 
-class WriteFn(beam.DoFn):
+class WriteFn(_TrimmingDoFn):
     """Writes one row group's selected rows (+ rank, copies) and rejected rows (+ reason) to temp files."""
 
     COUNTS = "counts"
@@ -379,11 +402,9 @@ class WriteFn(beam.DoFn):
     def process(self, keyed, plan: sel.Plan, losers: dict):
         _, joined = keyed
         unit = joined["unit"][0]
-        ranks = list(joined["ranks"])
-        rows = np.concatenate([r[0] for r in ranks]) if ranks else np.zeros(0, np.int64)
-        order = np.argsort(rows, kind="stable")
-        rows = rows[order]
-        rank = np.concatenate([r[1] for r in ranks])[order] if ranks else np.zeros(0, np.int32)
+        packed = np.sort(np.concatenate([np.zeros(0, np.uint64), *joined["ranks"]]))
+        rows = (packed >> np.uint64(32)).astype(np.int64)
+        rank = (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
 
         opts = self.ctx.options
         schema = self.ctx.schema.with_metadata(_output_metadata(self.ctx))
@@ -394,7 +415,7 @@ class WriteFn(beam.DoFn):
         counts = {"input_rows": 0, "below_min_confidence": 0, "candidates": 0, "selected_rows": 0,
                   "total_copies": 0}
         err_writer = None
-        with FileSystems.create(sel_path) as sel_file, pq.ParquetWriter(sel_file, sel_schema) as sel_writer:
+        with FileSystems.create(sel_path) as sel_file, parquet_writer(sel_file, sel_schema) as sel_writer:
             for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
                 n = batch.num_rows
                 counts["input_rows"] += n
@@ -424,7 +445,7 @@ class WriteFn(beam.DoFn):
                         schema=err_schema)
                     if err_writer is None:
                         err_file = FileSystems.create(err_path)
-                        err_writer = pq.ParquetWriter(err_file, err_schema)
+                        err_writer = parquet_writer(err_file, err_schema)
                     err_writer.write_batch(out)
         if err_writer is not None:
             err_writer.close()
@@ -434,6 +455,13 @@ class WriteFn(beam.DoFn):
         self.copies.inc(counts["total_copies"])
         yield sel_path
         yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+
+
+def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
+    """Dictionary encoding only for string columns other than `id` (paths repeat; ids and numbers do not):
+    encoding every column costs 3x the write time for nothing."""
+    strings = [f.name for f in schema if f.name != "id" and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+    return pq.ParquetWriter(sink, schema, use_dictionary=strings)
 
 
 def _output_metadata(ctx: RunContext) -> dict:

@@ -36,18 +36,18 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 
 def _padded_bytes(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The ids' UTF-8 bytes as an (n, width) uint8 matrix, zero-padded; width is a multiple of 8."""
-    ids = ids.cast(pa.large_binary())
-    lengths = pc.binary_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
     n = len(ids)
+    offset_type = np.int64 if pa.types.is_large_string(ids.type) or pa.types.is_large_binary(ids.type) else np.int32
+    offsets = np.frombuffer(ids.buffers()[1], dtype=offset_type)[ids.offset: ids.offset + n + 1].astype(np.int64)
+    lengths = np.diff(offsets)
     width = max(8, (int(lengths.max(initial=0)) + 7) // 8 * 8)
-    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset: ids.offset + n + 1]
     data = ids.buffers()[2]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
     if n and bool((lengths == width).all()):
         return data[offsets[0]: offsets[-1]].reshape(n, width), lengths
     # Fast path for ASCII ids: pad in Arrow's C++ kernel, then every row has `width` bytes.
-    padded = pc.utf8_rpad(ids.cast(pa.large_string()), width=width, padding="\0")
-    p_offsets = np.frombuffer(padded.buffers()[1], dtype=np.int64)[: n + 1]
+    padded = pc.utf8_rpad(ids, width=width, padding="\0")
+    p_offsets = np.frombuffer(padded.buffers()[1], dtype=offset_type)[: n + 1]
     if n and p_offsets[-1] - p_offsets[0] == n * width:
         p_data = np.frombuffer(padded.buffers()[2], dtype=np.uint8)
         return p_data[p_offsets[0]: p_offsets[-1]].reshape(n, width), lengths
@@ -60,6 +60,8 @@ def _padded_bytes(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def hash_ids(ids: pa.Array, seed: int) -> np.ndarray:
     """uint64 hash of every (non-null) id in `ids` under `seed`; nulls hash as the empty string."""
     ids = ids.fill_null("") if ids.null_count else ids
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)):
+        raise TypeError(f"ids must be strings, got {ids.type}")
     if len(ids) == 0:
         return np.zeros(0, dtype=np.uint64)
     matrix, lengths = _padded_bytes(ids)

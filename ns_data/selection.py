@@ -8,8 +8,8 @@ How it scales. A row's place in its class is given by the 64-bit order key S = l
 conf_inv = bits(1.0f) - bits(confidence as float32) grows as confidence falls (float32 bit patterns of
 non-negative numbers are ordered like the numbers). Ranks are found without holding a class in memory:
 
-- level 1 counts candidates per (class, S >> 12) bin: a sparse histogram of at most ~3.7K bins per class
-  for min_confidence 0.3;
+- level 1 counts candidates per (class, S >> 16) bin: a sparse histogram of at most ~230 bins per class
+  for min_confidence 0.3 (relative width 1/128 of a confidence);
 - a bin that holds kept rows and more than `unit_rows` rows is refined: level 2 counts its rows per exact S,
   level 3 counts rows of an oversized exact confidence by the top 16 bits of their id hash;
 - the bins that hold kept rows, with their offsets in the class, are packed in order into sort units of about
@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -41,7 +42,7 @@ REASONS = (
 DUPLICATE = REASONS.index("duplicate_id") + 1
 MAX_LABEL = 2**31 - 1
 _ONE_BITS = np.uint32(0x3F800000)  # bits of 1.0f
-LEVEL1_SHIFT = 12
+LEVEL1_SHIFT = 16  # level-1 bins: the top 16 bits of conf_inv, ~230 bins per class above 0.3
 LEVEL3_SHIFT = 48  # level 3 uses the top 16 bits of the id hash
 
 
@@ -166,30 +167,44 @@ def _offsets_within(parents: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Level:
-    """One level of bins: sorted keys, counts, offsets within the class, and which are refined."""
+    """The bins of one level that hold kept rows: sorted keys, counts, offsets in the class, refined or not.
+
+    Bins whose rows all rank beyond per_class are dropped: they need no lookup, and the plan stays small.
+    """
 
     keys: np.ndarray  # uint64, sorted
     counts: np.ndarray  # int64
     offsets: np.ndarray  # int64: rows of the class before this bin
     labels: np.ndarray  # int64
-    refine: np.ndarray  # bool: holds kept rows and is too large for one sort unit
+    refine: np.ndarray  # bool: too large for one sort unit, counted again one level finer
+    # Level 1 only: candidates per class (sorted labels), counted over all bins.
+    class_labels: np.ndarray | None = None
+    class_candidates: np.ndarray | None = None
 
     @property
     def refined_keys(self) -> np.ndarray:
         return self.keys[self.refine]
 
+    @staticmethod
+    def empty() -> "Level":
+        return Level(*(np.zeros(0, t) for t in (np.uint64, np.int64, np.int64, np.int64, bool)))
+
 
 def place_bins(keys, counts, parents, parent_offsets, parent_labels, per_class, unit_rows, can_refine) -> Level:
     offsets = parent_offsets[parents] + _offsets_within(parents, counts)
     needed = offsets < per_class
-    refine = needed & (counts > unit_rows) if can_refine else np.zeros(len(keys), bool)
-    return Level(keys=keys, counts=counts, offsets=offsets, labels=parent_labels[parents], refine=refine)
+    keys, counts, offsets, labels = keys[needed], counts[needed], offsets[needed], parent_labels[parents][needed]
+    refine = counts > unit_rows if can_refine else np.zeros(len(keys), bool)
+    return Level(keys=keys, counts=counts, offsets=offsets, labels=labels, refine=refine)
 
 
 def level1(keys: np.ndarray, counts: np.ndarray, per_class: int, unit_rows: int) -> Level:
     classes, parents = np.unique((keys >> np.uint64(32)).astype(np.int64), return_inverse=True)
     zero = np.zeros(len(classes), np.int64)
-    return place_bins(keys, counts, parents, zero, classes, per_class, unit_rows, True)
+    level = place_bins(keys, counts, parents, zero, classes, per_class, unit_rows, True)
+    level.class_labels = classes
+    level.class_candidates = np.bincount(parents, weights=counts, minlength=len(classes)).astype(np.int64)
+    return level
 
 
 def level1_keys(s: np.ndarray) -> np.ndarray:
@@ -203,8 +218,9 @@ def level2(parent: Level, keys: np.ndarray, counts: np.ndarray, per_class: int, 
                       per_class, unit_rows, True)
 
 
-def level3_keys(parent: Level, s: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-    idx = np.searchsorted(parent.refined_keys, s).astype(np.uint64)
+def level3_keys(refined: np.ndarray, s: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Level-3 key: index of the row's exact order key among the refined level-2 keys, then 16 hash bits."""
+    idx = np.searchsorted(refined, s).astype(np.uint64)
     return (idx << np.uint64(16)) | (hashes >> np.uint64(LEVEL3_SHIFT))
 
 
@@ -215,23 +231,42 @@ def level3(parent: Level, keys: np.ndarray, counts: np.ndarray, per_class: int) 
 
 
 @dataclass
+class Lookup:
+    """One level's bins that hold kept rows, for finding a row's bin: keys, refined or not, group id."""
+
+    keys: np.ndarray  # uint64, sorted
+    refine: np.ndarray  # bool
+    group: np.ndarray  # int32: the bin's group id, -1 where the bin is refined
+    _index: pd.Index | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def refined_keys(self) -> np.ndarray:
+        return self.keys[self.refine]
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index of each key among the bins, and whether it is there (a hash index, built once)."""
+        if self._index is None:
+            self._index = pd.Index(self.keys)
+        idx = self._index.get_indexer(keys)
+        return np.maximum(idx, 0), idx >= 0
+
+    def __getstate__(self):
+        return {**self.__dict__, "_index": None}
+
+
+@dataclass
 class Plan:
     """Where every kept row goes: its group (a bin of some level), the group's offset, and its sort unit."""
 
     per_class: int
     upsample: bool
-    levels: list  # [Level, ...] 1 to 3 levels
-    group_level: np.ndarray  # per group: level index
-    group_index: np.ndarray  # per group: index of the bin in its level
-    group_offset: np.ndarray  # int64
-    group_count: np.ndarray
-    group_label: np.ndarray
-    group_unit: np.ndarray  # sort unit of the group
-    class_labels: np.ndarray  # sorted labels with candidates
+    lookups: list  # one Lookup per level
+    group_offset: np.ndarray  # int64: rows of the class before the group
+    group_label: np.ndarray  # int32
+    group_unit: np.ndarray  # int32: the sort unit that ranks the group
+    class_labels: np.ndarray  # sorted labels that have candidates
     class_candidates: np.ndarray
     class_selected: np.ndarray
-    # lookup: per level, the group id of each bin that is a group (-1 otherwise)
-    bin_group: list
 
     @property
     def num_units(self) -> int:
@@ -243,68 +278,46 @@ class Plan:
 
 
 def finish_plan(levels: list, per_class: int, unit_rows: int, upsample: bool) -> Plan:
-    """Collect the groups (needed bins that were not refined) and pack them into sort units."""
-    g_level, g_index = [], []
-    for i, lev in enumerate(levels):
-        idx = np.flatnonzero((lev.offsets < per_class) & ~lev.refine)
-        g_level.append(np.full(len(idx), i))
-        g_index.append(idx)
-    g_level = np.concatenate(g_level)
-    g_index = np.concatenate(g_index)
-    offset = np.concatenate([levels[lv].offsets[ix] for lv, ix in _by_level(g_level, g_index, len(levels))])
-    count = np.concatenate([levels[lv].counts[ix] for lv, ix in _by_level(g_level, g_index, len(levels))])
-    label = np.concatenate([levels[lv].labels[ix] for lv, ix in _by_level(g_level, g_index, len(levels))])
+    """Groups are the bins that were not refined; ordered by class and offset, they are packed into sort units
+    of about `unit_rows` rows (a unit starts at most unit_rows after the previous one)."""
+    parts = [(i, np.flatnonzero(~lev.refine)) for i, lev in enumerate(levels)]
+    offset = np.concatenate([levels[i].offsets[ix] for i, ix in parts])
+    count = np.concatenate([levels[i].counts[ix] for i, ix in parts])
+    label = np.concatenate([levels[i].labels[ix] for i, ix in parts])
     order = np.lexsort((offset, label))
-    g_level, g_index, offset, count, label = (a[order] for a in (g_level, g_index, offset, count, label))
+    group_of_part = np.empty(len(order), np.int32)
+    group_of_part[order] = np.arange(len(order), dtype=np.int32)
+    offset, count, label = offset[order], count[order], label[order]
     start = np.cumsum(count) - count
-    unit = (start // max(unit_rows, 1)).astype(np.int64)
-    if len(unit):  # renumber densely so that units are 0..k-1
-        unit = np.unique(unit, return_inverse=True)[1].astype(np.int64)
-    bin_group = []
-    for i, lev in enumerate(levels):
-        lookup = np.full(len(lev.keys), -1, np.int64)
-        mine = g_level == i
-        lookup[g_index[mine]] = np.flatnonzero(mine)
-        bin_group.append(lookup)
-    first = levels[0]
-    class_labels, class_candidates = sum_counts(first.labels.astype(np.uint64), first.counts)
+    unit = np.unique(start // max(unit_rows, 1), return_inverse=True)[1].astype(np.int32)
+    lookups, first = [], 0
+    for (i, ix), lev in zip(parts, levels):
+        group = np.full(len(lev.keys), -1, np.int32)
+        group[ix] = group_of_part[first: first + len(ix)]
+        first += len(ix)
+        lookups.append(Lookup(keys=lev.keys, refine=lev.refine, group=group))
     return Plan(
-        per_class=per_class, upsample=upsample, levels=levels, group_level=g_level, group_index=g_index,
-        group_offset=offset, group_count=count, group_label=label, group_unit=unit,
-        class_labels=class_labels.astype(np.int64), class_candidates=class_candidates,
-        class_selected=np.minimum(class_candidates, per_class), bin_group=bin_group,
+        per_class=per_class, upsample=upsample, lookups=lookups, group_offset=offset,
+        group_label=label.astype(np.int32), group_unit=unit, class_labels=levels[0].class_labels,
+        class_candidates=levels[0].class_candidates,
+        class_selected=np.minimum(levels[0].class_candidates, per_class),
     )
-
-
-def _by_level(g_level, g_index, n_levels):
-    return [(lv, g_index[g_level == lv]) for lv in range(n_levels)]
-
-
-def _lookup(keys: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of each key in a sorted table, and whether it is there."""
-    if not len(table):
-        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-    idx = np.minimum(np.searchsorted(table, keys), len(table) - 1)
-    return idx, table[idx] == keys
 
 
 def assign_groups(plan: Plan, s: np.ndarray, hashes: np.ndarray) -> np.ndarray:
     """Group id of each candidate (by order key S and id hash); -1 where the row cannot be kept."""
-    group = np.full(len(s), -1, np.int64)
-    lev1 = plan.levels[0]
-    idx, found = _lookup(level1_keys(s), lev1.keys)
-    group[found] = plan.bin_group[0][idx[found]]
-    pending = found & lev1.refine[idx]
-    for depth in (1, 2):
-        if depth >= len(plan.levels) or not pending.any():
+    group = np.full(len(s), -1, np.int32)
+    rows = np.arange(len(s))
+    keys = level1_keys(s)
+    for depth, lookup in enumerate(plan.lookups):
+        idx, found = lookup.find(keys)
+        rows, idx = rows[found], idx[found]
+        group[rows] = lookup.group[idx]
+        deeper = lookup.refine[idx]
+        rows = rows[deeper]
+        if not len(rows) or depth + 1 == len(plan.lookups):
             break
-        lev = plan.levels[depth]
-        rows = np.flatnonzero(pending)
-        keys = s[rows] if depth == 1 else level3_keys(plan.levels[1], s[rows], hashes[rows])
-        idx, found = _lookup(keys, lev.keys)
-        group[rows[found]] = plan.bin_group[depth][idx[found]]
-        pending = np.zeros(len(s), bool)
-        pending[rows[found]] = lev.refine[idx[found]]
+        keys = s[rows] if depth == 0 else level3_keys(lookup.refined_keys, s[rows], hashes[rows])
     return group
 
 
@@ -322,11 +335,16 @@ def copies_total(selected: np.ndarray, per_class: int, upsample: bool) -> np.nda
 
 
 def rank_unit(plan: Plan, group: np.ndarray, inv: np.ndarray, hashes: np.ndarray,
-              tie_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Sort one unit's rows by (group, confidence desc, hash, id); return the sort order and each row's rank."""
-    table = pa.table({"g": group, "c": inv, "h": hashes, "id": tie_ids})
-    order = pc.sort_indices(table, sort_keys=[("g", "ascending"), ("c", "ascending"), ("h", "ascending"),
-                                              ("id", "ascending")]).to_numpy()
+              tie_ids: pa.Array | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sort one unit's rows by (group, confidence desc, hash, id); return the sort order and each row's rank.
+
+    `tie_ids` holds the ids of rows whose hash collides with another row's ("" elsewhere), or None if none do.
+    """
+    first = (group.astype(np.uint64) << np.uint64(32)) | inv.astype(np.uint64)
+    columns = {"k": first, "h": hashes}
+    if tie_ids is not None:
+        columns["id"] = tie_ids
+    order = pc.sort_indices(pa.table(columns), sort_keys=[(k, "ascending") for k in columns]).to_numpy()
     g = group[order]
     n = len(g)
     run_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if n else np.zeros(0, np.int64)

