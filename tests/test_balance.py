@@ -289,3 +289,13 @@ def test_directory_glob_and_file_inputs_are_the_same_rows(tmp_path, rng):
     b, _, _ = balance([str(tmp_path / "in" / "nested" / "part-*.parquet"), str(tmp_path / "in" / "nested")],
                       tmp_path / "o2", per_class=10)
     assert a["input_rows"] == b["input_rows"] == 600
+
+
+def test_same_selection_with_two_worker_threads(tmp_path, rng):
+    table = random_table(rng, 5000, 8)
+    paths = write_parts(table, tmp_path / "in", files=4, row_group_rows=300)
+    opts = BalanceOptions(inputs=tuple(paths), output=str(tmp_path / "out"), per_class=200, unit_rows=64,
+                          batch_rows=128)
+    run_balance(opts, ["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"])
+    want, _ = reference(table, 200)
+    assert_same(read_output(tmp_path / "out", "selection"), want)
