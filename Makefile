@@ -9,17 +9,19 @@ DEMO_DIR ?= demo-output
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 demo: $(BIN)/.installed
-	$(BIN)/ns-data synth pseudo-labels --rows 300000 --classes 100 --files 4 --output $(DEMO_DIR)/pseudo-labels --overwrite
+	$(BIN)/ns-data synth pseudo-labels --rows 300000 --classes 100 --files 4 --invalid-fraction 0.002 \
+		--output $(DEMO_DIR)/pseudo-labels --overwrite
 	$(BIN)/ns-data balance $(DEMO_DIR)/pseudo-labels --output $(DEMO_DIR)/selection --per-class 2000 --overwrite
 
 bench: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/balance.py
 
 clean:

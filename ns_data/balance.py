@@ -345,17 +345,18 @@ class RouteFn(_TrimmingDoFn):
                 continue
             group, s, hashes = group[kept], s[kept], hashes[kept]
             inv = (s & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+            sort_unit = plan.group_unit[group]
             rows = (start + cand[kept]).astype(np.uint32)
             # Ids are needed only to order rows whose hashes collide (the repeated set holds all such hashes);
             # the row's index in `kept_ids` goes along, -1 for the (almost always all) others.
             collide = np.isin(hashes, repeated) if len(repeated) else np.zeros(len(kept), bool)
             tie_index = np.where(collide, np.arange(len(kept)), -1)
             kept_ids = ids.take(pa.array(kept))
-            for u, (r, g, c, h, t) in split_by(plan.group_unit[group], rows, group, inv, hashes, tie_index):
+            for u, (r, g, c, h, t) in split_by(sort_unit, rows, group, inv, hashes, tie_index):
                 tie_ids = None
                 if (t >= 0).any():
                     tie_ids = pc.if_else(pa.array(t >= 0), kept_ids.take(pa.array(np.maximum(t, 0))), "")
-                yield int(u), (unit.index, r, g, c, h, tie_ids)
+                yield int(u), (unit.index, r, plan.unit_keys(u, g, c), h, tie_ids)
 
 
 class RankFn(_TrimmingDoFn):
@@ -364,20 +365,21 @@ class RankFn(_TrimmingDoFn):
     MIN_CONF = "min_conf"
 
     def process(self, unit_and_parts, plan: sel.Plan):
-        _, parts = unit_and_parts
+        unit, parts = unit_and_parts
         parts = list(parts)
         pos = np.concatenate([(np.int64(p[0]) << np.int64(32)) + p[1] for p in parts])
-        group, inv, hashes = (np.concatenate([p[i] for p in parts]) for i in (2, 3, 4))
+        keys, hashes = (np.concatenate([p[i] for p in parts]) for i in (2, 3))
         tie_ids = None
-        if any(p[5] is not None for p in parts):
-            tie_ids = pa.concat_arrays([p[5] if p[5] is not None else pa.array([""] * len(p[1])) for p in parts])
-        order, rank = sel.rank_unit(plan, group, inv, hashes, tie_ids)
+        if any(p[4] is not None for p in parts):
+            tie_ids = pa.concat_arrays([p[4] if p[4] is not None else pa.array([""] * len(p[1])) for p in parts])
+        order, group, rank = sel.rank_unit(plan, unit, keys, hashes, tie_ids)
         keep = rank < plan.per_class
-        order, rank = order[keep], rank[keep]
-        pos, group, inv = pos[order], group[order], inv[order]
+        order, group, rank = order[keep], group[keep], rank[keep]
+        pos = pos[order]
         labels = plan.group_label[group]
-        last = rank == plan.selected_for(labels) - 1
-        for label, c in zip(labels[last], sel.conf_from_inv(inv[last])):
+        last = np.flatnonzero(rank == plan.selected_for(labels) - 1)
+        _, inv = plan.from_unit_keys(unit, keys[order[last]])
+        for label, c in zip(labels[last], sel.conf_from_inv(inv)):
             yield beam.pvalue.TaggedOutput(self.MIN_CONF, (int(label), float(c)))
         # Per work unit, one uint64 per row: row index << 32 | rank (sorting it sorts by row).
         packed = ((pos & 0xFFFFFFFF).astype(np.uint64) << np.uint64(32)) | rank.astype(np.uint64)

@@ -44,6 +44,7 @@ MAX_LABEL = 2**31 - 1
 _ONE_BITS = np.uint32(0x3F800000)  # bits of 1.0f
 LEVEL1_SHIFT = 16  # level-1 bins: the top 16 bits of conf_inv, ~230 bins per class above 0.3
 LEVEL3_SHIFT = 48  # level 3 uses the top 16 bits of the id hash
+MAX_UNIT_GROUPS = 1 << 16
 
 
 @dataclass
@@ -264,13 +265,29 @@ class Plan:
     group_offset: np.ndarray  # int64: rows of the class before the group
     group_label: np.ndarray  # int32
     group_unit: np.ndarray  # int32: the sort unit that ranks the group
+    group_conf_hi: np.ndarray  # uint32: the top 16 bits of conf_inv, the same for every row of a group
+    unit_first_group: np.ndarray  # int32: groups of a unit are unit_first_group[u] + 0..MAX_UNIT_GROUPS-1
     class_labels: np.ndarray  # sorted labels that have candidates
     class_candidates: np.ndarray
     class_selected: np.ndarray
 
     @property
     def num_units(self) -> int:
-        return int(self.group_unit.max()) + 1 if len(self.group_unit) else 0
+        return len(self.unit_first_group)
+
+    def unit_keys(self, unit: int, group: np.ndarray, inv: np.ndarray) -> np.ndarray:
+        """uint32 sort key inside a unit: group within the unit << 16 | the low 16 bits of conf_inv.
+
+        It orders rows exactly like (group, conf_inv), because a group's rows share conf_inv's top 16 bits.
+        """
+        local = (group - self.unit_first_group[unit]).astype(np.uint32)
+        return (local << np.uint32(16)) | (inv & np.uint32(0xFFFF)).astype(np.uint32)
+
+    def from_unit_keys(self, unit: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group, conf_inv) back from unit keys."""
+        group = self.unit_first_group[unit] + (keys >> np.uint32(16)).astype(np.int32)
+        inv = (self.group_conf_hi[group] << np.uint32(16)) | (keys & np.uint32(0xFFFF))
+        return group, inv
 
     def selected_for(self, labels: np.ndarray) -> np.ndarray:
         idx = np.searchsorted(self.class_labels, labels)
@@ -288,8 +305,16 @@ def finish_plan(levels: list, per_class: int, unit_rows: int, upsample: bool) ->
     group_of_part = np.empty(len(order), np.int32)
     group_of_part[order] = np.arange(len(order), dtype=np.int32)
     offset, count, label = offset[order], count[order], label[order]
+    hi = [((levels[1].refined_keys[levels[i].keys[ix] >> np.uint64(16)] if i == 2 else levels[i].keys[ix])
+           >> np.uint64(16)) & np.uint64(0xFFFF) for i, ix in parts]
+    conf_hi = np.concatenate(hi).astype(np.uint32)[order]
+    # A new unit starts every unit_rows rows, and every MAX_UNIT_GROUPS groups (unit keys hold 16 bits of group).
     start = np.cumsum(count) - count
-    unit = np.unique(start // max(unit_rows, 1), return_inverse=True)[1].astype(np.int32)
+    by_rows = start // max(unit_rows, 1)
+    by_groups = np.arange(len(start)) // MAX_UNIT_GROUPS
+    unit = np.unique(by_rows * (by_groups[-1] + 1 if len(start) else 1) + by_groups,
+                     return_inverse=True)[1].astype(np.int32)
+    first_group = np.searchsorted(unit, np.arange(unit.max() + 1 if len(unit) else 0)).astype(np.int32)
     lookups, first = [], 0
     for (i, ix), lev in zip(parts, levels):
         group = np.full(len(lev.keys), -1, np.int32)
@@ -298,7 +323,8 @@ def finish_plan(levels: list, per_class: int, unit_rows: int, upsample: bool) ->
         lookups.append(Lookup(keys=lev.keys, refine=lev.refine, group=group))
     return Plan(
         per_class=per_class, upsample=upsample, lookups=lookups, group_offset=offset,
-        group_label=label.astype(np.int32), group_unit=unit, class_labels=levels[0].class_labels,
+        group_label=label.astype(np.int32), group_unit=unit, group_conf_hi=conf_hi, unit_first_group=first_group,
+        class_labels=levels[0].class_labels,
         class_candidates=levels[0].class_candidates,
         class_selected=np.minimum(levels[0].class_candidates, per_class),
     )
@@ -334,20 +360,19 @@ def copies_total(selected: np.ndarray, per_class: int, upsample: bool) -> np.nda
     return np.where(upsample & (selected > 0), per_class, selected).astype(np.int64)
 
 
-def rank_unit(plan: Plan, group: np.ndarray, inv: np.ndarray, hashes: np.ndarray,
-              tie_ids: pa.Array | None) -> tuple[np.ndarray, np.ndarray]:
-    """Sort one unit's rows by (group, confidence desc, hash, id); return the sort order and each row's rank.
+def rank_unit(plan: Plan, unit: int, keys: np.ndarray, hashes: np.ndarray, tie_ids: pa.Array | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort one unit's rows by (unit key, hash, id); return the order, and each sorted row's group and rank.
 
     `tie_ids` holds the ids of rows whose hash collides with another row's ("" elsewhere), or None if none do.
     """
-    first = (group.astype(np.uint64) << np.uint64(32)) | inv.astype(np.uint64)
-    columns = {"k": first, "h": hashes}
+    columns = {"k": keys, "h": hashes}
     if tie_ids is not None:
         columns["id"] = tie_ids
     order = pc.sort_indices(pa.table(columns), sort_keys=[(k, "ascending") for k in columns]).to_numpy()
-    g = group[order]
-    n = len(g)
-    run_start = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if n else np.zeros(0, np.int64)
+    group = plan.unit_first_group[unit] + (keys[order] >> np.uint32(16)).astype(np.int32)
+    n = len(group)
+    run_start = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
     start_of_row = np.repeat(run_start, np.diff(np.r_[run_start, n]))
-    rank = plan.group_offset[g] + (np.arange(n) - start_of_row)
-    return order, rank
+    rank = plan.group_offset[group] + (np.arange(n) - start_of_row)
+    return order, group, rank

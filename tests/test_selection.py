@@ -1,6 +1,7 @@
 """The rule's building blocks on numpy arrays: validity codes, multi-level plan, ranks, copies."""
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from ns_data import selection as sel
 
@@ -16,7 +17,9 @@ def plan_in_memory(labels, conf, hashes, per_class, unit_rows):
     return s, sel.finish_plan([l1, l2, l3], per_class, unit_rows, True)
 
 
-def test_plan_with_three_levels_gives_exact_ranks():
+@pytest.mark.parametrize("max_unit_groups", [sel.MAX_UNIT_GROUPS, 3])
+def test_plan_with_three_levels_gives_exact_ranks(monkeypatch, max_unit_groups):
+    monkeypatch.setattr(sel, "MAX_UNIT_GROUPS", max_unit_groups)
     rng = np.random.default_rng(0)
     n = 20000
     labels = rng.integers(0, 3, n)
@@ -26,14 +29,17 @@ def test_plan_with_three_levels_gives_exact_ranks():
     per_class, unit_rows = 3000, 100
     s, plan = plan_in_memory(labels, conf, hashes, per_class, unit_rows)
     assert len(plan.lookups[1].keys) and len(plan.lookups[2].keys), "ties must reach levels 2 and 3"
+    assert np.bincount(plan.group_unit).max() <= max_unit_groups
     group = sel.assign_groups(plan, s, hashes)
     rows = np.flatnonzero(group >= 0)
     ranks = np.full(n, -1)
     for u in range(plan.num_units):
         m = rows[plan.group_unit[group[rows]] == u]
         assert len(m) <= 2 * unit_rows + 1
-        order, rank = sel.rank_unit(plan, group[m], (s[m] & np.uint64(0xFFFFFFFF)).astype(np.uint32),
-                                    hashes[m], pa.array([""] * len(m)))
+        inv = (s[m] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        keys = plan.unit_keys(u, group[m], inv)
+        np.testing.assert_array_equal(plan.from_unit_keys(u, keys)[1], inv)
+        order, _, rank = sel.rank_unit(plan, u, keys, hashes[m], pa.array([""] * len(m)))
         ranks[m[order]] = rank
     ranks[ranks >= per_class] = -1
     # Reference: a full sort by (label, confidence desc, hash).
@@ -49,9 +55,8 @@ def test_plan_with_three_levels_gives_exact_ranks():
 def test_rank_unit_orders_colliding_hashes_by_id():
     plan = sel.finish_plan([sel.level1(*sel.sum_counts(np.zeros(3, np.uint64)), 10, 10),
                             sel.Level.empty(), sel.Level.empty()], 10, 10, True)
-    group = np.zeros(3, np.int64)
     same_hash = np.full(3, 42, np.uint64)
-    order, rank = sel.rank_unit(plan, group, np.zeros(3, np.uint32), same_hash, pa.array(["c", "a", "b"]))
+    order, _, rank = sel.rank_unit(plan, 0, np.zeros(3, np.uint32), same_hash, pa.array(["c", "a", "b"]))
     assert order.tolist() == [1, 2, 0] and rank.tolist() == [0, 1, 2]
 
 
