@@ -230,6 +230,7 @@ def test_missing_column_wrong_type_and_missing_file_are_clear_errors(tmp_path):
     pq.write_table(good.set_column(0, "id", pa.array([7])), tmp_path / "intid.parquet")
     pq.write_table(good.append_column("rank", pa.array([1])), tmp_path / "hasrank.parquet")
     (tmp_path / "notparquet.parquet").write_text("hello")
+    (tmp_path / "emptydir").mkdir()
     out = str(tmp_path / "out")
     cases = [
         ("noconf.parquet", r"noconf\.parquet: missing required column 'confidence'"),
@@ -239,6 +240,7 @@ def test_missing_column_wrong_type_and_missing_file_are_clear_errors(tmp_path):
         ("notparquet.parquet", r"notparquet\.parquet: cannot read as Parquet"),
         ("missing.parquet", r"input not found.*missing\.parquet"),
         ("nothing-*.parquet", r"input not found"),
+        ("emptydir", r"input not found or empty: .*emptydir"),
     ]
     for name, message in cases:
         with pytest.raises(InputError, match=message):
