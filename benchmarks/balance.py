@@ -26,7 +26,7 @@ checked (as is that every class totals --per-class copies), and the script warns
 ns-data also writes an errors table and stats.json; (b) and (c) do not.
 
 Run it (data and outputs go to benchmarks/data/, results and child logs to benchmarks/results/; both are
-git-ignored; the full run is estimated at 10-20 minutes on 2 cores):
+git-ignored; the full run took about 6 minutes on 2 cores):
 
     .venv/bin/python benchmarks/balance.py
     .venv/bin/python benchmarks/balance.py --rows 300000 --small-rows 100000 --repeats 1   # quick check
