@@ -15,11 +15,8 @@ Only small key arrays cross a shuffle; pass-through columns are read from the in
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +31,13 @@ from apache_beam.metrics import Metrics
 from ns_data import selection as sel
 from ns_data.hashing import hash_ids
 from ns_data.memory import release_freed_memory
+from ns_data.outputs import SumDictsFn, prepare_output, publish, read_stats
 from ns_data.progress import Progress
 from ns_data.reading import WorkUnit, expand_inputs, inspect_inputs, iter_batches
 
 NAMESPACE = "ns_data.balance"
 OUTPUT_COLUMNS = ("rank", "copies")
 ERROR_COLUMN = "reason"
-STATS_FILE = "stats.json"
 
 
 class OptionsError(ValueError):
@@ -163,27 +160,6 @@ class SparseCountsFn(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc.compact()
-
-
-class SumDictsFn(beam.CombineFn):
-    """Adds up dicts of counters."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, element):
-        for key, value in element.items():
-            acc[key] = acc.get(key, 0) + value
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for acc in accs:
-            self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
 
 
 # ------------------------------------------------------------------------------------------- pass 1
@@ -508,15 +484,7 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
 
 def finalize(_, ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list) -> str:
     """Moves files from the temp dir into the output, then writes stats.json: the output is complete."""
-    stats = json.dumps(build_stats(ctx, plan, counts, min_conf), indent=1, sort_keys=True)
-    written = sorted(written)
-    FileSystems.rename(written, [FileSystems.join(ctx.options.output, FileSystems.split(p)[1]) for p in written])
-    tmp_stats = FileSystems.join(ctx.tmp_dir, STATS_FILE)
-    with FileSystems.create(tmp_stats) as f:
-        f.write(stats.encode())
-    FileSystems.rename([tmp_stats], [FileSystems.join(ctx.options.output, STATS_FILE)])
-    FileSystems.delete([ctx.tmp_dir])
-    return FileSystems.join(ctx.options.output, STATS_FILE)
+    return publish(ctx.options.output, ctx.tmp_dir, sorted(written), build_stats(ctx, plan, counts, min_conf))
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -587,36 +555,9 @@ def prepare(opts: BalanceOptions) -> RunContext:
     opts.validate()
     files = expand_inputs(opts.inputs)
     schema, units = inspect_inputs(files, sel.REQUIRED_COLUMNS, reserved=OUTPUT_COLUMNS + (ERROR_COLUMN,))
-    _prepare_output(opts)
-    run_id = uuid.uuid4().hex[:12]
-    tmp_dir = FileSystems.join(opts.output, f".tmp-balance-{run_id}")
-    FileSystems.mkdirs(tmp_dir)
+    run_id, tmp_dir = prepare_output(opts.output, "balance", ("selection-*.parquet", "errors-*.parquet"),
+                                     opts.overwrite)
     return RunContext(options=opts, units=tuple(units), schema=schema, tmp_dir=tmp_dir, run_id=run_id)
-
-
-def _leftovers(output: str) -> list[str]:
-    """Files of an earlier selection in `output`, and temporary directories of unfinished runs."""
-    files = [m.path for pattern in ("selection-*.parquet", "errors-*.parquet", ".tmp-balance-*/*")
-             for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
-    tmp_dirs = {FileSystems.split(f)[0] for f in files if ".tmp-balance-" in f}
-    if "://" not in output:
-        tmp_dirs.update(glob.glob(os.path.join(output, ".tmp-balance-*")))
-    return [f for f in files if ".tmp-balance-" not in f] + sorted(tmp_dirs)
-
-
-def _prepare_output(opts: BalanceOptions) -> None:
-    stats = FileSystems.join(opts.output, STATS_FILE)
-    old = _leftovers(opts.output)
-    exists = FileSystems.exists(stats)
-    if (exists or old) and not opts.overwrite:
-        state = "a complete selection" if exists else "files of an unfinished run"
-        raise OptionsError(f"{opts.output} already holds {state}; pass --overwrite to replace it")
-    if exists:
-        FileSystems.delete([stats])  # first: the output is now marked incomplete
-    if old:
-        FileSystems.delete(old)
-    if not FileSystems.exists(opts.output):
-        FileSystems.mkdirs(opts.output)
 
 
 def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None) -> dict:
@@ -627,5 +568,4 @@ def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None) -> dic
     with make_pipeline(beam_args) as pipeline:
         units = pipeline | "WorkUnits" >> beam.Create(list(ctx.units)) | "SpreadUnits" >> beam.Reshuffle()
         _ = units | "Balance" >> Balance(ctx)
-    with FileSystems.open(FileSystems.join(opts.output, STATS_FILE)) as f:
-        return json.loads(f.read())
+    return read_stats(opts.output)

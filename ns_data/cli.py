@@ -81,6 +81,7 @@ def balance(args, **kwargs) -> None:
     put them after the inputs.
     """
     from ns_data.balance import BalanceOptions, OptionsError, run_balance
+    from ns_data.outputs import OutputExists
     from ns_data.reading import InputError
     from ns_data.runner import is_local
     from ns_data.stats import format_summary
@@ -92,7 +93,7 @@ def balance(args, **kwargs) -> None:
     try:
         opts.validate()
         stats = run_balance(opts, beam_args)
-    except (OptionsError, InputError) as err:
+    except (OptionsError, InputError, OutputExists) as err:
         raise click.UsageError(str(err)) from err
     click.echo(format_summary(stats, opts.output))
 

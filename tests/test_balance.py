@@ -14,6 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from ns_data.balance import Balance, BalanceOptions, OptionsError, prepare, run_balance
+from ns_data.outputs import OutputExists
 from ns_data.reading import InputError
 from tests.conftest import balance, random_table, read_output, write_parts
 from tests.reference import reference
@@ -262,11 +263,11 @@ def test_output_is_complete_or_absent_and_never_silently_replaced(tmp_path, rng)
     balance(paths, out, per_class=10)
     assert sorted(p.name for p in out.iterdir())[-1] == "stats.json"
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
-    with pytest.raises(OptionsError, match="already holds a complete selection"):
+    with pytest.raises(OutputExists, match="already holds a complete balance output"):
         balance(paths, out, per_class=10)
     (out / "stats.json").unlink()  # as if a run died before finishing
     (out / ".tmp-balance-dead").mkdir()
-    with pytest.raises(OptionsError, match="unfinished run"):
+    with pytest.raises(OutputExists, match="unfinished run"):
         balance(paths, out, per_class=10)
     stats, got, _ = balance(paths, out, per_class=20, overwrite=True)
     assert got.groupby("label")["copies"].sum().eq(20).all()

@@ -1,0 +1,75 @@
+"""Decoding image bytes into RGB PIL images, or a reason why not.
+
+Every way an image can be bad is a reason string (never an exception out of `decode_image`): the label stage
+writes it to its errors table and counts it. Good images of any mode come out as 8-bit RGB, upright.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Reasons an image is rejected.
+EMPTY = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated_image"
+TOO_MANY_PIXELS = "too_many_pixels"
+DECODE_ERROR = "decode_error"
+
+
+class DecodeError(ValueError):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode; 16- and 32-bit integer grey levels are scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):  # I, I;16, I;16B, ...: integer grey levels, 16 bits in practice
+        grey = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if grey.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(grey * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        grey = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((np.clip(grey, 0.0, 1.0) * 255.0).round().astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode, apply EXIF orientation, convert to RGB. Raises DecodeError with a reason."""
+    if not data:
+        raise DecodeError(EMPTY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as err:
+            raise DecodeError(NOT_AN_IMAGE, str(err)) from err
+        except Image.DecompressionBombError as err:
+            raise DecodeError(TOO_MANY_PIXELS, str(err)) from err
+        except Exception as err:  # noqa: BLE001 - any parser failure is a property of the data
+            raise DecodeError(DECODE_ERROR, f"{type(err).__name__}: {err}") from err
+        width, height = img.size
+        if width * height > max_pixels:
+            raise DecodeError(TOO_MANY_PIXELS, f"{width}x{height} is over {max_pixels:,} pixels")
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+        except OSError as err:
+            message = str(err).lower()
+            reason = TRUNCATED if "truncated" in message or "broken data stream" in message else DECODE_ERROR
+            raise DecodeError(reason, str(err)) from err
+        except Exception as err:  # noqa: BLE001
+            raise DecodeError(DECODE_ERROR, f"{type(err).__name__}: {err}") from err
+
+
+# Pillow's own bomb check would raise before ours for very large images; ours is the one that applies.
+Image.MAX_IMAGE_PIXELS = None

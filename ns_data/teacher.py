@@ -1,0 +1,220 @@
+"""The teacher: a timm model with weights from a local file (or a TorchScript file), its eval preprocessing, and
+a Beam RunInference model handler that turns batches of images into soft pseudo labels.
+
+The teacher is never noised: eval mode, inference mode, softmax at temperature 1 (the trainer applies its own
+temperature). Everything that can be wrong with it (unknown model, missing file, weights that do not fit) is
+found by `check_teacher` on the launching machine, before any image is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from apache_beam.ml.inference.base import ModelHandler
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCHSCRIPT_EXTENSIONS = (".ts", ".torchscript", ".jit", ".pt")
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be built as asked: reported before the run."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    model: str  # a timm model name, or the path of a TorchScript file
+    checkpoint: str | None = None  # safetensors or a PyTorch state dict (loaded with weights_only=True)
+    random_weights: bool = False  # no checkpoint: random weights (demos, benchmarks, tests)
+    num_classes: int | None = None  # default: from the checkpoint, else the model's default
+    device: str = "cpu"
+    precision: str = "fp32"
+    channels_last: bool = True
+    # Overrides of the preprocessing timm resolves for the model (input_size as an int, crop_pct,
+    # interpolation, mean, std); a TorchScript teacher has no config of its own and starts from timm's defaults.
+    preprocessing: dict = field(default_factory=dict)
+
+    @property
+    def is_torchscript(self) -> bool:
+        return os.path.isfile(self.model) and self.model.endswith(TORCHSCRIPT_EXTENSIONS)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights from safetensors or a torch.save'd state dict (or a checkpoint dict holding one)."""
+    if not os.path.isfile(path):
+        raise TeacherError(f"checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
+        raise TeacherError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+    for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TeacherError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classes_in(state: dict, model) -> int | None:
+    classifier = model.pretrained_cfg.get("classifier")
+    weight = state.get(f"{classifier}.weight") if classifier else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
+
+
+def build_model(spec: TeacherSpec) -> torch.nn.Module:
+    """The teacher in eval mode on its device, weights loaded and checked."""
+    if spec.precision not in PRECISIONS:
+        raise TeacherError(f"unknown precision {spec.precision!r}; one of {', '.join(PRECISIONS)}")
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TeacherError(f"--device {spec.device}: CUDA is not available on this machine")
+    if spec.is_torchscript:
+        try:
+            model = torch.jit.load(spec.model, map_location="cpu")
+        except Exception as err:  # noqa: BLE001
+            raise TeacherError(f"cannot load TorchScript teacher {spec.model}: {err}") from err
+    else:
+        model = _build_timm(spec)
+    model = model.eval().to(spec.device)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build_timm(spec: TeacherSpec) -> torch.nn.Module:
+    import timm
+
+    if not timm.is_model(spec.model):
+        close = timm.list_models(f"*{spec.model.split('.')[0].split('_')[0]}*")[:8]
+        raise TeacherError(f"unknown model {spec.model!r}" + (f"; similar: {', '.join(close)}" if close else "")
+                           + " (or give the path of a TorchScript file)")
+    if spec.checkpoint is None and not spec.random_weights:
+        raise TeacherError("give --checkpoint FILE with the teacher's weights (or --random-weights for a demo); "
+                           "weights are never downloaded")
+    state = load_state_dict(spec.checkpoint) if spec.checkpoint else None
+    kwargs = {}
+    probe = timm.create_model(spec.model, pretrained=False)
+    num_classes = spec.num_classes or (_classes_in(state, probe) if state else None)
+    if num_classes and num_classes != probe.num_classes:
+        kwargs["num_classes"] = num_classes
+    model = timm.create_model(spec.model, pretrained=False, **kwargs) if kwargs else probe
+    if state is not None:
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise TeacherError(
+                f"checkpoint {spec.checkpoint} does not fit {spec.model}: "
+                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
+    return model
+
+
+def resolve_preprocessing(spec: TeacherSpec, model: torch.nn.Module) -> dict[str, Any]:
+    """timm's eval data config for the model (input size, crop_pct, interpolation, mean, std), with overrides."""
+    from timm.data import resolve_data_config
+
+    overrides = dict(spec.preprocessing)
+    if "input_size" in overrides and isinstance(overrides["input_size"], int):
+        overrides["input_size"] = (3, overrides["input_size"], overrides["input_size"])
+    config = resolve_data_config(overrides, model=None if spec.is_torchscript else model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+
+
+def make_transform(config: dict[str, Any]):
+    """timm's own eval transform for a data config: PIL RGB image in, normalized CHW float tensor out."""
+    from timm.data import create_transform
+
+    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+    return create_transform(**args, is_training=False)
+
+
+def check_teacher(spec: TeacherSpec) -> dict[str, Any]:
+    """Builds the teacher once and runs it on one blank image; returns its identity (recorded in outputs)."""
+    model = build_model(spec)
+    config = resolve_preprocessing(spec, model)
+    size = config["input_size"]
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, *size, device=spec.device))
+    except Exception as err:  # noqa: BLE001
+        raise TeacherError(f"the teacher fails on a {size} input: {type(err).__name__}: {err}") from err
+    if out.ndim != 2:
+        raise TeacherError(f"the teacher returns shape {tuple(out.shape)}; expected (batch, classes) logits")
+    checkpoint = spec.checkpoint or (spec.model if spec.is_torchscript else None)
+    return {
+        "model": spec.model,
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+        "random_weights": spec.random_weights and checkpoint is None,
+        "num_classes": int(out.shape[1]),
+        "preprocessing": config,
+        "precision": spec.precision,
+        "softmax_temperature": 1.0,
+        "torch": torch.__version__,
+    }
+
+
+def predict(model: torch.nn.Module, images: torch.Tensor, spec: TeacherSpec, topk: int, with_probs: bool
+            ) -> dict[str, np.ndarray]:
+    """Soft labels for a batch: argmax label, its probability, top-k, entropy, optionally all probabilities."""
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+    images = images.to(spec.device, non_blocking=True).contiguous(memory_format=fmt)
+    dtype = PRECISIONS[spec.precision]
+    with torch.inference_mode(), torch.autocast(device_type=images.device.type, dtype=dtype,
+                                                enabled=dtype != torch.float32):
+        logits = model(images)
+    probs = torch.softmax(logits.float(), dim=1)
+    top_p, top_c = probs.topk(min(topk, probs.shape[1]), dim=1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=1)
+    out = {
+        "label": top_c[:, 0].int().cpu().numpy(),
+        "confidence": top_p[:, 0].cpu().numpy(),
+        "topk_classes": top_c.int().cpu().numpy(),
+        "topk_probs": top_p.cpu().numpy(),
+        "entropy": entropy.cpu().numpy(),
+    }
+    if with_probs:
+        out["probs"] = probs.cpu().numpy()
+    return out
+
+
+class TeacherModelHandler(ModelHandler):
+    """RunInference handler: batches of preprocessed image tensors in, one prediction dict per image out."""
+
+    def __init__(self, spec: TeacherSpec, batch_size: int, topk: int, with_probs: bool):
+        super().__init__()
+        self.spec = spec
+        self.batch_size = batch_size
+        self.topk = topk
+        self.with_probs = with_probs
+
+    def load_model(self) -> torch.nn.Module:
+        return build_model(self.spec)
+
+    def run_inference(self, batch: Sequence[torch.Tensor], model, inference_args=None) -> list[dict]:
+        out = predict(model, torch.stack(list(batch)), self.spec, self.topk, self.with_probs)
+        return [{k: v[i] for k, v in out.items()} for i in range(len(batch))]
+
+    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
+        return sum(t.element_size() * t.nelement() for t in batch)
+
+    def batch_elements_kwargs(self):
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return "ns_data.label"

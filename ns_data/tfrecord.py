@@ -1,0 +1,132 @@
+"""TFRecord files of tf.train.Example, read and written without TensorFlow.
+
+TensorFlow must stay out of processes that run PyTorch models (DEVELOPERS.md), yet `label` reads ImageNet/JFT
+style TFRecords and `shard` writes them. The record framing is four fields (length, masked CRC32C of the length,
+data, masked CRC32C of the data; see tensorflow/core/lib/io/record_writer.cc), and tf.train.Example is a small
+protobuf message; its classes are built here from a descriptor with the `protobuf` package Beam already needs.
+CRC32C comes from `google-crc32c` (C implementation).
+"""
+from __future__ import annotations
+
+import struct
+from typing import BinaryIO, Iterator
+
+import google_crc32c
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_MASK_DELTA = 0xA282EAD8
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+class CorruptRecord(ValueError):
+    """A record whose framing or checksum is wrong (truncated or damaged file)."""
+
+
+def read_records(stream: BinaryIO, start_offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(byte offset of the record in the file, record data) for each record; CorruptRecord where one is damaged.
+
+    After a damaged record the rest of the file cannot be framed, so iteration stops there.
+    """
+    offset = start_offset
+    while True:
+        header = stream.read(12)
+        if not header:
+            return
+        if len(header) < 12:
+            raise CorruptRecord(f"truncated record header at byte {offset}")
+        length, length_crc = struct.unpack("<QI", header)
+        if _masked_crc(header[:8]) != length_crc:
+            raise CorruptRecord(f"bad length checksum at byte {offset}")
+        body = stream.read(length + 4)
+        if len(body) < length + 4:
+            raise CorruptRecord(f"truncated record at byte {offset}")
+        data, data_crc = body[:length], struct.unpack("<I", body[length:])[0]
+        if _masked_crc(data) != data_crc:
+            raise CorruptRecord(f"bad data checksum at byte {offset}")
+        yield offset, data
+        offset += 12 + length + 4
+
+
+def read_record_at(stream: BinaryIO, offset: int) -> bytes:
+    """The record that starts at `offset` (as given by read_records)."""
+    stream.seek(offset)
+    for _, data in read_records(stream, offset):
+        return data
+    raise CorruptRecord(f"no record at byte {offset}")
+
+
+def frame_record(data: bytes) -> bytes:
+    """One record in TFRecord framing, ready to append to a file."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _example_classes():
+    """tf.train.Example and friends (tensorflow/core/example/{example,feature}.proto), built from a descriptor."""
+    fdp = descriptor_pb2.FileDescriptorProto(name="ns_data/tf_example.proto", package="tensorflow",
+                                             syntax="proto3")
+    label = descriptor_pb2.FieldDescriptorProto
+
+    def message(name, fields, oneof=None):
+        msg = fdp.message_type.add(name=name)
+        if oneof:
+            msg.oneof_decl.add(name=oneof)
+        for number, (field_name, ftype, rep, type_name) in enumerate(fields, start=1):
+            f = msg.field.add(name=field_name, number=number, type=ftype,
+                              label=label.LABEL_REPEATED if rep else label.LABEL_OPTIONAL)
+            if type_name:
+                f.type_name = type_name
+            if oneof:
+                f.oneof_index = 0
+        return msg
+
+    message("BytesList", [("value", label.TYPE_BYTES, True, None)])
+    message("FloatList", [("value", label.TYPE_FLOAT, True, None)])
+    message("Int64List", [("value", label.TYPE_INT64, True, None)])
+    message("Feature", [("bytes_list", label.TYPE_MESSAGE, False, ".tensorflow.BytesList"),
+                        ("float_list", label.TYPE_MESSAGE, False, ".tensorflow.FloatList"),
+                        ("int64_list", label.TYPE_MESSAGE, False, ".tensorflow.Int64List")], oneof="kind")
+    features = message("Features", [("feature", label.TYPE_MESSAGE, True, ".tensorflow.Features.FeatureEntry")])
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=label.TYPE_STRING, label=label.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=label.TYPE_MESSAGE, label=label.LABEL_OPTIONAL,
+                    type_name=".tensorflow.Feature")
+    message("Example", [("features", label.TYPE_MESSAGE, False, ".tensorflow.Features")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.{name}"))
+            for name in ("Example", "Feature", "Features", "BytesList", "FloatList", "Int64List")}
+
+
+_CLASSES = _example_classes()
+Example = _CLASSES["Example"]
+
+
+def parse_example(data: bytes) -> dict[str, list]:
+    """A serialized tf.train.Example as {feature name: list of values (bytes, float or int)}."""
+    example = Example.FromString(data)
+    out = {}
+    for name, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        out[name] = list(getattr(feature, kind).value) if kind else []
+    return out
+
+
+def make_example(features: dict[str, list | bytes | int | float]) -> bytes:
+    """Serialize {name: values} as a tf.train.Example; value types pick bytes_list, int64_list or float_list."""
+    example = Example()
+    for name, values in features.items():
+        values = values if isinstance(values, (list, tuple)) else [values]
+        feature = example.features.feature[name]
+        if values and isinstance(values[0], (bytes, str)):
+            feature.bytes_list.value.extend(v.encode() if isinstance(v, str) else v for v in values)
+        elif values and all(isinstance(v, int) for v in values):
+            feature.int64_list.value.extend(values)
+        else:
+            feature.float_list.value.extend(float(v) for v in values)
+    return example.SerializeToString()
