@@ -9,7 +9,7 @@ DEMO_DIR ?= demo-output
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,label]'
 	touch $@
 
 test: $(BIN)/.installed

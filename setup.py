@@ -16,10 +16,14 @@ setup(
         "numpy>=1.26",
         "pandas>=2.0",
         "click>=8.1",
+        "pillow>=10",
+        "google-crc32c>=1.5",
     ],
     extras_require={
         # Dataflow: GCS filesystem and the Dataflow runner client.
         "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
+        # Teacher inference (`ns-data label`); no TensorFlow anywhere near it.
+        "label": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4"],
         "test": ["pytest>=8"],
         # Benchmarks compare against DuckDB and measure peak memory.
         "bench": ["duckdb>=1.1", "psutil>=5.9"],

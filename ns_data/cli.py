@@ -8,10 +8,13 @@ import click
 
 
 class _DropNoise(logging.Filter):
-    """Beam warns about optional GCP client libraries on import even when no GCP path is used."""
+    """Beam warns about optional GCP client libraries on import, and RunInference about memory measurements
+    it cannot take; neither concerns the user."""
+
+    NOISE = ("apitools not found", "Resource module is not available")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.NOISE)
 
 
 def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -54,6 +57,84 @@ def synth_pseudo_labels(**kwargs) -> None:
     except (ValueError, FileExistsError) as err:
         raise click.UsageError(str(err)) from err
     click.echo(f"wrote {kwargs['rows']:,} rows in {len(paths)} file(s) to {kwargs['output']}")
+
+
+@synth.command("images")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
+@click.option("--count", default=300, show_default=True, type=click.IntRange(min=0))
+@click.option("--width", default=96, show_default=True, type=click.IntRange(min=1))
+@click.option("--height", default=72, show_default=True, type=click.IntRange(min=1))
+@click.option("--format", "image_format", default="jpg", show_default=True,
+              type=click.Choice(["jpg", "png", "webp"]))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--overwrite", is_flag=True, help="Replace images already in --output.")
+def synth_images(**kwargs) -> None:
+    """Write synthetic images (colour fields and shapes) as files, for demos, tests and benchmarks."""
+    from ns_data.synth import write_images
+
+    try:
+        paths = write_images(**kwargs)
+    except (ValueError, FileExistsError) as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(f"wrote {len(paths):,} images to {kwargs['output']}")
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return None if text is None else tuple(float(v) for v in text.replace(",", " ").split())
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--teacher", required=True,
+              help="timm model name (e.g. tf_efficientnet_b0.ns_jft_in1k) or the path of a TorchScript file.")
+@click.option("--checkpoint", default=None, help="Teacher weights: .safetensors or a PyTorch state dict.")
+@click.option("--random-weights", is_flag=True, help="No checkpoint: random weights (demos and benchmarks).")
+@click.option("--num-classes", default=None, type=int, help="Classes of the teacher (default: from checkpoint).")
+@click.option("--output", required=True, help="Output directory (local or any Beam filesystem).")
+@click.option("--input-format", default="auto", show_default=True,
+              type=click.Choice(["auto", "files", "tfrecord", "tar", "parquet"]),
+              help="auto: by file extension (.jpg/.png/..., .tfrecord, .tar, .parquet).")
+@click.option("--image-column", default=None, help="Parquet inputs: the column of image bytes (default: guess).")
+@click.option("--id-column", default="id", show_default=True, help="Parquet inputs: the id column, if present.")
+@click.option("--max-images", default=None, type=int, help="Label at most this many images (a smoke run).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--topk", default=10, show_default=True, type=int, help="Classes kept per image.")
+@click.option("--probs", is_flag=True, help="Also write the full probability vector.")
+@click.option("--max-pixels", default=50_000_000, show_default=True, type=int,
+              help="Larger images are rejected (decompression bombs).")
+@click.option("--input-size", default=None, type=int, help="Override the teacher's input size.")
+@click.option("--crop-pct", default=None, type=float, help="Override the teacher's crop_pct.")
+@click.option("--interpolation", default=None, help="Override the resize interpolation (bicubic, bilinear...).")
+@click.option("--mean", default=None, help="Override normalization mean: three numbers.")
+@click.option("--std", default=None, help="Override normalization std: three numbers.")
+@click.option("--overwrite", is_flag=True, help="Replace labels already in --output.")
+@click.option("--progress/--no-progress", default=None, help="Progress lines (default: on with the local runner).")
+def label(args, **kwargs) -> None:
+    """Run the un-noised teacher over unlabeled images; write the pseudo-label table.
+
+    INPUT... are image files, directories or globs of them, TFRecords of tf.Example (image/encoded),
+    webdataset-style tar shards, or Parquet files with an image-bytes column. Options this command does not
+    know go to Beam; put them after the inputs.
+    """
+    from ns_data.label import LabelOptions, LabelOptionsError, format_summary, run_label
+    from ns_data.outputs import OutputExists
+    from ns_data.reading import InputError
+    from ns_data.runner import is_local
+    from ns_data.teacher import TeacherError
+
+    inputs, beam_args = _split_beam_args(args)
+    if kwargs["progress"] is None:
+        kwargs["progress"] = is_local(beam_args)
+    kwargs["mean"], kwargs["std"] = _floats(kwargs["mean"]), _floats(kwargs["std"])
+    opts = LabelOptions(inputs=tuple(inputs), **kwargs)
+    try:
+        stats = run_label(opts, beam_args)
+    except (LabelOptionsError, InputError, OutputExists, TeacherError) as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(format_summary(stats, opts.output))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

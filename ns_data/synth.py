@@ -128,3 +128,37 @@ def write_pseudo_labels(opts: SynthOptions) -> list[str]:
         os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
+
+
+def write_images(output: str, count: int, width: int = 96, height: int = 72, seed: int = 0,
+                 image_format: str = "jpg", overwrite: bool = False) -> list[str]:
+    """`count` synthetic photos-to-be (smooth colour fields with a few shapes) as image files; returns paths."""
+    from PIL import Image, ImageDraw
+
+    if count < 0 or width < 1 or height < 1:
+        raise ValueError("--count must be >= 0 and sizes >= 1")
+    if image_format not in ("jpg", "png", "webp"):
+        raise ValueError(f"--format must be jpg, png or webp, got {image_format}")
+    os.makedirs(output, exist_ok=True)
+    existing = [f for f in os.listdir(output) if f.startswith("img-")]
+    if existing and not overwrite:
+        raise FileExistsError(f"{output} already holds images; pass --overwrite to replace them")
+    for f in existing:
+        os.remove(os.path.join(output, f))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    paths = []
+    for i in range(count):
+        a, b = rng.random((2, 3, 1, 1)) * 255
+        field = a * (1 - xx) + b * yy + rng.normal(0, 12, (3, height, width))
+        img = Image.fromarray(np.clip(field.transpose(1, 2, 0), 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(1, 5)):
+            x0, y0 = rng.integers(0, width), rng.integers(0, height)
+            box = [x0, y0, x0 + rng.integers(4, width // 2 + 5), y0 + rng.integers(4, height // 2 + 5)]
+            fill = tuple(int(v) for v in rng.integers(0, 255, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        path = os.path.join(output, f"img-{i:06d}.{image_format}")
+        img.save(path, quality=90) if image_format == "jpg" else img.save(path)
+        paths.append(path)
+    return paths
