@@ -16,9 +16,11 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 demo: $(BIN)/.installed
-	$(BIN)/ns-data synth pseudo-labels --rows 300000 --classes 100 --files 4 --invalid-fraction 0.002 \
+	$(BIN)/ns-data synth images --count 300 --output $(DEMO_DIR)/images --overwrite
+	$(BIN)/ns-data label $(DEMO_DIR)/images --teacher test_efficientnet --random-weights --num-classes 10 \
 		--output $(DEMO_DIR)/pseudo-labels --overwrite
-	$(BIN)/ns-data balance $(DEMO_DIR)/pseudo-labels --output $(DEMO_DIR)/selection --per-class 2000 --overwrite
+	$(BIN)/ns-data balance $(DEMO_DIR)/pseudo-labels --output $(DEMO_DIR)/selection --per-class 50 \
+		--min-confidence 0.1 --num-classes 10 --overwrite
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'

@@ -115,7 +115,12 @@ def _build_timm(spec: TeacherSpec) -> torch.nn.Module:
         kwargs["num_classes"] = num_classes
     model = timm.create_model(spec.model, pretrained=False, **kwargs) if kwargs else probe
     if state is not None:
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes that do not match
+            first = str(err).strip().splitlines()[1:3]
+            raise TeacherError(f"checkpoint {spec.checkpoint} does not fit {spec.model}: "
+                               + " ".join(line.strip() for line in first)) from err
         if result.missing_keys or result.unexpected_keys:
             raise TeacherError(
                 f"checkpoint {spec.checkpoint} does not fit {spec.model}: "

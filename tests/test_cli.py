@@ -67,3 +67,24 @@ def test_pipeline_entry_point_runs_the_same_command(tmp_path):
     balance_pipeline.run([str(pl), "--output", str(tmp_path / "sel"), "--per-class", "100", "--no-progress"])
     stats = json.loads((tmp_path / "sel" / "stats.json").read_text())
     assert stats["options"]["per_class"] == 100 and stats["selected_rows"] > 0
+
+
+def test_label_command_and_entry_point(tmp_path):
+    from pipelines import label as label_pipeline
+
+    images = tmp_path / "imgs"
+    result = CliRunner().invoke(main, ["synth", "images", "--count", "12", "--output", str(images)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["label", str(images), "--teacher", "test_efficientnet", "--random-weights",
+                                       "--num-classes", "5", "--output", str(tmp_path / "l"), "--batch-size", "4",
+                                       "--no-progress", "--runner", "FnApiRunner"])
+    assert result.exit_code == 0, result.output
+    assert "12 images read = 12 labeled + 0 errors" in result.output
+    stats = json.loads((tmp_path / "l" / "stats.json").read_text())
+    assert stats["teacher"]["num_classes"] == 5 and stats["teacher"]["random_weights"]
+    result = CliRunner().invoke(main, ["label", str(images), "--teacher", "test_efficientnet",
+                                       "--output", str(tmp_path / "l2")])
+    assert result.exit_code == 2 and "--checkpoint" in result.output
+    label_pipeline.run([str(images), "--teacher", "test_efficientnet", "--random-weights", "--output",
+                        str(tmp_path / "l3"), "--max-images", "5", "--no-progress"])
+    assert json.loads((tmp_path / "l3" / "stats.json").read_text())["labeled"] == 5

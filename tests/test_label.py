@@ -1,0 +1,288 @@
+"""`label` on the in-process runner with a tiny timm model: every input kind, exactness, bad images, errors."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import timm
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from ns_data import tfrecord
+from ns_data.label import LabelOptions, prepare, run_label
+from ns_data.outputs import OutputExists
+from ns_data.teacher import TeacherError
+from tests.conftest import balance
+
+MODEL = "test_efficientnet"
+CLASSES = 10
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def photo(seed: int, size=(64, 48)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize(size, Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    """A tiny timm teacher with 10 classes: safetensors, a state dict, and TorchScript."""
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, pretrained=False, num_classes=CLASSES).eval()
+    with torch.no_grad():  # sharper logits than at init, so that confidences spread over [0, 1]
+        model.get_classifier().weight.mul_(40)
+    save_file(model.state_dict(), str(d / "teacher.safetensors"))
+    torch.save({"state_dict": model.state_dict()}, d / "teacher.pth")
+    cfg = resolve_data_config({}, model=model)
+    torch.jit.trace(model, torch.zeros(1, *cfg["input_size"])).save(str(d / "teacher.ts"))
+    other = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
+    torch.save(other.state_dict(), d / "other.pth")
+    return {"model": model, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Good images of every mode the decoder must handle, by name."""
+    rgb = photo(1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise on display
+    rows16 = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)
+    return {
+        "rgb.jpg": encode(rgb),
+        "photo2.jpg": encode(photo(2, (120, 90))),
+        "gray.png": encode(photo(3).convert("L"), "PNG"),
+        "cmyk.jpg": encode(photo(4).convert("CMYK")),
+        "palette.png": encode(photo(5).convert("P"), "PNG"),
+        "alpha.png": encode(photo(6).convert("RGBA"), "PNG"),
+        "deep16.png": encode(Image.fromarray(rows16), "PNG"),
+        "rotated.jpg": encode(photo(7), exif=exif),
+        "tiny.png": encode(photo(8, (1, 1)), "PNG"),
+        "wide.webp": encode(photo(9, (400, 30)), "WEBP"),
+    }
+
+
+BAD = {
+    "empty.jpg": (b"", "empty_file"),
+    "text.jpg": (b"this is not an image", "not_an_image"),
+    "truncated.png": (None, "truncated_image"),
+    "bomb.png": (None, "too_many_pixels"),
+}
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    out = dict(BAD)
+    out["truncated.png"] = (encode(photo(10), "PNG")[:150], "truncated_image")
+    out["bomb.png"] = (encode(Image.new("L", (3000, 2000)), "PNG"), "too_many_pixels")  # over --max-pixels below
+    return out
+
+
+def write_dir(path, files: dict[str, bytes]) -> str:
+    os.makedirs(path, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    return str(path)
+
+
+def label(inputs, output, teacher_files, **kwargs):
+    opts = dict(teacher=MODEL, checkpoint=str(teacher_files["dir"] / "teacher.safetensors"), batch_size=4,
+                topk=3, max_pixels=1_000_000)
+    opts.update(kwargs)
+    stats = run_label(LabelOptions(inputs=tuple(str(i) for i in inputs), output=str(output), **opts), [])
+    labels = pq.read_table(sorted(glob.glob(os.path.join(str(output), "labels-*.parquet"))))
+    errors_files = sorted(glob.glob(os.path.join(str(output), "errors-*.parquet")))
+    errors = pq.read_table(errors_files).to_pandas() if errors_files else None
+    return stats, labels.to_pandas().sort_values("id").reset_index(drop=True), errors
+
+
+def direct_predictions(model, files: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """What the teacher says for each image, computed here with timm's own eval transform and a plain forward."""
+    from ns_data.images import decode_image
+
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    out = {}
+    with torch.no_grad():
+        for name, data in files.items():
+            x = transform(decode_image(data)).unsqueeze(0)
+            out[name] = torch.softmax(model(x), dim=1)[0].numpy()
+    return out
+
+
+def test_labels_equal_the_model_run_directly_and_record_the_teacher(tmp_path, teacher_files, images):
+    stats, got, errors = label([write_dir(tmp_path / "imgs", images)], tmp_path / "out", teacher_files,
+                               probs=True)
+    assert errors is None and stats["labeled"] == stats["images_read"] == len(images)
+    want = direct_predictions(teacher_files["model"], images)
+    assert sorted(got["id"]) == sorted(images)
+    for _, row in got.iterrows():
+        probs = want[row["id"]]
+        order = np.argsort(-probs, kind="stable")[:3]
+        assert row["label"] == order[0]
+        np.testing.assert_allclose(row["confidence"], probs[order[0]], rtol=1e-4, atol=1e-6)
+        assert list(row["topk_classes"]) == list(order)
+        np.testing.assert_allclose(row["topk_probs"], probs[order], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(row["probs"], probs, rtol=1e-4, atol=1e-6)
+        entropy = -(probs * np.log(probs)).sum()
+        np.testing.assert_allclose(row["entropy"], entropy, rtol=1e-4)
+        assert row["source"].endswith(row["id"]) and row["offset"] is None or np.isnan(row["offset"])
+    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0])
+                      .metadata[b"ns_data.teacher"])
+    assert meta["model"] == MODEL and meta["num_classes"] == CLASSES and meta["precision"] == "fp32"
+    assert meta["preprocessing"] == {k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in resolve_data_config({}, model=teacher_files["model"]).items()}
+    assert len(meta["checkpoint_sha256"]) == 64
+    assert spread(got["confidence"]) > 0.1  # the fixture's teacher is confident enough to be interesting
+
+
+def spread(values) -> float:
+    return float(np.max(values) - np.min(values))
+
+
+def test_every_input_kind_gives_the_same_labels_with_documented_ids(tmp_path, teacher_files, images):
+    names = sorted(images)
+    kinds = tmp_path / "kinds"
+    kinds.mkdir()
+    # TFRecord of tf.Example (ImageNet layout), no file extension: needs --input-format tfrecord.
+    with open(kinds / "train-00000-of-00001", "wb") as f:
+        for name in names:
+            f.write(tfrecord.frame_record(tfrecord.make_example({"image/encoded": images[name], "image/class/label": 1})))
+    with tarfile.open(kinds / "shard-000.tar", "w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(f"{os.path.splitext(name)[0]}.{name.split('.')[-1]}")
+            info.size = len(images[name])
+            tar.addfile(info, io.BytesIO(images[name]))
+            meta = tarfile.TarInfo(f"{os.path.splitext(name)[0]}.json")
+            meta.size = 2
+            tar.addfile(meta, io.BytesIO(b"{}"))
+    pq.write_table(pa.table({"key": names, "image": [images[n] for n in names]}), kinds / "images.parquet",
+                   row_group_size=4)
+    _, tfr, _ = label([kinds / "train-00000-of-00001"], tmp_path / "o1", teacher_files, input_format="tfrecord")
+    _, tar, _ = label([kinds / "shard-000.tar"], tmp_path / "o2", teacher_files)
+    _, par, _ = label([kinds / "images.parquet"], tmp_path / "o3", teacher_files, id_column="key")
+    _, fil, _ = label([write_dir(tmp_path / "files", images)], tmp_path / "o4", teacher_files)
+
+    assert sorted(tfr["id"]) == sorted(f"train-00000-of-00001#{i}" for i in range(len(names)))
+    assert sorted(tar["id"]) == sorted(f"shard-000.tar/{n}" for n in names)
+    assert sorted(par["id"]) == names
+    # Offsets locate the bytes: a TFRecord record, a tar member's data, a Parquet row.
+    with open(kinds / "train-00000-of-00001", "rb") as f:
+        for _, row in tfr.iterrows():
+            index = int(row["id"].split("#")[1])
+            assert tfrecord.parse_example(tfrecord.read_record_at(f, int(row["offset"])))["image/encoded"] == [
+                images[names[index]]]
+    with open(kinds / "shard-000.tar", "rb") as f:
+        for _, row in tar.iterrows():
+            data = images[row["id"].split("/", 1)[1]]
+            f.seek(int(row["offset"]))
+            assert f.read(len(data)) == data
+    assert [int(o) for o in par.sort_values("offset")["offset"]] == list(range(len(names)))
+
+    def by_image(df, key):
+        return {key(i): (l, round(float(c), 5)) for i, l, c in zip(df["id"], df["label"], df["confidence"])}
+
+    reference = by_image(fil, lambda i: i)
+    assert by_image(par, lambda i: i) == reference
+    assert by_image(tar, lambda i: i.split("/", 1)[1]) == reference
+    assert by_image(tfr, lambda i: names[int(i.split("#")[1])]) == reference
+
+
+def test_bad_images_go_to_errors_and_counts_add_up(tmp_path, teacher_files, images):
+    bad = bad_images()
+    files = {**images, **{name: data for name, (data, _) in bad.items()}}
+    # A damaged TFRecord: the good records before the damage are labeled, the damage is one error.
+    good_then_broken = b"".join(tfrecord.frame_record(tfrecord.make_example({"image/encoded": images[n]}))
+                                for n in ("rgb.jpg", "gray.png"))
+    broken = good_then_broken + tfrecord.frame_record(tfrecord.make_example({"image/encoded": images["rgb.jpg"]}))[:30]
+    d = write_dir(tmp_path / "mixed", files)
+    with open(os.path.join(d, "broken.tfrecord"), "wb") as f:
+        f.write(broken)
+    with open(os.path.join(d, "no-image.tfrecord"), "wb") as f:
+        f.write(tfrecord.frame_record(tfrecord.make_example({"label": 3})))
+    with open(os.path.join(d, "garbage.tar"), "wb") as f:
+        f.write(b"\x00garbage" * 100)
+    stats, got, errors = label([d], tmp_path / "out", teacher_files)
+    by_id = dict(zip(errors["id"], errors["reason"]))
+    for name, (_, reason) in bad.items():
+        assert by_id[name] == reason
+    assert by_id["broken.tfrecord#2"] == "corrupt_record"
+    assert by_id["no-image.tfrecord#0"] == "corrupt_record"
+    assert by_id["garbage.tar/"] == "unreadable_file"
+    assert {"broken.tfrecord#0", "broken.tfrecord#1"} <= set(got["id"])
+    assert set(images) <= set(got["id"])
+    assert stats["images_read"] == stats["labeled"] + stats["errors"] == len(got) + len(errors)
+    assert stats["errors_by_reason"] == errors["reason"].value_counts().to_dict()
+
+
+def test_balance_reads_the_output_unchanged(tmp_path, teacher_files, images):
+    label([write_dir(tmp_path / "imgs", images)], tmp_path / "labels", teacher_files)
+    stats, selection, _ = balance([tmp_path / "labels"], tmp_path / "sel", per_class=3, min_confidence=0.0,
+                                  num_classes=CLASSES)
+    assert stats["input_rows"] == len(images) and stats["rejected_rows"] == 0
+    assert set(selection.columns) >= {"id", "source", "offset", "topk_classes", "topk_probs", "entropy", "rank",
+                                      "copies"}
+    assert (selection.groupby("label")["copies"].sum() == 3).all()
+
+
+def test_ids_and_labels_are_stable_across_runs_and_teacher_formats(tmp_path, teacher_files, images):
+    d = write_dir(tmp_path / "imgs", images)
+    _, a, _ = label([d], tmp_path / "a", teacher_files)
+    _, b, _ = label([d], tmp_path / "b", teacher_files, checkpoint=str(teacher_files["dir"] / "teacher.pth"))
+    _, c, _ = label([d], tmp_path / "c", teacher_files, teacher=str(teacher_files["dir"] / "teacher.ts"),
+                    checkpoint=None, input_size=160, crop_pct=0.95)
+    assert a["id"].tolist() == b["id"].tolist() == c["id"].tolist()
+    assert a["label"].tolist() == b["label"].tolist() == c["label"].tolist()
+    np.testing.assert_allclose(a["confidence"], c["confidence"], rtol=1e-4)
+
+
+def test_max_images_and_bf16(tmp_path, teacher_files, images):
+    d = write_dir(tmp_path / "imgs", images)
+    stats, got, _ = label([d], tmp_path / "out", teacher_files, max_images=4, precision="bf16")
+    assert stats["images_read"] == 4 and len(got) == 4
+    assert got["id"].tolist() == sorted(images)[:4]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(teacher="no_such_model_xyz"), "unknown model 'no_such_model_xyz'"),
+    (dict(checkpoint="/nonexistent/w.safetensors"), "checkpoint not found"),
+    (dict(checkpoint=None), "give --checkpoint"),
+    (dict(checkpoint="OTHER"), "does not fit test_efficientnet"),
+    (dict(precision="fp8"), "--precision"),
+    (dict(batch_size=0), "--batch-size"),
+])
+def test_teacher_and_option_errors_come_before_any_image_is_read(tmp_path, teacher_files, kwargs, message):
+    opts = dict(teacher=MODEL, checkpoint=str(teacher_files["dir"] / "teacher.safetensors"))
+    opts.update(kwargs)
+    if opts["checkpoint"] == "OTHER":
+        opts["checkpoint"] = str(teacher_files["dir"] / "other.pth")
+    with pytest.raises((TeacherError, ValueError), match=message):
+        prepare(LabelOptions(inputs=(str(tmp_path / "nowhere"),), output=str(tmp_path / "out"), **opts))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_and_existing_output_are_clear_errors(tmp_path, teacher_files, images):
+    from ns_data.reading import InputError
+
+    opts = dict(teacher=MODEL, checkpoint=str(teacher_files["dir"] / "teacher.safetensors"))
+    with pytest.raises(InputError, match="no images"):
+        prepare(LabelOptions(inputs=(str(tmp_path / "nowhere"),), output=str(tmp_path / "out"), **opts))
+    d = write_dir(tmp_path / "imgs", images)
+    label([d], tmp_path / "out", teacher_files)
+    with pytest.raises(OutputExists, match="complete label output"):
+        prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "out"), **opts))
