@@ -103,6 +103,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--topk", default=10, show_default=True, type=int, help="Classes kept per image.")
 @click.option("--probs", is_flag=True, help="Also write the full probability vector.")
+@click.option("--decode-threads", default=2, show_default=True, type=int,
+              help="Threads decoding images ahead of the teacher.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, type=int,
               help="Larger images are rejected (decompression bombs).")
 @click.option("--input-size", default=None, type=int, help="Override the teacher's input size.")

@@ -10,9 +10,11 @@ One model per worker process (RunInference loads it once, in setup). Output, com
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from ns_data.outputs import SumDictsFn, prepare_output, publish, read_stats
@@ -63,6 +66,7 @@ class LabelOptions:
     interpolation: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    decode_threads: int = 2
     rows_per_file: int = 100_000
     overwrite: bool = False
     progress: bool = False
@@ -70,7 +74,7 @@ class LabelOptions:
     def validate(self) -> "LabelOptions":
         if not self.inputs:
             raise LabelOptionsError("give at least one INPUT")
-        for name in ("batch_size", "topk", "max_pixels", "rows_per_file"):
+        for name in ("batch_size", "topk", "max_pixels", "rows_per_file", "decode_threads"):
             if getattr(self, name) < 1:
                 raise LabelOptionsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_images is not None and self.max_images < 1:
@@ -91,7 +95,7 @@ class LabelOptions:
                      if getattr(self, k) is not None}
         return TeacherSpec(model=self.teacher, checkpoint=self.checkpoint, random_weights=self.random_weights,
                            num_classes=self.num_classes, device=self.device, precision=self.precision,
-                           channels_last=self.channels_last, preprocessing=overrides)
+                           channels_last=self.channels_last, preprocessing=tuple(sorted(overrides.items())))
 
 
 @dataclass(frozen=True)
@@ -140,30 +144,66 @@ class ReadImagesFn(beam.DoFn):
 
 
 class PreprocessFn(beam.DoFn):
-    """Decode (any mode to RGB, EXIF orientation, pixel limit), then the teacher's eval transform."""
+    """Decode (any mode to RGB, EXIF orientation, pixel limit), then the teacher's eval transform.
+
+    Images are decoded by a small thread pool a couple of batches ahead of the element being emitted, so that
+    decoding overlaps the teacher's forward pass on the same worker (Pillow and torch release the GIL).
+    """
 
     ERRORS = "errors"
 
     def __init__(self, ctx: LabelContext):
         self.ctx = ctx
         self.transform = None
+        self.pool = None
+        self.pending = None
         self.errors = Metrics.counter(NAMESPACE, "images_rejected")
+
+    @property
+    def ahead(self) -> int:
+        return 2 * self.ctx.options.batch_size
 
     def setup(self):
         from ns_data.teacher import make_transform
 
         self.transform = make_transform(self.ctx.teacher["preprocessing"])
+        self.pool = ThreadPoolExecutor(max_workers=self.ctx.options.decode_threads)
 
-    def process(self, record: ImageRecord):
+    def teardown(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+
+    def start_bundle(self):
+        self.pending = collections.deque()
+
+    def _prepare(self, record: ImageRecord):
         try:
-            image = decode_image(record.data, self.ctx.options.max_pixels)
+            return self.transform(decode_image(record.data, self.ctx.options.max_pixels))
         except DecodeError as err:
+            return err
+
+    def _emit(self, record: ImageRecord, result):
+        if isinstance(result, DecodeError):
             self.errors.inc()
             self.ctx.progress().add(0, errors=1)
-            yield beam.pvalue.TaggedOutput(self.ERRORS, dataclasses.replace(
-                record, data=None, error=err.reason, detail=str(err)))
-            return
-        yield (record.id, record.source, record.offset), self.transform(image)
+            return beam.pvalue.TaggedOutput(self.ERRORS, dataclasses.replace(
+                record, data=None, error=result.reason, detail=str(result)))
+        return (record.id, record.source, record.offset), result
+
+    def process(self, record: ImageRecord):
+        self.pending.append((record, self.pool.submit(self._prepare, record)))
+        while len(self.pending) > self.ahead or (self.pending and self.pending[0][1].done()):
+            record, future = self.pending.popleft()
+            yield self._emit(record, future.result())
+
+    def finish_bundle(self):
+        while self.pending:
+            record, future = self.pending.popleft()
+            out = self._emit(record, future.result())
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+            else:
+                yield GlobalWindows.windowed_value(out)
 
 
 class ToRowFn(beam.DoFn):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,7 +35,7 @@ class TeacherSpec:
     channels_last: bool = True
     # Overrides of the preprocessing timm resolves for the model (input_size as an int, crop_pct,
     # interpolation, mean, std); a TorchScript teacher has no config of its own and starts from timm's defaults.
-    preprocessing: dict = field(default_factory=dict)
+    preprocessing: tuple = ()  # ((name, value), ...): hashable, so that a built model can be reused
 
     @property
     def is_torchscript(self) -> bool:
@@ -78,8 +78,19 @@ def _classes_in(state: dict, model) -> int | None:
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
+_BUILT: dict[TeacherSpec, torch.nn.Module] = {}
+
+
 def build_model(spec: TeacherSpec) -> torch.nn.Module:
-    """The teacher in eval mode on its device, weights loaded and checked."""
+    """The teacher in eval mode on its device, weights loaded and checked; built once per process and spec
+    (the launch check and the local runner's RunInference share it)."""
+    if spec not in _BUILT:
+        _BUILT.clear()  # one teacher per process
+        _BUILT[spec] = _build(spec)
+    return _BUILT[spec]
+
+
+def _build(spec: TeacherSpec) -> torch.nn.Module:
     if spec.precision not in PRECISIONS:
         raise TeacherError(f"unknown precision {spec.precision!r}; one of {', '.join(PRECISIONS)}")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
@@ -133,7 +144,7 @@ def resolve_preprocessing(spec: TeacherSpec, model: torch.nn.Module) -> dict[str
     """timm's eval data config for the model (input size, crop_pct, interpolation, mean, std), with overrides."""
     from timm.data import resolve_data_config
 
-    overrides = dict(spec.preprocessing)
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.preprocessing}
     if "input_size" in overrides and isinstance(overrides["input_size"], int):
         overrides["input_size"] = (3, overrides["input_size"], overrides["input_size"])
     config = resolve_data_config(overrides, model=None if spec.is_torchscript else model)
