@@ -25,6 +25,7 @@ demo: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/balance.py
+	$(BIN)/python benchmarks/label.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)
