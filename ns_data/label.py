@@ -221,15 +221,35 @@ class ToRowFn(beam.DoFn):
 
 
 class WriteFn(beam.DoFn):
-    """Writes a batch of rows (labels or errors) as one Parquet file in the temp dir; yields its path."""
+    """Writes rows (labels or errors) to Parquet files in the temp dir, one per `rows_per_file` rows or bundle;
+    yields their paths, and counts on the side."""
 
     COUNTS = "counts"
 
     def __init__(self, ctx: LabelContext, kind: str):
         self.ctx = ctx
         self.kind = kind
+        self.rows = None
 
-    def process(self, rows: list):
+    def start_bundle(self):
+        self.rows = []
+
+    def process(self, row):
+        self.rows.append(row)
+        if len(self.rows) >= self.ctx.options.rows_per_file:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for out in self._flush():
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+            else:
+                yield GlobalWindows.windowed_value(out)
+
+    def _flush(self):
+        rows, self.rows = self.rows, []
+        if not rows:
+            return
         if self.kind == "labels":
             table = labels_table(rows, self.ctx.schema())
             counts = {"labeled": table.num_rows}
@@ -238,6 +258,7 @@ class WriteFn(beam.DoFn):
                                            "detail": r.detail} for r in rows], schema=ERROR_SCHEMA)
             reasons, n = np.unique(np.array([r.error for r in rows], dtype=object), return_counts=True)
             counts = {f"error:{r}": int(c) for r, c in zip(reasons, n)}
+        # Named by content, so that a retried bundle rewrites the same file instead of adding one.
         first = min(r["id"] if isinstance(r, dict) else r.id for r in rows)
         path = FileSystems.join(self.ctx.tmp_dir, f"{self.kind}-{_digest(first)}.parquet")
         with FileSystems.create(path) as f:
@@ -313,13 +334,10 @@ class Label(beam.PTransform):
                 | "Teacher" >> RunInference(handler)
                 | "ToRows" >> beam.ParDo(ToRowFn(ctx)))
         errors = (read[ReadImagesFn.ERRORS], prepared[PreprocessFn.ERRORS]) | "AllErrors" >> beam.Flatten()
-        batch = {"min_batch_size": 1, "max_batch_size": opts.rows_per_file}
-        labels_written = (rows | "BatchRows" >> beam.BatchElements(**batch)
-                          | "WriteLabels" >> beam.ParDo(WriteFn(ctx, "labels")).with_outputs(WriteFn.COUNTS,
-                                                                                             main="files"))
-        errors_written = (errors | "BatchErrors" >> beam.BatchElements(**batch)
-                          | "WriteErrors" >> beam.ParDo(WriteFn(ctx, "errors")).with_outputs(WriteFn.COUNTS,
-                                                                                             main="files"))
+        labels_written = rows | "WriteLabels" >> beam.ParDo(WriteFn(ctx, "labels")).with_outputs(
+            WriteFn.COUNTS, main="files")
+        errors_written = errors | "WriteErrors" >> beam.ParDo(WriteFn(ctx, "errors")).with_outputs(
+            WriteFn.COUNTS, main="files")
         files = (labels_written["files"], errors_written["files"]) | "AllFiles" >> beam.Flatten()
         counts = ((labels_written[WriteFn.COUNTS], errors_written[WriteFn.COUNTS]) | "AllCounts" >> beam.Flatten()
                   | "SumCounts" >> beam.CombineGlobally(SumDictsFn()))

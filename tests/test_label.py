@@ -253,9 +253,10 @@ def test_ids_and_labels_are_stable_across_runs_and_teacher_formats(tmp_path, tea
 
 def test_max_images_and_bf16(tmp_path, teacher_files, images):
     d = write_dir(tmp_path / "imgs", images)
-    stats, got, _ = label([d], tmp_path / "out", teacher_files, max_images=4, precision="bf16")
+    stats, got, _ = label([d], tmp_path / "out", teacher_files, max_images=4, precision="bf16", rows_per_file=3)
     assert stats["images_read"] == 4 and len(got) == 4
     assert got["id"].tolist() == sorted(images)[:4]
+    assert len(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))) == 2  # 3 rows, then 1
 
 
 @pytest.mark.parametrize("kwargs,message", [
