@@ -562,10 +562,8 @@ def prepare(opts: BalanceOptions) -> RunContext:
 
 def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None) -> dict:
     """Runs the pipeline and returns the stats (read back from stats.json)."""
-    from ns_data.runner import make_pipeline
+    from ns_data.runner import run_stage
 
     ctx = prepare(opts)
-    with make_pipeline(beam_args) as pipeline:
-        units = pipeline | "WorkUnits" >> beam.Create(list(ctx.units)) | "SpreadUnits" >> beam.Reshuffle()
-        _ = units | "Balance" >> Balance(ctx)
+    run_stage("Balance", ctx.units, Balance(ctx), beam_args)
     return read_stats(opts.output)

@@ -122,6 +122,13 @@ class LabelContext:
 # ------------------------------------------------------------------------------------------- steps
 
 
+def _in_global_window(out):
+    """What finish_bundle emits must carry its window (this pipeline has only the global one)."""
+    if isinstance(out, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+    return GlobalWindows.windowed_value(out)
+
+
 class ReadImagesFn(beam.DoFn):
     """A work unit's images as (key, bytes); unreadable files and damaged records to the errors output."""
 
@@ -199,11 +206,7 @@ class PreprocessFn(beam.DoFn):
     def finish_bundle(self):
         while self.pending:
             record, future = self.pending.popleft()
-            out = self._emit(record, future.result())
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-            else:
-                yield GlobalWindows.windowed_value(out)
+            yield _in_global_window(self._emit(record, future.result()))
 
 
 class ToRowFn(beam.DoFn):
@@ -241,10 +244,7 @@ class WriteFn(beam.DoFn):
 
     def finish_bundle(self):
         for out in self._flush():
-            if isinstance(out, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-            else:
-                yield GlobalWindows.windowed_value(out)
+            yield _in_global_window(out)
 
     def _flush(self):
         rows, self.rows = self.rows, []
@@ -369,12 +369,10 @@ def prepare(opts: LabelOptions) -> LabelContext:
 
 def run_label(opts: LabelOptions, beam_args: list[str] | None = None) -> dict:
     """Runs the pipeline and returns the stats (read back from stats.json)."""
-    from ns_data.runner import make_pipeline
+    from ns_data.runner import run_stage
 
     ctx = prepare(opts)
-    with make_pipeline(beam_args) as pipeline:
-        units = pipeline | "WorkUnits" >> beam.Create(list(ctx.units)) | "SpreadUnits" >> beam.Reshuffle()
-        _ = units | "Label" >> Label(ctx)
+    run_stage("Label", ctx.units, Label(ctx), beam_args)
     return read_stats(opts.output)
 
 

@@ -23,3 +23,10 @@ def is_local(beam_args: list[str] | None) -> bool:
 
 def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:
     return beam.Pipeline(options=pipeline_options(beam_args))
+
+
+def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None) -> None:
+    """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform."""
+    with make_pipeline(beam_args) as pipeline:
+        spread = pipeline | "WorkUnits" >> beam.Create(list(units)) | "SpreadUnits" >> beam.Reshuffle()
+        _ = spread | name >> stage
