@@ -1,0 +1,89 @@
+"""Reading training shards (TFRecord files of tf.train.Example) from PyTorch, without TensorFlow.
+
+`ShardDataset` splits the shards over distributed ranks and DataLoader workers (each shard is read by exactly
+one worker, so every record is seen exactly once per epoch), shuffles the shard order per epoch with a seed,
+and yields one dict per record: the encoded image bytes (or what `decode` makes of them), the label, and the
+soft label, sparse (top-k classes and probabilities) and dense when the shard holds it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ns_data import tfrecord
+
+SHARD_GLOB = "*.tfrecord"
+
+
+def list_shards(shards: str | list[str]) -> list[str]:
+    """Shard files named by a list of paths, a glob, or a directory (its *.tfrecord files), sorted."""
+    if isinstance(shards, (list, tuple)):
+        return sorted(shards)
+    pattern = os.path.join(shards, SHARD_GLOB) if os.path.isdir(shards) else shards
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"no shards at {shards}")
+    return found
+
+
+def example_to_record(features: dict[str, list]) -> dict[str, Any]:
+    """A parsed tf.Example as a training record: image bytes, label, soft labels, id where present."""
+    record: dict[str, Any] = {"image": features["image/encoded"][0], "label": int(features["label"][0])}
+    if "id" in features:
+        record["id"] = features["id"][0].decode()
+    if "prob" in features:
+        record["prob"] = float(features["prob"][0])
+    if "topk_classes" in features:
+        record["topk_classes"] = np.asarray(features["topk_classes"], dtype=np.int64)
+        record["topk_probs"] = np.asarray(features["topk_probs"], dtype=np.float32)
+    if "probabilities" in features:
+        record["probabilities"] = np.asarray(features["probabilities"], dtype=np.float32)
+    return record
+
+
+class ShardDataset(IterableDataset):
+    """Every record of the shards once per epoch, split over ranks and DataLoader workers by whole shards."""
+
+    def __init__(self, shards: str | list[str], seed: int = 0, shuffle_shards: bool = True,
+                 decode: Callable[[bytes], Any] | None = None, rank: int | None = None,
+                 world_size: int | None = None):
+        self.shards = list_shards(shards)
+        self.seed = seed
+        self.shuffle_shards = shuffle_shards
+        self.decode = decode
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch (as with DistributedSampler): the shard order changes with it."""
+        self.epoch = epoch
+
+    def _distributed(self) -> tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def shards_for_this_worker(self) -> list[str]:
+        order = list(self.shards)
+        if self.shuffle_shards:
+            order = [order[i] for i in np.random.default_rng((self.seed, self.epoch)).permutation(len(order))]
+        rank, world = self._distributed()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return order[rank * workers + worker:: world * workers]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for path in self.shards_for_this_worker():
+            with open(path, "rb") as f:
+                for _, data in tfrecord.read_records(f):
+                    record = example_to_record(tfrecord.parse_example(data))
+                    if self.decode is not None:
+                        record["image"] = self.decode(record["image"])
+                    yield record
