@@ -119,12 +119,17 @@ def _build_timm(spec: TeacherSpec) -> torch.nn.Module:
         raise TeacherError("give --checkpoint FILE with the teacher's weights (or --random-weights for a demo); "
                            "weights are never downloaded")
     state = load_state_dict(spec.checkpoint) if spec.checkpoint else None
-    kwargs = {}
-    probe = timm.create_model(spec.model, pretrained=False)
-    num_classes = spec.num_classes or (_classes_in(state, probe) if state else None)
-    if num_classes and num_classes != probe.num_classes:
-        kwargs["num_classes"] = num_classes
-    model = timm.create_model(spec.model, pretrained=False, **kwargs) if kwargs else probe
+    with torch.random.fork_rng():  # random weights are seeded: the same model on every worker and run
+        torch.manual_seed(0)
+        probe = timm.create_model(spec.model, pretrained=False)
+        num_classes = spec.num_classes or (_classes_in(state, probe) if state else None)
+        if num_classes and num_classes != probe.num_classes:
+            torch.manual_seed(0)
+            return _load(spec, timm.create_model(spec.model, pretrained=False, num_classes=num_classes), state)
+    return _load(spec, probe, state)
+
+
+def _load(spec: TeacherSpec, model: torch.nn.Module, state: dict | None) -> torch.nn.Module:
     if state is not None:
         try:
             result = model.load_state_dict(state, strict=False)
@@ -176,7 +181,7 @@ def check_teacher(spec: TeacherSpec) -> dict[str, Any]:
         "model": spec.model,
         "checkpoint": checkpoint,
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-        "random_weights": spec.random_weights and checkpoint is None,
+        "random_weights": spec.random_weights and checkpoint is None,  # seeded with 0
         "num_classes": int(out.shape[1]),
         "preprocessing": config,
         "precision": spec.precision,

@@ -287,3 +287,12 @@ def test_missing_inputs_and_existing_output_are_clear_errors(tmp_path, teacher_f
     label([d], tmp_path / "out", teacher_files)
     with pytest.raises(OutputExists, match="complete label output"):
         prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "out"), **opts))
+
+
+def test_random_weights_are_seeded_so_runs_repeat():
+    from ns_data.teacher import TeacherSpec, _build_timm
+
+    a = _build_timm(TeacherSpec(model=MODEL, random_weights=True, num_classes=4)).state_dict()
+    torch.manual_seed(123)  # whatever the caller's RNG state
+    b = _build_timm(TeacherSpec(model=MODEL, random_weights=True, num_classes=4)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
