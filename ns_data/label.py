@@ -130,7 +130,7 @@ def _in_global_window(out):
 
 
 class ReadImagesFn(beam.DoFn):
-    """A work unit's images as (key, bytes); unreadable files and damaged records to the errors output."""
+    """A work unit's images as ImageRecords; unreadable files and damaged records to the errors output."""
 
     ERRORS = "errors"
 
