@@ -109,10 +109,6 @@ class RunContext:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _empty_u64() -> np.ndarray:
-    return np.zeros(0, np.uint64)
-
-
 def split_by(keys: np.ndarray, *arrays):
     """(key, arrays restricted to that key) for each distinct key, in key order; one sort, no per-key scans."""
     order = np.argsort(keys, kind="stable")
@@ -204,7 +200,7 @@ def repeated_hashes(bucket_and_parts) -> list[np.ndarray]:
 
 
 def _union(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.unique(np.concatenate(arrays)) if arrays else _empty_u64()
+    return np.unique(np.concatenate(arrays)) if arrays else np.zeros(0, np.uint64)
 
 
 # ------------------------------------------------------------------------------------------- pass 2

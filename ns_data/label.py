@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -268,8 +269,6 @@ class WriteFn(beam.DoFn):
 
 
 def _digest(text: str) -> str:
-    import hashlib
-
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -107,11 +107,6 @@ def is_candidate(kb: KeyBatch, min_confidence: float) -> np.ndarray:
     return (kb.reason == 0) & (kb.confidence >= np.float32(min_confidence))
 
 
-def positions(work_unit: int, first_row: int, n: int) -> np.ndarray:
-    """Row identity inside one run: work unit index << 32 | row index in the unit."""
-    return (np.int64(work_unit) << np.int64(32)) + np.arange(first_row, first_row + n, dtype=np.int64)
-
-
 # ---------------------------------------------------------------------------------------------- counts
 
 
