@@ -6,10 +6,10 @@ DEMO_DIR ?= demo-output
 
 .PHONY: test demo bench clean
 
-$(BIN)/.installed: setup.py
+$(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,label]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,label,tf]'
 	touch $@
 
 test: $(BIN)/.installed
@@ -21,6 +21,8 @@ demo: $(BIN)/.installed
 		--output $(DEMO_DIR)/pseudo-labels --overwrite
 	$(BIN)/ns-data balance $(DEMO_DIR)/pseudo-labels --output $(DEMO_DIR)/selection --per-class 50 \
 		--min-confidence 0.1 --num-classes 10 --overwrite
+	$(BIN)/ns-data shard $(DEMO_DIR)/selection --output $(DEMO_DIR)/shards --num-shards 4 --overwrite
+	$(BIN)/ns-data inspect $(DEMO_DIR)/shards
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'

@@ -24,6 +24,8 @@ setup(
         "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
         # Teacher inference (`ns-data label`); no TensorFlow anywhere near it.
         "label": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4"],
+        # tf.data reader of shards (`ns_data.tf_data`); never imported by label or the PyTorch reader.
+        "tf": ["tensorflow-cpu>=2.16"],
         "test": ["pytest>=8"],
         # Benchmarks compare against DuckDB and measure peak memory.
         "bench": ["duckdb>=1.1", "psutil>=5.9"],

@@ -27,7 +27,7 @@ def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ns-data")
 def main() -> None:
-    """Build Noisy Student pseudo-label corpora: label, balance, shard."""
+    """Build Noisy Student pseudo-label corpora: label, balance, shard, inspect."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropNoise())
@@ -179,6 +179,65 @@ def balance(args, **kwargs) -> None:
     except (OptionsError, InputError, OutputExists) as err:
         raise click.UsageError(str(err)) from err
     click.echo(format_summary(stats, opts.output))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--output", required=True, help="Output directory (local or any Beam filesystem, e.g. gs://).")
+@click.option("--num-shards", default=None, type=int, help="Number of shards.")
+@click.option("--records-per-shard", default=None, type=int, help="Or: records per shard.")
+@click.option("--max-shard-bytes", default=None,
+              help="Or: the largest shard size, e.g. 256MB (the default: 256MiB); bounds a writer's memory.")
+@click.option("--num-classes", default=None, type=int,
+              help="Length of the dense `probabilities` (default: recorded by label/balance).")
+@click.option("--probabilities/--no-probabilities", default=True, show_default=True,
+              help="Write the dense soft label `probabilities` that the original Noisy Student code reads.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of shard placement and order.")
+@click.option("--image-column", default=None, help="Parquet image sources: the image-bytes column.")
+@click.option("--overwrite", is_flag=True, help="Replace shards of other inputs or options in --output.")
+@click.option("--progress/--no-progress", default=None, help="Progress lines (default: on with the local runner).")
+def shard(args, **kwargs) -> None:
+    """Write the selection, copies included, as globally shuffled TFRecord shards of tf.train.Example.
+
+    SELECTION... are the output directory of `ns-data balance` (or its selection-*.parquet files). Each image
+    is read from its source once. Re-running over a complete output does nothing; over an interrupted one it
+    writes the missing shards. Options this command does not know go to Beam; put them after the inputs.
+    """
+    from ns_data.outputs import OutputExists
+    from ns_data.reading import InputError
+    from ns_data.runner import is_local
+    from ns_data.shard import ShardOptions, ShardOptionsError, format_summary, parse_size, run_shard
+
+    inputs, beam_args = _split_beam_args(args)
+    if kwargs["progress"] is None:
+        kwargs["progress"] = is_local(beam_args)
+    try:
+        if kwargs["max_shard_bytes"] is not None:
+            kwargs["max_shard_bytes"] = parse_size(kwargs["max_shard_bytes"])
+        opts = ShardOptions(inputs=tuple(inputs), **kwargs)
+        manifest, wrote = run_shard(opts, beam_args, print_fn=lambda m: click.echo(m, err=True))
+    except (ShardOptionsError, InputError, OutputExists) as err:
+        raise click.UsageError(str(err)) from err
+    if not wrote:
+        click.echo(f"shard: {opts.output} is already complete for these inputs and options; nothing to do")
+    click.echo(format_summary(manifest, opts.output))
+
+
+@main.command()
+@click.argument("directory")
+@click.option("--records", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Records to decode and show from the first shard.")
+def inspect(directory, records) -> None:
+    """Summarize a shard set from its manifest.json and show a few records decoded."""
+    from ns_data.shard import format_summary, inspect_records, read_manifest
+
+    try:
+        manifest = read_manifest(directory)
+    except FileNotFoundError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(format_summary(manifest, directory))
+    for line in inspect_records(directory, manifest, records):
+        click.echo(line)
 
 
 if __name__ == "__main__":

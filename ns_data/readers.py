@@ -36,6 +36,8 @@ def example_to_record(features: dict[str, list]) -> dict[str, Any]:
     record: dict[str, Any] = {"image": features["image/encoded"][0], "label": int(features["label"][0])}
     if "id" in features:
         record["id"] = features["id"][0].decode()
+    if "copy" in features:
+        record["copy"] = int(features["copy"][0])
     if "prob" in features:
         record["prob"] = float(features["prob"][0])
     if "topk_classes" in features:

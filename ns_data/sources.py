@@ -21,6 +21,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -237,3 +238,85 @@ def check_parquet_columns(units: list[ImageUnit], image_column: str | None) -> N
             _image_column(schema, path)
         elif image_column not in schema.names:
             raise InputError(f"{path}: no column '{image_column}' (has: {', '.join(schema.names)})")
+
+
+# ------------------------------------------------------------------------------------------- reading back
+
+MISSING_SOURCE = "missing_source"
+
+
+def container_kind(path: str) -> str:
+    """tfrecord, tar or parquet: by extension, else by the file's first bytes (for inputs named otherwise)."""
+    kind = _EXTENSION_KIND.get(os.path.splitext(path)[1].lower())
+    if kind in ("tfrecord", "tar", "parquet"):
+        return kind
+    with FileSystems.open(path) as f:
+        head = f.read(512)
+    if head[:4] == b"PAR1":
+        return "parquet"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return "tfrecord"
+
+
+def read_back(source: str, offsets: list[int | None], image_column: str | None = None
+              ) -> Iterator[tuple[bytes | None, str | None, str]]:
+    """(bytes, None, "") or (None, reason, detail) for each image of `source` at `offsets` (as `label` wrote
+    them; ascending), opening the source once and reading forward through it."""
+    try:
+        if not FileSystems.exists(source):
+            raise FileNotFoundError(source)
+        if offsets and offsets[0] is None:  # a standalone image file
+            with FileSystems.open(source) as f:
+                data = f.read()
+            for _ in offsets:
+                yield data, None, ""
+            return
+        kind = container_kind(source)
+        if kind == "parquet":
+            yield from _parquet_rows(source, offsets, image_column)
+            return
+        with FileSystems.open(source) as f:
+            for offset in offsets:
+                yield _record_at(f, kind, offset)
+    except FileNotFoundError as err:
+        for _ in offsets:
+            yield None, MISSING_SOURCE, str(err)
+    except Exception as err:  # noqa: BLE001 - an unreadable source is data: its images become error rows
+        for _ in offsets:
+            yield None, UNREADABLE, f"{type(err).__name__}: {err}"
+
+
+def _record_at(f, kind: str, offset: int) -> tuple[bytes | None, str | None, str]:
+    try:
+        if kind == "tfrecord":
+            encoded = tfrecord.parse_example(tfrecord.read_record_at(f, offset)).get("image/encoded")
+            if not encoded:
+                return None, CORRUPT_RECORD, f"no image/encoded in the record at byte {offset}"
+            return encoded[0], None, ""
+        f.seek(offset - tarfile.BLOCKSIZE)  # a member's header block sits right before its data
+        info = tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+        data = f.read(info.size)
+        if len(data) < info.size:
+            return None, CORRUPT_RECORD, f"tar member at byte {offset} is truncated"
+        return data, None, ""
+    except (tfrecord.CorruptRecord, tarfile.TarError, ValueError, OSError) as err:
+        return None, CORRUPT_RECORD, f"at byte {offset}: {type(err).__name__}: {err}"
+
+
+def _parquet_rows(source: str, rows: list[int], image_column: str | None):
+    pf = pq.ParquetFile(source if "://" not in source else FileSystems.open(source))
+    column = image_column or _image_column(pf.schema_arrow, source)
+    ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    groups = np.searchsorted(ends, np.asarray(rows), side="right")
+    values: dict[int, bytes | None] = {}
+    for g in np.unique(groups):
+        if g >= len(ends):
+            continue
+        first = int(ends[g - 1]) if g else 0
+        wanted = [r for r, rg in zip(rows, groups) if rg == g]
+        taken = pf.read_row_group(int(g), columns=[column]).column(column).take([r - first for r in wanted])
+        values.update(zip(wanted, taken.to_pylist()))
+    for row in rows:
+        data = values.get(row)
+        yield (data, None, "") if data is not None else (None, CORRUPT_RECORD, f"no {column} bytes at row {row}")

@@ -1,0 +1,142 @@
+"""Benchmark `ns-data shard` against a plain sequential copy of the same bytes on the same disk (the ceiling).
+
+Input: --images (default 3000) synthetic 500x375 JPEGs (ImageNet-like size), in two layouts - standalone files,
+and 8 webdataset-style tar containers - and a selection of every image with 1-3 copies (about 2 records per
+image, as upsampling gives). Every run is a child process; medians of --repeats runs, interleaved.
+
+  (a) ns-data  `ns-data shard SELECTION --num-shards 16`: whole command, including interpreter start-up,
+               imports and building the Beam pipeline (about 3 s of fixed cost);
+  (b) ceiling  a plain Python loop that reads every selected image from its source in source order and
+               appends its bytes, once per copy, to one output file: the least I/O `shard` has to do, with
+               nothing else (no shuffle, no tf.Example, no CRCs).
+
+Both are reported as MB/s of image bytes written (records x image size), the same numerator for both. The
+page cache is warm for both (the machine is shared; caches are not dropped); the ratio is what this measures.
+
+    .venv/bin/python benchmarks/shard.py        # about 3 minutes on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from balance import BIN, ROOT, measure  # noqa: E402  (same folder: the child-process measuring helper)
+
+DATA = HERE / "data"
+RESULTS = HERE / "results" / "shard.json"
+CONTAINERS = 8
+
+
+def corpus(n: int) -> dict[str, Path]:
+    """The images as files and as tars, and a selection over each layout (same images, same copies)."""
+    base = DATA / f"shard-{n}"
+    if (base / "done").exists():
+        return {"files": base / "sel-files", "tar": base / "sel-tar"}
+    files = base / "files"
+    subprocess.run([str(BIN / "ns-data"), "synth", "images", "--count", str(n), "--width", "500", "--height", "375",
+                    "--output", str(files), "--overwrite"], check=True)
+    paths = sorted(str(p) for p in files.iterdir())
+    rng = np.random.default_rng(0)
+    copies = rng.integers(1, 4, n).astype(np.int32)
+    rows = {"files": [(os.path.relpath(p, files), p, None) for p in paths], "tar": []}
+    for c, chunk in enumerate(np.array_split(np.arange(n), CONTAINERS)):
+        tar_path = base / f"part-{c:02d}.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for i in chunk:
+                data = Path(paths[i]).read_bytes()
+                info = tarfile.TarInfo(f"{i:06d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(tar_path) as tar:
+            rows["tar"] += [(f"{tar_path.name}/{m.name}", str(tar_path), m.offset_data) for m in tar]
+    for layout, layout_rows in rows.items():
+        sel = base / f"sel-{layout}"
+        sel.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({
+            "id": [r[0] for r in layout_rows], "source": [r[1] for r in layout_rows],
+            "offset": pa.array([r[2] for r in layout_rows], pa.int64()),
+            "label": pa.array(rng.integers(0, 100, n), pa.int32()),
+            "confidence": pa.array(rng.uniform(0.3, 1, n), pa.float32()),
+            "rank": pa.array(np.zeros(n), pa.int32()), "copies": pa.array(copies)}),
+            sel / "selection-00000.parquet")
+    (base / "done").write_text("")
+    return {"files": base / "sel-files", "tar": base / "sel-tar"}
+
+
+def child_copy(selection: str, output: str) -> None:
+    """(b) the ceiling: read each selected image in source order, append its bytes once per copy."""
+    from ns_data.sources import read_back
+
+    table = pq.read_table(selection).sort_by([("source", "ascending"), ("offset", "ascending")]).to_pylist()
+    written = 0
+    with open(output, "wb") as out:
+        i = 0
+        while i < len(table):
+            j = i
+            while j < len(table) and table[j]["source"] == table[i]["source"]:
+                j += 1
+            for row, (data, _, _) in zip(table[i:j], read_back(table[i]["source"], [r["offset"] for r in table[i:j]])):
+                for _ in range(row["copies"]):
+                    out.write(data)
+                    written += len(data)
+            i = j
+    print(json.dumps({"image_bytes": written}))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    selections = corpus(args.images)
+    out = DATA / "shard-out"
+    results = {"images": args.images, "layouts": {}}
+    for layout, sel in selections.items():
+        print(f"{layout}: {args.images:,} images, selection {sel}", flush=True)
+        runs = {"ns-data": [], "ceiling": []}
+        for r in range(args.repeats):
+            runs["ns-data"].append(measure("ns-data", args.images, [
+                str(BIN / "ns-data"), "shard", str(sel), "--output", str(out / f"{layout}-shards"), "--num-shards",
+                "16", "--num-classes", "100", "--overwrite", "--no-progress"], out / f"{layout}-nsdata-{r}.log",
+                4000, 900))
+            log = out / f"{layout}-copy-{r}.log"
+            runs["ceiling"].append(measure("ceiling", args.images, [
+                sys.executable, __file__, "child", str(sel / "selection-00000.parquet"), str(out / "copy.bin")],
+                log, 4000, 900))
+        image_bytes = json.loads(log.read_text().strip().splitlines()[-1])["image_bytes"]
+        manifest = json.loads((out / f"{layout}-shards" / "manifest.json").read_text())
+        median = {k: statistics.median(r.wall_s for r in v) for k, v in runs.items()}
+        rate = {k: image_bytes / 1e6 / median[k] for k in median}
+        results["layouts"][layout] = {
+            "image_bytes": image_bytes, "records": manifest["records"], "shard_bytes": manifest["bytes"],
+            "wall_s": {k: [round(r.wall_s, 2) for r in v] for k, v in runs.items()},
+            "peak_rss_mb": {k: [round(r.peak_rss_mb) for r in v] for k, v in runs.items()},
+            "median_wall_s": {k: round(v, 2) for k, v in median.items()},
+            "mb_per_s": {k: round(v, 1) for k, v in rate.items()},
+            "ratio_to_ceiling": round(rate["ns-data"] / rate["ceiling"], 3)}
+        print(f"  {layout}: ns-data {rate['ns-data']:.1f} MB/s, ceiling {rate['ceiling']:.1f} MB/s, "
+              f"ratio {rate['ns-data'] / rate['ceiling']:.2f}", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    print(f"results: {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child_copy(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(main())
