@@ -86,7 +86,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--teacher", required=True,
-              help="timm model name (e.g. tf_efficientnet_b0.ns_jft_in1k) or the path of a TorchScript file.")
+              help="timm model name (e.g. tf_efficientnet_b0.ns_jft_in1k), a student from `ns-train export` (.safetensors), or a TorchScript file.")
 @click.option("--checkpoint", default=None, help="Teacher weights: .safetensors or a PyTorch state dict.")
 @click.option("--random-weights", is_flag=True, help="No checkpoint: random weights (demos and benchmarks).")
 @click.option("--num-classes", default=None, type=int, help="Classes of the teacher (default: from checkpoint).")
@@ -194,6 +194,10 @@ def balance(args, **kwargs) -> None:
               help="Write the dense soft label `probabilities` that the original Noisy Student code reads.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of shard placement and order.")
 @click.option("--image-column", default=None, help="Parquet image sources: the image-bytes column.")
+@click.option("--shuffle", default="auto", show_default=True, type=click.Choice(["auto", "beam", "files"]),
+              help="How image bytes reach their shard: through Beam's shuffle, or through spill files in the "
+                   "output's temp dir with only references shuffled (auto: files on the local runner, whose "
+                   "shuffle is held in memory; beam elsewhere).")
 @click.option("--overwrite", is_flag=True, help="Replace shards of other inputs or options in --output.")
 @click.option("--progress/--no-progress", default=None, help="Progress lines (default: on with the local runner).")
 def shard(args, **kwargs) -> None:

@@ -90,12 +90,18 @@ class LabelOptions:
         return self
 
     def teacher_spec(self):
-        from ns_data.teacher import TeacherSpec
+        from ns_data.teacher import TeacherSpec, exported_teacher
 
-        overrides = {k: getattr(self, k) for k in ("input_size", "crop_pct", "interpolation", "mean", "std")
-                     if getattr(self, k) is not None}
-        return TeacherSpec(model=self.teacher, checkpoint=self.checkpoint, random_weights=self.random_weights,
-                           num_classes=self.num_classes, device=self.device, precision=self.precision,
+        model, checkpoint, num_classes, overrides = self.teacher, self.checkpoint, self.num_classes, {}
+        exported = exported_teacher(self.teacher)
+        if exported:  # a student exported by `ns-train export`: model name and preprocessing travel with it
+            model, checkpoint = exported["model"], self.teacher
+            num_classes = num_classes or exported["num_classes"]
+            overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in exported["preprocessing"].items()}
+        overrides |= {k: getattr(self, k) for k in ("input_size", "crop_pct", "interpolation", "mean", "std")
+                      if getattr(self, k) is not None}
+        return TeacherSpec(model=model, checkpoint=checkpoint, random_weights=self.random_weights,
+                           num_classes=num_classes, device=self.device, precision=self.precision,
                            channels_last=self.channels_last, preprocessing=tuple(sorted(overrides.items())))
 
 

@@ -18,11 +18,14 @@ as soon as it is written, so a re-run over an interrupted output writes only the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -40,6 +43,7 @@ from ns_data.memory import release_freed_memory
 from ns_data.outputs import OutputExists, SumDictsFn
 from ns_data.progress import Progress
 from ns_data.reading import InputError, WorkUnit, expand_inputs, inspect_inputs, open_parquet
+from ns_data.soft_labels import dense_probabilities
 from ns_data.sources import read_back
 
 NAMESPACE = "ns_data.shard"
@@ -56,6 +60,7 @@ DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("offset", pa.int64()),
                           ("reason", pa.string()), ("detail", pa.string())])
 LABEL_OUT_OF_RANGE = "label_out_of_range"
+SHUFFLES = ("auto", "beam", "files")
 
 
 class ShardOptionsError(ValueError):
@@ -88,6 +93,7 @@ class ShardOptions:
     probabilities: bool = True
     seed: int = 0
     image_column: str | None = None
+    shuffle: str = "auto"
     overwrite: bool = False
     progress: bool = False
 
@@ -97,6 +103,8 @@ class ShardOptions:
         sizes = [n for n in ("num_shards", "records_per_shard", "max_shard_bytes") if getattr(self, n) is not None]
         if len(sizes) > 1:
             raise ShardOptionsError("give only one of --num-shards, --records-per-shard, --max-shard-bytes")
+        if self.shuffle not in SHUFFLES:
+            raise ShardOptionsError(f"--shuffle must be one of {', '.join(SHUFFLES)}, got {self.shuffle!r}")
         for name in sizes + (["num_classes"] if self.num_classes is not None else []):
             if getattr(self, name) < 1:
                 raise ShardOptionsError(f"--{name.replace('_', '-')} must be at least 1")
@@ -121,6 +129,8 @@ class ShardContext:
     fingerprint: str
     files: tuple[str, ...]
     done: frozenset[int]  # shards already in place from an interrupted run with the same plan
+    spill: bool  # records go through spill files in the temp dir; only references cross the Beam shuffle
+    teacher: dict | None  # the teacher's identity as `label` recorded it in the selection
     run_id: str
     started: float
 
@@ -133,6 +143,10 @@ class ShardContext:
 
     def progress(self) -> Progress:
         return Progress(self.run_id, "shard", self.total_rows, self.options.progress, unit="images")
+
+    @property
+    def spill_dir(self) -> str:
+        return FileSystems.join(self.tmp_dir, "spill")
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -163,21 +177,10 @@ def place_records(table: pa.Table, start: int, num_shards: int, seed: int) -> di
             "order": hash_ids(keys, seed ^ ORDER_SALT)}
 
 
-def dense_probabilities(classes: list[int], probs: list[float], num_classes: int) -> list[float]:
-    """The full vector from the top-k: the k probabilities where they belong, the rest of the mass (1 - their
-    sum) spread evenly over the other classes, so the vector sums to 1 as the teacher's did."""
-    rest = num_classes - len(classes)
-    fill = max(0.0, 1.0 - float(sum(probs))) / rest if rest > 0 else 0.0
-    vector = np.full(num_classes, fill, dtype=np.float32)
-    vector[np.asarray(classes, dtype=np.int64)] = probs
-    return vector.tolist()
-
-
-def example_features(row: dict[str, Any], image: bytes, copy: int, num_classes: int | None,
-                     probabilities: bool) -> dict[str, Any]:
-    """A record's tf.Example features: the original Noisy Student names plus id, copy and the sparse label."""
-    features: dict[str, Any] = {"image/encoded": image, "label": int(row["label"]),
-                                "prob": float(row["confidence"]), "id": row["id"], "copy": copy}
+def example_features(row: dict[str, Any], num_classes: int | None, probabilities: bool) -> dict[str, Any]:
+    """A row's tf.Example features but the image and the copy number, which are added per record: the
+    original Noisy Student names plus id and the sparse label."""
+    features: dict[str, Any] = {"label": int(row["label"]), "prob": float(row["confidence"]), "id": row["id"]}
     if row.get("topk_classes") is not None:
         features["topk_classes"] = [int(c) for c in row["topk_classes"]]
         features["topk_probs"] = [float(p) for p in row["topk_probs"]]
@@ -187,7 +190,7 @@ def example_features(row: dict[str, Any], image: bytes, copy: int, num_classes: 
         else:
             classes = features.get("topk_classes", [features["label"]])
             probs = features.get("topk_probs", [features["prob"]])
-            features["probabilities"] = dense_probabilities(classes, probs, num_classes)
+            features["probabilities"] = dense_probabilities(classes, probs, num_classes).tolist()
     return features
 
 
@@ -241,6 +244,11 @@ class FetchFn(beam.DoFn):
     def setup(self):
         self._progress = self.ctx.progress()
 
+    def _spill_file(self):
+        """A spill file of its own for this task (local runs): records are appended, references emitted."""
+        os.makedirs(self.ctx.spill_dir, exist_ok=True)
+        return open(os.path.join(self.ctx.spill_dir, f"{uuid.uuid4().hex}.bin"), "wb")
+
     def process(self, group, starts: dict[str, int]):
         key, parts = group
         ctx, opts = self.ctx, self.ctx.options
@@ -250,6 +258,7 @@ class FetchFn(beam.DoFn):
         first_record = np.searchsorted(placed["row"], np.arange(table.num_rows))
         rows = table.to_pylist()
         counts: dict[str, int] = {}
+        spill = self._spill_file() if ctx.spill else None
         read_order = sorted(range(len(rows)), key=lambda i: (rows[i]["source"], rows[i]["offset"] or 0))
         for source, members in _runs(read_order, rows):
             results = read_back(source, [rows[i]["offset"] for i in members], opts.image_column)
@@ -268,17 +277,30 @@ class FetchFn(beam.DoFn):
                 self.images.inc()
                 self.bytes.inc(len(data))
                 counts["images"] = counts.get("images", 0) + 1
+                shared = tfrecord.serialized_features(example_features(row, ctx.num_classes, opts.probabilities))
                 for r in range(first_record[i], first_record[i] + row["copies"]):
                     shard = int(placed["shard"][r])
                     if shard in ctx.done:
                         continue
-                    example = tfrecord.make_example(example_features(
-                        row, data, int(placed["copy"][r]), ctx.num_classes, opts.probabilities))
+                    copy = int(placed["copy"][r])
+                    parts = tfrecord.example_record_parts(shared + _copy_feature(copy), "image/encoded", data)
+                    if spill is not None:
+                        framed = (spill.name, spill.tell(), sum(len(p) for p in parts))
+                        spill.writelines(parts)
+                    else:
+                        framed = b"".join(parts)
                     self.records.inc()
-                    yield shard, (int(placed["order"][r]), int(placed["index"][r]), int(row["label"]), example)
+                    yield shard, (int(placed["order"][r]), int(placed["index"][r]), int(row["label"]), framed)
             self._progress.add(len(members))
+        if spill is not None:
+            spill.close()
         yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
         release_freed_memory()
+
+
+@functools.lru_cache(maxsize=1024)
+def _copy_feature(copy: int) -> bytes:
+    return tfrecord.serialized_features({"copy": copy})
 
 
 def _runs(order: list[int], rows: list[dict]) -> Iterator[tuple[str, list[int]]]:
@@ -293,23 +315,55 @@ def _runs(order: list[int], rows: list[dict]) -> Iterator[tuple[str, list[int]]]
         yield rows[members[0]]["source"], members
 
 
-def write_shard(ctx: ShardContext, shard: int, records: list[tuple[int, int, int, bytes]]) -> dict[str, Any]:
-    """Writes one shard in order-key order under a temporary name, notes its counts, renames it into place."""
+def write_shard(ctx: ShardContext, shard: int, records: list[tuple]) -> dict[str, Any]:
+    """Writes one shard in order-key order under a temporary name, notes its counts, renames it into place.
+
+    A record is (order key, global index, label, framed bytes or (spill file, offset, length))."""
     records.sort(key=lambda r: (r[0], r[1]))
     name = ctx.shard_name(shard)
     tmp_path = FileSystems.join(ctx.tmp_dir, name)
     size, classes = 0, {}
-    with FileSystems.create(tmp_path) as f:
-        for _, _, label, example in records:
-            framed = tfrecord.frame_record(example)
-            f.write(framed)
-            size += len(framed)
-            classes[str(label)] = classes.get(str(label), 0) + 1
+    for record in records:
+        classes[str(record[2])] = classes.get(str(record[2]), 0) + 1
+    if ctx.spill:
+        size = _copy_spilled(tmp_path, [r[3] for r in records])
+    else:
+        with FileSystems.create(tmp_path) as f:
+            for *_, framed in records:
+                f.write(framed)
+                size += len(framed)
     info = {"name": name, "records": len(records), "bytes": size, "classes": classes}
     with FileSystems.create(FileSystems.join(ctx.tmp_dir, f"{name}.json")) as f:
         f.write(json.dumps(info).encode())
     FileSystems.rename([tmp_path], [FileSystems.join(ctx.options.output, name)])
     return info
+
+
+def _copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
+    """Concatenates byte ranges of spill files into a new local file, in the kernel where it can
+    (copy_file_range: the bytes never pass through Python)."""
+    sources: dict[str, int] = {}
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    size = 0
+    try:
+        for source, offset, length in pieces:
+            if source not in sources:
+                sources[source] = os.open(source, os.O_RDONLY)
+            done = 0
+            while done < length:
+                if hasattr(os, "copy_file_range"):
+                    n = os.copy_file_range(sources[source], out, length - done, offset + done)
+                else:
+                    n = os.write(out, os.pread(sources[source], length - done, offset + done))
+                if n <= 0:
+                    raise OSError(f"{source}: spill file ends before byte {offset + length}")
+                done += n
+            size += length
+    finally:
+        os.close(out)
+        for fd in sources.values():
+            os.close(fd)
+    return size
 
 
 class WriteShardFn(beam.DoFn):
@@ -375,6 +429,7 @@ def finalize(_, ctx: ShardContext, written: list[dict], counts: dict, errors: li
         "records_lost_to_errors": counts.get("records_lost", 0),
         "features": feature_description(ctx.num_classes, opts.probabilities),
         "num_classes": ctx.num_classes,
+        "teacher": ctx.teacher,
         "placement": opts.placement(ctx.num_shards, ctx.num_classes),
         "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
         "input": {"files": list(ctx.files), "rows": ctx.total_rows, "records": ctx.total_records,
@@ -561,7 +616,7 @@ def _output_state(opts: ShardOptions, placement: dict, print_fn) -> tuple[str, f
     return "new", frozenset()
 
 
-def prepare(opts: ShardOptions, print_fn=print) -> ShardContext | None:
+def prepare(opts: ShardOptions, print_fn=print, local_runner: bool = True) -> ShardContext | None:
     """Everything checked before any image is read; None when the output is already complete."""
     opts.validate()
     files = selection_files(opts.inputs)
@@ -588,22 +643,29 @@ def prepare(opts: ShardOptions, print_fn=print) -> ShardContext | None:
     if state == "complete":
         return None
     tmp_dir = FileSystems.join(opts.output, TMP_DIR)
+    spill = opts.shuffle == "files" or (opts.shuffle == "auto" and local_runner)
+    if spill and "://" in opts.output:
+        raise ShardOptionsError("--shuffle files needs a local --output (spill files are read back at random)")
+    spill_dir = FileSystems.join(tmp_dir, "spill")
+    if FileSystems.exists(spill_dir):  # an interrupted run's spill files: never read again
+        FileSystems.delete([spill_dir])
     if state == "new":
         if not FileSystems.exists(tmp_dir):
             FileSystems.mkdirs(tmp_dir)
         _write_json(FileSystems.join(tmp_dir, PLAN), FileSystems.join(tmp_dir, PLAN + ".tmp"), placement)
+    teacher = (schema.metadata or {}).get(b"ns_data.teacher")
     return ShardContext(options=opts, units=tuple(units), columns=columns, num_shards=num_shards,
                         num_classes=num_classes, file_groups=max(1, total_rows // FILES_PER_GROUP),
                         total_rows=total_rows, total_records=total_records, fingerprint=placement["fingerprint"],
-                        files=tuple(files), done=done, run_id=hashlib.sha1(str(time.time()).encode()).hexdigest()[:12],
-                        started=time.time())
+                        files=tuple(files), done=done, spill=spill, teacher=json.loads(teacher) if teacher else None,
+                        run_id=uuid.uuid4().hex[:12], started=time.time())
 
 
 def run_shard(opts: ShardOptions, beam_args: list[str] | None = None, print_fn=print) -> tuple[dict, bool]:
     """Runs the pipeline; returns (the manifest, whether this run wrote it) - False when already complete."""
-    from ns_data.runner import run_stage
+    from ns_data.runner import is_local, run_stage
 
-    ctx = prepare(opts, print_fn)
+    ctx = prepare(opts, print_fn, local_runner=is_local(beam_args))
     if ctx is not None:
         run_stage("Shard", ctx.units, Shard(ctx), beam_args)
     return _read_json(FileSystems.join(opts.output, MANIFEST)), ctx is not None

@@ -8,6 +8,7 @@ found by `check_teacher` on the launching machine, before any image is read.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -40,6 +41,25 @@ class TeacherSpec:
     @property
     def is_torchscript(self) -> bool:
         return os.path.isfile(self.model) and self.model.endswith(TORCHSCRIPT_EXTENSIONS)
+
+
+EXPORT_METADATA = "ns_train.teacher"
+
+
+def exported_teacher(path: str) -> dict[str, Any] | None:
+    """The identity a `ns-train export` safetensors file carries (model, num_classes, preprocessing), or None."""
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001
+        raise TeacherError(f"cannot read {path} as safetensors: {err}") from err
+    if EXPORT_METADATA not in meta:
+        raise TeacherError(f"{path} does not say which model it holds: pass --teacher MODEL --checkpoint {path}")
+    return json.loads(meta[EXPORT_METADATA])
 
 
 def file_sha256(path: str) -> str:

@@ -59,6 +59,21 @@ def read_record_at(stream: BinaryIO, offset: int) -> bytes:
     raise CorruptRecord(f"no record at byte {offset}")
 
 
+def count_records(path: str) -> int:
+    """Records in a TFRecord file, reading only the length headers (checked) and seeking past the data."""
+    n = 0
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            if len(header) < 12:
+                raise CorruptRecord(f"{path}: truncated record header after {n} records")
+            length, length_crc = struct.unpack("<QI", header)
+            if _masked_crc(header[:8]) != length_crc:
+                raise CorruptRecord(f"{path}: bad length checksum after {n} records")
+            f.seek(length + 4, 1)
+            n += 1
+    return n
+
+
 def frame_record(data: bytes) -> bytes:
     """One record in TFRecord framing, ready to append to a file."""
     length = struct.pack("<Q", len(data))
@@ -120,13 +135,59 @@ def parse_example(data: bytes) -> dict[str, list]:
 def make_example(features: dict[str, list | bytes | int | float]) -> bytes:
     """Serialize {name: values} as a tf.train.Example; value types pick bytes_list, int64_list or float_list."""
     example = Example()
+    _fill(example.features, features)
+    return example.SerializeToString()
+
+
+def serialized_features(features: dict[str, list | bytes | int | float]) -> bytes:
+    """The tf.train.Features message of {name: values}, serialized. Concatenating such messages merges their
+    features (protobuf semantics), which lets a writer reuse the part shared by many records."""
+    message = _CLASSES["Features"]()
+    _fill(message, features)
+    return message.SerializeToString()
+
+
+def _fill(message, features: dict) -> None:
     for name, values in features.items():
         values = values if isinstance(values, (list, tuple)) else [values]
-        feature = example.features.feature[name]
+        feature = message.feature[name]
         if values and isinstance(values[0], (bytes, str)):
             feature.bytes_list.value.extend(v.encode() if isinstance(v, str) else v for v in values)
         elif values and all(isinstance(v, int) for v in values):
             feature.int64_list.value.extend(values)
         else:
             feature.float_list.value.extend(float(v) for v in values)
-    return example.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload_length: int) -> bytes:
+    """The tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(payload_length)
+
+
+def example_record_parts(features: bytes, image_key: str, image: bytes) -> tuple[bytes, bytes, bytes]:
+    """One framed TFRecord holding a tf.Example of `features` (serialized_features output) plus `image` under
+    `image_key`, as three parts (head, image, tail) to write one after the other: the image bytes, the bulk of
+    the record, are never copied. Parses as make_example(those features | {image_key: image}) does."""
+    key = image_key.encode()
+    bytes_list = _field(1, len(image))  # BytesList.value, then the image
+    feature = _field(1, len(bytes_list) + len(image)) + bytes_list  # Feature.bytes_list
+    entry_size = len(_field(1, len(key))) + len(key) + len(_field(2, len(feature) + len(image))) + len(feature) + len(image)
+    entry = _field(1, entry_size) + _field(1, len(key)) + key + _field(2, len(feature) + len(image)) + feature
+    data_head = _field(1, len(features) + len(entry) + len(image)) + features + entry
+    length = struct.pack("<Q", len(data_head) + len(image))
+    crc = google_crc32c.Checksum(data_head)
+    crc.update(image)
+    crc_value = int.from_bytes(crc.digest(), "big")
+    masked = (((crc_value >> 15) | (crc_value << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+    head = length + struct.pack("<I", _masked_crc(length)) + data_head
+    return head, image, struct.pack("<I", masked)
+

@@ -22,7 +22,8 @@ from ns_data.cli import main
 from ns_data.outputs import OutputExists
 from ns_data.readers import ShardDataset
 from ns_data.reading import InputError
-from ns_data.shard import ShardOptions, ShardOptionsError, dense_probabilities, parse_size, run_shard
+from ns_data.shard import ShardOptions, ShardOptionsError, parse_size, run_shard
+from ns_data.soft_labels import dense_probabilities, with_temperature
 from ns_data.sources import plan_units, read_unit
 from ns_data.synth import write_images
 
@@ -160,8 +161,8 @@ def test_same_bytes_from_a_rerun_and_from_a_shuffled_split_selection(corpus, sha
     split.mkdir()
     for i, part in enumerate(np.array_split(order, 3)):
         pq.write_table(table.take(pa.array(part)), split / f"selection-{i:05d}.parquet", row_group_size=17)
-    manifest, _ = run(str(split), tmp_path / "again", num_shards=7)
-    assert shard_bytes(tmp_path / "again") == shard_bytes(out)
+    manifest, _ = run(str(split), tmp_path / "again", num_shards=7, shuffle="beam")
+    assert shard_bytes(tmp_path / "again") == shard_bytes(out)  # `out` went through spill files
     other, _ = run(corpus["selection"], tmp_path / "seed1", num_shards=7, seed=1)
     assert shard_bytes(tmp_path / "seed1") != shard_bytes(out)
     assert other["classes"] == manifest["classes"]
@@ -285,6 +286,10 @@ def test_shard_sizes_from_records_or_bytes(corpus, tmp_path):
 def test_dense_probabilities_spread_the_rest_of_the_mass():
     vector = dense_probabilities([3, 1], [0.5, 0.3], 6)
     assert vector == pytest.approx([0.05, 0.3, 0.05, 0.5, 0.05, 0.05])
+    sharp = with_temperature(np.array([0.5, 0.3, 0.2]), 0.5)  # p^2 renormalized
+    assert sharp == pytest.approx(np.array([0.25, 0.09, 0.04]) / 0.38)
+    flat = with_temperature(np.array([0.5, 0.3, 0.2]), 2.0)  # sqrt(p) renormalized
+    assert flat == pytest.approx(np.sqrt([0.5, 0.3, 0.2]) / np.sqrt([0.5, 0.3, 0.2]).sum())
 
 
 def test_pytorch_reader_reads_every_record_once(sharded):

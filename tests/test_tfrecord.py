@@ -41,3 +41,15 @@ def test_example_round_trip_with_original_feature_names():
     parsed = tfrecord.parse_example(data)
     assert parsed == {"image/encoded": [b"\xff\xd8jpeg"], "label": [7], "prob": [0.25],
                       "probabilities": [0.25, 0.75], "id": [b"img/1.jpg"]}
+
+
+def test_record_parts_frame_the_same_example_without_copying_the_image():
+    image = bytes(range(256)) * 300
+    features = {"label": 3, "prob": 0.5, "id": "x", "topk_classes": [1, 2]}
+    shared = tfrecord.serialized_features(features)
+    head, body, tail = tfrecord.example_record_parts(shared + tfrecord.serialized_features({"copy": 2}),
+                                                     "image/encoded", image)
+    assert body is image
+    (_, data), = tfrecord.read_records(io.BytesIO(head + body + tail))  # checksums verified here
+    assert tfrecord.parse_example(data) == tfrecord.parse_example(
+        tfrecord.make_example(features | {"copy": 2, "image/encoded": image}))
