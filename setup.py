@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ns_data", "ns_data.*", "pipelines", "pipelines.*"]),
+    packages=find_packages(include=["ns_data", "ns_data.*", "ns_train", "ns_train.*", "pipelines", "pipelines.*"]),
     # What `balance` and `synth` need; no torch, no tensorflow.
     install_requires=[
         "apache-beam>=2.77.0,<3",
@@ -24,11 +24,15 @@ setup(
         "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
         # Teacher inference (`ns-data label`); no TensorFlow anywhere near it.
         "label": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4"],
+        # The trainer (`ns-train`): the label extra's stack plus YAML configs and a progress bar.
+        "train": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60"],
+        # `make demo`'s real images: scikit-learn ships the handwritten digits dataset.
+        "demo": ["scikit-learn>=1.3"],
         # tf.data reader of shards (`ns_data.tf_data`); never imported by label or the PyTorch reader.
         "tf": ["tensorflow-cpu>=2.16"],
         "test": ["pytest>=8"],
         # Benchmarks compare against DuckDB and measure peak memory.
         "bench": ["duckdb>=1.1", "psutil>=5.9"],
     },
-    entry_points={"console_scripts": ["ns-data=ns_data.cli:main"]},
+    entry_points={"console_scripts": ["ns-data=ns_data.cli:main", "ns-train=ns_train.cli:main"]},
 )

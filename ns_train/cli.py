@@ -1,0 +1,118 @@
+"""The `ns-train` command line: `train` (one option per config field, over an optional YAML file), `eval`,
+`export`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+
+import click
+
+from ns_train.config import ConfigError, TrainConfig, load_config
+
+
+def _option_for(field: dataclasses.Field):
+    """A click option for a config field: --name-with-dashes, typed, unset (None) unless given."""
+    name = "--" + field.name.replace("_", "-")
+    hint = typing.get_type_hints(TrainConfig)[field.name]
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
+    default = field.default if field.default is not dataclasses.MISSING else None
+    help_text = f"(default: {default!r})"
+    if base is bool:
+        return click.option(f"{name}/--no-{field.name.replace('_', '-')}", field.name, default=None, help=help_text)
+    if typing.get_origin(base) is tuple:
+        return click.option(name, field.name, default=None, type=float, nargs=len(typing.get_args(base)),
+                            help=help_text)
+    return click.option(name, field.name, default=None, type=base if base in (int, float, str) else str,
+                        help=help_text)
+
+
+def config_options(command):
+    for field in reversed(dataclasses.fields(TrainConfig)):
+        if field.name != "extra":
+            command = _option_for(field)(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ns-data")
+def main() -> None:
+    """Train Noisy Student teachers and students on TFRecord shards (labeled + `ns-data shard` output)."""
+    import logging
+
+    from ns_data.cli import _DropNoise
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropNoise())
+
+
+@main.command()
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of config fields; options given here override it.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Run directory: config.yaml, checkpoint.pt, metrics.jsonl, results.json. Re-run to resume.")
+@config_options
+def train(config_path, output, **overrides) -> None:
+    """Train a (noised) student; without --unlabeled, a teacher on labeled data only."""
+    from ns_train.train import train as run
+
+    try:
+        cfg = load_config(config_path, overrides)
+        results = run(cfg, output, echo=lambda m: click.echo(m, err=True))
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(format_results(results, output))
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--shards", required=True, help="Labeled shards (directory or glob).")
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]))
+@click.option("--label-offset", default=None, type=int, help="Default: the run's.")
+def eval_command(run_dir, shards, weights, label_offset) -> None:
+    """Top-1 and top-5 of a run's model on labeled shards."""
+    import torch
+
+    from ns_train.export import load_run_model
+    from ns_train.train import evaluate
+
+    model, cfg = load_run_model(run_dir, weights)
+    if label_offset is not None:
+        cfg = dataclasses.replace(cfg, label_offset=label_offset)
+    result = evaluate(model, shards, cfg, torch.device("cpu"))
+    click.echo(json.dumps(result))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, help="The .safetensors file to write.")
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]),
+              help="The EMA of the weights (when the run kept one) or the raw weights.")
+def export(run_dir, output, weights) -> None:
+    """Write the student as the next teacher: `ns-data label --teacher OUTPUT` loads it as it is."""
+    from ns_train.export import export_teacher
+
+    if not output.endswith(".safetensors"):
+        raise click.UsageError("--output must end in .safetensors")
+    identity = export_teacher(run_dir, output, weights)
+    click.echo(f"exported {identity['model']} ({identity['num_classes']} classes, {weights} weights) to {output}\n"
+               f"next: ns-data label IMAGES... --teacher {output} --output LABELS")
+
+
+def format_results(results: dict, output: str) -> str:
+    lines = [f"ns-train: step {results['step']:,} of {results['total_steps']:,}"
+             + ("" if results["finished"] else " (stopped early; re-run to resume)")]
+    for key in ("eval", "eval_ema"):
+        if key in results:
+            r = results[key]
+            lines.append(f"  {key.replace('_', ' ')}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
+                         f"loss {r['loss']:.4f}  ({r['images']:,} images)")
+    lines.append(f"output: {output} (config.yaml, checkpoint.pt, metrics.jsonl, results.json)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Training and evaluation streams over TFRecord shards, read with ns_data's PyTorch reader (no TensorFlow).
+
+Labeled shards hold `image/encoded` and `label` (or ImageNet's `image/class/label`, with `label_offset`);
+pseudo-labeled shards come from `ns-data shard`. Training streams never end: epoch after epoch, each with a new
+shard order, records shuffled again in a buffer inside each worker. Images are decoded and transformed in the
+DataLoader workers; the unlabeled stream also turns the teacher's top-k into the soft target there.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ns_data import tfrecord
+from ns_data.readers import ShardDataset, example_to_record, list_shards
+from ns_data.soft_labels import dense_probabilities, with_temperature
+from ns_train.config import TrainConfig
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def eval_preprocessing(cfg: TrainConfig) -> dict:
+    """The eval data config, in timm's terms; `ns-train export` hands it to `ns-data label` unchanged."""
+    return {"input_size": cfg.image_size, "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
+            "mean": list(cfg.mean), "std": list(cfg.std)}
+
+
+def eval_transform(cfg: TrainConfig):
+    from timm.data import create_transform
+
+    return create_transform((3, cfg.image_size, cfg.image_size), is_training=False, crop_pct=cfg.crop_pct,
+                            interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+
+
+def train_transform(cfg: TrainConfig):
+    """Input noise: timm's RandAugment with random-resized crops and flips; none (the eval transform) when
+    noise is off, as in the paper's ablation."""
+    from timm.data import create_transform
+
+    if not cfg.noise:
+        return eval_transform(cfg)
+    return create_transform((3, cfg.image_size, cfg.image_size), is_training=True, scale=cfg.crop_scale,
+                            hflip=cfg.hflip, auto_augment=f"rand-m{cfg.randaugment_magnitude}-n{cfg.randaugment_ops}",
+                            interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+
+
+def labeled_label(record: dict, features_label_offset: int) -> int:
+    return int(record["label"]) + features_label_offset
+
+
+def soft_target(record: dict, cfg: TrainConfig) -> np.ndarray:
+    """The teacher's distribution for one record (its dense vector, or rebuilt from the top-k), at the
+    configured temperature."""
+    if "probabilities" in record and len(record["probabilities"]) == cfg.num_classes:
+        probs = record["probabilities"]
+    elif "topk_classes" in record:
+        probs = dense_probabilities(record["topk_classes"], record["topk_probs"], cfg.num_classes)
+    else:
+        probs = dense_probabilities([record["label"]], [record.get("prob", 1.0)], cfg.num_classes)
+    return with_temperature(np.asarray(probs, dtype=np.float32), cfg.teacher_temperature)
+
+
+class _ImageLabelShards(ShardDataset):
+    """ShardDataset that also understands ImageNet's `image/class/label`."""
+
+    def __iter__(self):
+        for path in self.shards_for_this_worker():
+            with open(path, "rb") as f:
+                for _, data in tfrecord.read_records(f):
+                    features = tfrecord.parse_example(data)
+                    if "label" not in features and "image/class/label" in features:
+                        features["label"] = features["image/class/label"]
+                    yield example_to_record(features)
+
+
+class TrainStream(IterableDataset):
+    """Endless (image tensor, target) pairs: target is the class for labeled data, the soft vector (or the
+    class, with hard labels) for pseudo-labeled data."""
+
+    def __init__(self, shards: str, cfg: TrainConfig, pseudo: bool, start_epoch: int = 0):
+        self.shards = list_shards(shards)
+        self.cfg = cfg
+        self.pseudo = pseudo
+        self.start_epoch = start_epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, object]]:
+        cfg = self.cfg
+        transform = train_transform(cfg)
+        info = get_worker_info()
+        worker = info.id if info else 0
+        seed = cfg.seed * 1000 + (17 if self.pseudo else 0)
+        source = _ImageLabelShards(self.shards, seed=seed)
+        if not source.shards_for_this_worker():
+            return  # more workers than shards: this one has none (the others carry the stream)
+        rng = np.random.default_rng((seed, worker, self.start_epoch))
+        epoch = self.start_epoch
+        while True:
+            source.set_epoch(epoch)
+            for record in _buffer_shuffle(iter(source), cfg.shuffle_buffer, rng):
+                image = transform(decode_rgb(record["image"]))
+                if not self.pseudo:
+                    yield image, labeled_label(record, cfg.label_offset)
+                elif cfg.hard_labels:
+                    yield image, int(record["label"])
+                else:
+                    yield image, torch.from_numpy(soft_target(record, cfg))
+            epoch += 1
+
+
+def _buffer_shuffle(records, size: int, rng: np.random.Generator):
+    buffer = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        i = int(rng.integers(len(buffer)))
+        yield buffer[i]
+        buffer[i] = record
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class EvalSet(IterableDataset):
+    """Each labeled record once, in shard order: (image tensor, class)."""
+
+    def __init__(self, shards: str, cfg: TrainConfig):
+        self.shards = list_shards(shards)
+        self.cfg = cfg
+
+    def __iter__(self):
+        transform = eval_transform(self.cfg)
+        for record in _ImageLabelShards(self.shards, shuffle_shards=False, rank=0, world_size=1):
+            yield transform(decode_rgb(record["image"])), labeled_label(record, self.cfg.label_offset)
+
+
+def loader(dataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available(), drop_last=isinstance(dataset, TrainStream))
+
+
+def count_records(shards: str) -> int:
+    """Records in the shards: from ns-data's manifest.json when there is one, else by walking the framing."""
+    import json
+
+    directory = shards if os.path.isdir(shards) else os.path.dirname(shards)
+    manifest = os.path.join(directory, "manifest.json")
+    if os.path.isdir(shards) and os.path.exists(manifest):
+        with open(manifest) as f:
+            return int(json.load(f)["records"])
+    return sum(tfrecord.count_records(p) for p in list_shards(shards))

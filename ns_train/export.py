@@ -1,0 +1,49 @@
+"""A trained student as the next teacher: safetensors weights that carry the model name, class count and eval
+preprocessing in their metadata, which `ns-data label --teacher FILE` reads (ns_data.teacher.exported_teacher)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ns_data.teacher import EXPORT_METADATA
+from ns_train.config import ConfigError, TrainConfig
+from ns_train.train import CHECKPOINT, create_student, load_checkpoint
+
+
+def _checkpoint(run_dir: str) -> dict:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir} has no {CHECKPOINT}: not a ns-train run directory")
+    return load_checkpoint(path)
+
+
+def _weights(state: dict, weights: str) -> dict[str, torch.Tensor]:
+    return state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+
+
+def load_run_model(run_dir: str, weights: str = "ema") -> tuple[torch.nn.Module, TrainConfig]:
+    """The run's model in eval mode (noise off), and its config."""
+    import yaml
+
+    state = _checkpoint(run_dir)
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in yaml.safe_load(f).items()})
+    model = create_student(cfg)
+    model.load_state_dict(_weights(state, weights))
+    return model.eval(), cfg
+
+
+def export_teacher(run_dir: str, output: str, weights: str = "ema") -> dict:
+    from safetensors.torch import save_file
+
+    state = _checkpoint(run_dir)
+    identity = {"model": state["model_name"], "num_classes": state["num_classes"],
+                "preprocessing": state["preprocessing"], "step": state["step"], "weights": weights}
+    tensors = {k: v.contiguous() for k, v in _weights(state, weights).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata={EXPORT_METADATA: json.dumps(identity)})
+    os.replace(tmp, output)
+    return identity

@@ -1,0 +1,353 @@
+"""The Noisy Student training loop: a noised timm student on labeled + pseudo-labeled batches.
+
+Each step takes a labeled batch and an unlabeled batch `unlabeled_ratio` times larger; the loss is the labeled
+cross entropy (label smoothing) plus `unlabeled_ratio` times the unlabeled one, against the teacher's soft
+targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under torchrun (DDP), and on TPU
+through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
+`config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it), `metrics.jsonl`,
+`results.json` (final evaluation).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ns_train.config import ConfigError, TrainConfig
+from ns_train.data import EvalSet, TrainStream, count_records, eval_preprocessing, loader
+
+log = logging.getLogger("ns_train")
+CHECKPOINT = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_c target_c log softmax(logits)_c."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def unlabeled_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Soft targets (a float matrix) or hard ones (class indices, with label smoothing)."""
+    if target.dtype.is_floating_point:
+        return soft_cross_entropy(logits, target)
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+
+
+def total_loss(cfg: TrainConfig, labeled_logits, labels, unlabeled_logits=None, targets=None) -> dict[str, torch.Tensor]:
+    labeled = F.cross_entropy(labeled_logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    out = {"labeled": labeled, "total": labeled}
+    if unlabeled_logits is not None:
+        out["unlabeled"] = unlabeled_loss(unlabeled_logits, targets, cfg.label_smoothing)
+        out["total"] = labeled + cfg.unlabeled_ratio * out["unlabeled"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Linear warmup, then the paper's staircase exponential decay, a cosine, or nothing."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "exponential":
+        return cfg.decay_rate ** math.floor((step - warmup) / max(1.0, cfg.decay_epochs * steps_per_epoch))
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1.0, total_steps - warmup)))
+    return 1.0
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "rmsprop":  # TF-style RMSProp with the paper's decay 0.9, momentum 0.9, eps 1e-3
+        from timm.optim import RMSpropTF
+
+        return RMSpropTF(params, lr=cfg.lr, alpha=0.9, eps=1e-3, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def create_student(cfg: TrainConfig) -> torch.nn.Module:
+    """The timm model with model noise (dropout before the classifier, stochastic depth) when noise is on."""
+    import timm
+
+    if not timm.is_model(cfg.model):
+        raise ConfigError(f"unknown timm model {cfg.model!r}")
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes,
+                              drop_rate=cfg.dropout if cfg.noise else 0.0,
+                              drop_path_rate=cfg.drop_path if cfg.noise else 0.0)
+    if cfg.init_checkpoint:
+        from ns_data.teacher import load_state_dict
+
+        model.load_state_dict(load_state_dict(cfg.init_checkpoint))
+    return model
+
+
+def parameter_count(name: str, num_classes: int) -> int:
+    import timm
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in timm.create_model(name, pretrained=False, num_classes=num_classes).parameters())
+
+
+def teacher_of(cfg: TrainConfig) -> str | None:
+    """The teacher's model name: from the config, else as recorded in the pseudo-labeled shards' manifest."""
+    if cfg.teacher_model or not cfg.unlabeled or not os.path.isdir(cfg.unlabeled):
+        return cfg.teacher_model
+    manifest = os.path.join(cfg.unlabeled, "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            return ((json.load(f).get("teacher") or {}).get("model"))
+    return None
+
+
+def check_student_size(cfg: TrainConfig) -> str | None:
+    """A warning when the student is smaller than its teacher (Noisy Student wants equal or larger)."""
+    teacher = teacher_of(cfg)
+    if not teacher:
+        return None
+    import timm
+
+    if not timm.is_model(teacher):
+        return None
+    t, s = parameter_count(teacher, cfg.num_classes), parameter_count(cfg.model, cfg.num_classes)
+    if s < t:
+        return (f"the student {cfg.model} ({s / 1e6:.2f}M parameters) is smaller than its teacher {teacher} "
+                f"({t / 1e6:.2f}M); Noisy Student uses an equal or larger student")
+    return None
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "xla":
+        import torch_xla.core.xla_model as xm  # noqa: F401 - only where torch_xla is installed
+
+        return xm.xla_device()
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, shards: str, cfg: TrainConfig, device: torch.device,
+             batch_size: int = 256) -> dict[str, float]:
+    """Top-1, top-5 and mean loss over every record of labeled shards (noise off: eval mode)."""
+    was_training = model.training
+    model.eval()
+    n = correct1 = correct5 = 0
+    loss = 0.0
+    for images, labels in loader(EvalSet(shards, cfg), batch_size, 0):
+        images = images.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        labels = labels.to(device)
+        logits = model(images).float()
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        n += len(labels)
+    model.train(was_training)
+    return {"top1": correct1 / max(n, 1), "top5": correct5 / max(n, 1), "loss": loss / max(n, 1), "images": n}
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """torch.save under a temporary name, then an atomic rename: a kill never leaves half a checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+class _Metrics:
+    def __init__(self, path: str | None):
+        self.file = open(path, "a") if path else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def plan_steps(cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch of the labeled set, total steps)."""
+    records = count_records(cfg.labeled)
+    if records < cfg.batch_size:
+        raise ConfigError(f"the labeled set has {records} records, fewer than batch_size {cfg.batch_size}")
+    per_epoch = max(1, records // cfg.batch_size)
+    return per_epoch, cfg.steps or max(1, round(cfg.epochs * per_epoch))
+
+
+def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains (or resumes) into `output`; returns the final results. `stop_after` ends the run early after
+    that many steps of this call, as a kill would (used by tests)."""
+    rank, world = _distributed()
+    main_process = rank == 0
+    os.makedirs(output, exist_ok=True)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    device = pick_device(cfg)
+    per_epoch, total_steps = plan_steps(cfg)
+    warning = check_student_size(cfg)
+    if warning and main_process:
+        echo(f"warning: {warning}")
+
+    model = create_student(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, per_epoch, total_steps))
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    step = 0
+    path = os.path.join(output, CHECKPOINT)
+    if os.path.exists(path):
+        state = load_checkpoint(path)
+        if state["config"] != _comparable(cfg):
+            raise ConfigError(f"{output} holds a run with another config; use a new output directory")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        if main_process:
+            echo(f"resuming {output} at step {step} of {total_steps}")
+    if main_process:
+        with open(os.path.join(output, "config.yaml"), "w") as f:
+            f.write(cfg.to_yaml())
+
+    net = model
+    if world > 1 and device.type != "xla":
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    epoch = step // per_epoch
+    labeled = iter(loader(TrainStream(cfg.labeled, cfg, pseudo=False, start_epoch=epoch), cfg.batch_size,
+                          cfg.workers))
+    unlabeled = iter(loader(TrainStream(cfg.unlabeled, cfg, pseudo=True, start_epoch=epoch),
+                            cfg.unlabeled_batch_size, cfg.workers)) if cfg.unlabeled_batch_size else None
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
+                else contextlib.nullcontext())
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    metrics = _Metrics(os.path.join(output, "metrics.jsonl") if main_process else None)
+    bar = None
+    if cfg.progress and main_process:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+    model.train()
+    started, window_images, window_start = step, 0, time.perf_counter()
+
+    def checkpoint() -> None:
+        if main_process:
+            save_checkpoint(path, {
+                "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                "config": _comparable(cfg), "model_name": cfg.model, "num_classes": cfg.num_classes,
+                "preprocessing": eval_preprocessing(cfg), "rng": torch.get_rng_state()})
+
+    while step < total_steps:
+        images, labels = next(labeled)
+        batch = [images.to(device, non_blocking=True)]
+        if unlabeled is not None:
+            u_images, targets = next(unlabeled)
+            batch.append(u_images.to(device, non_blocking=True))
+        with autocast:
+            logits = net(torch.cat(batch).contiguous(memory_format=fmt))
+        losses = total_loss(cfg, logits[: len(labels)], labels.to(device),
+                            logits[len(labels):] if unlabeled is not None else None,
+                            targets.to(device) if unlabeled is not None else None)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if device.type == "xla":
+            import torch_xla.core.xla_model as xm
+
+            xm.optimizer_step(optimizer)
+        else:
+            optimizer.step()
+        schedule.step()
+        step += 1
+        if ema is not None:
+            ema.update(model, step=step)
+        window_images += sum(len(b) for b in batch)
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": round(window_images * world / (now - window_start), 1)}
+            record |= {f"loss_{k}": round(v.item(), 5) for k, v in losses.items()}
+            metrics.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{record['lr']:.2e}")
+            window_images, window_start = 0, now
+        if cfg.val and cfg.eval_every and step % cfg.eval_every == 0 and main_process:
+            metrics.write({"step": step, "eval": evaluate(model, cfg.val, cfg, device)})
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            checkpoint()
+        if stop_after is not None and step - started >= stop_after:
+            break
+    if bar is not None:
+        bar.close()
+    results: dict[str, Any] = {"step": step, "total_steps": total_steps, "finished": step >= total_steps}
+    if step >= total_steps and main_process:
+        checkpoint()
+        if cfg.val:
+            results["eval"] = evaluate(model, cfg.val, cfg, device)
+            if ema is not None:
+                results["eval_ema"] = evaluate(ema.module, cfg.val, cfg, device)
+            metrics.write({"step": step} | {k: v for k, v in results.items() if k.startswith("eval")})
+        with open(os.path.join(output, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    metrics.close()
+    return results
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """The config as saved in checkpoints; bookkeeping fields may change between a run and its resume."""
+    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val", "extra"}
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}

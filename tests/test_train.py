@@ -1,0 +1,212 @@
+"""`ns-train` on CPU with a tiny timm model: learning, targets, the mixed batch, noise, resume, export -> label."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from ns_data import tfrecord
+from ns_train import train as train_mod
+from ns_train.cli import main
+from ns_train.config import ConfigError, TrainConfig, load_config
+from ns_train.data import TrainStream, eval_transform, loader, soft_target, train_transform
+from ns_train.train import lr_factor, total_loss, unlabeled_loss
+
+CLASSES = 4
+MODEL = "test_resnet"
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40)]
+
+
+def picture(label: int, rng) -> bytes:
+    """A class-coloured square on noise: easy to learn, different every time."""
+    pixels = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+    x, y = rng.integers(0, 12, 2)
+    pixels[y: y + 20, x: x + 20] = COLOURS[label]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shards(directory, records: list[dict], count: int = 2) -> str:
+    os.makedirs(directory, exist_ok=True)
+    for s in range(count):
+        with open(os.path.join(directory, f"train-{s:05d}-of-{count:05d}.tfrecord"), "wb") as f:
+            for features in records[s::count]:
+                f.write(tfrecord.frame_record(tfrecord.make_example(features)))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(0)
+    labeled = [{"image/encoded": picture(i % CLASSES, rng), "label": i % CLASSES} for i in range(32)]
+    val = [{"image/encoded": picture(i % CLASSES, rng), "label": i % CLASSES} for i in range(24)]
+    pseudo = []
+    for i in range(48):
+        label = i % CLASSES
+        pseudo.append({"image/encoded": picture(label, rng), "label": label, "prob": 0.7, "id": f"u{i}", "copy": 0,
+                       "topk_classes": [label, (label + 1) % CLASSES], "topk_probs": [0.7, 0.2]})
+    return {"labeled": write_shards(root / "labeled", labeled), "val": write_shards(root / "val", val),
+            "unlabeled": write_shards(root / "unlabeled", pseudo), "root": root}
+
+
+def config(data, **overrides) -> TrainConfig:
+    base = dict(labeled=data["labeled"], val=data["val"], model=MODEL, num_classes=CLASSES, image_size=32,
+                crop_pct=1.0, batch_size=8, workers=0, optimizer="adamw", lr=0.01, schedule="constant",
+                ema_decay=0.0, progress=False, log_every=1, shuffle_buffer=16, hflip=0.0, crop_scale=(0.8, 1.0))
+    return TrainConfig(**(base | overrides)).validate()
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_few_steps_overfit_a_tiny_batch(data, tmp_path):
+    rng = np.random.default_rng(1)
+    tiny = write_shards(tmp_path / "tiny", [{"image/encoded": picture(i % CLASSES, rng), "label": i % CLASSES}
+                                            for i in range(8)], count=1)
+    cfg = config(data, labeled=tiny, val=tiny, steps=30, noise=False, label_smoothing=0.0)
+    results = train_mod.train(cfg, str(tmp_path / "run"), echo=lambda m: None)
+    losses = [m["loss_total"] for m in metrics(tmp_path / "run") if "loss_total" in m]
+    assert len(losses) == 30
+    assert np.mean(losses[-3:]) < 0.2 * np.mean(losses[:3])
+    assert results["finished"] and results["eval"]["top1"] == 1.0
+    assert os.path.exists(tmp_path / "run" / "config.yaml") and os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_soft_and_hard_targets_as_specified():
+    cfg = TrainConfig(labeled="x", num_classes=4, teacher_temperature=1.0)
+    record = {"label": 2, "topk_classes": np.array([2, 0]), "topk_probs": np.array([0.6, 0.2], np.float32)}
+    assert soft_target(record, cfg) == pytest.approx([0.2, 0.1, 0.6, 0.1])  # the rest, 0.2, spread over 2
+    sharp = soft_target(record, dataclasses.replace(cfg, teacher_temperature=0.5))  # p^2, renormalized
+    assert sharp == pytest.approx(np.array([0.04, 0.01, 0.36, 0.01]) / 0.42)
+    record["probabilities"] = np.array([0.1, 0.1, 0.7, 0.1], np.float32)  # the dense vector wins when present
+    assert soft_target(record, cfg) == pytest.approx([0.1, 0.1, 0.7, 0.1])
+
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    logp = F.log_softmax(logits, dim=1)[0]
+    soft = torch.tensor([[0.2, 0.1, 0.6, 0.1]])
+    assert unlabeled_loss(logits, soft, 0.1).item() == pytest.approx(-(soft[0] * logp).sum().item(), rel=1e-6)
+    # hard label 2 with smoothing 0.1 over 4 classes: target 0.925 on class 2, 0.025 elsewhere
+    smoothed = torch.full((4,), 0.025)
+    smoothed[2] = 0.925
+    assert unlabeled_loss(logits, torch.tensor([2]), 0.1).item() == pytest.approx(-(smoothed * logp).sum().item(),
+                                                                                  rel=1e-6)
+    cfg = TrainConfig(labeled="x", num_classes=4, unlabeled="u", unlabeled_ratio=3.0, label_smoothing=0.0)
+    parts = total_loss(cfg, logits, torch.tensor([0]), logits, soft)
+    assert parts["labeled"].item() == pytest.approx(-logp[0].item(), rel=1e-6)
+    assert parts["total"].item() == pytest.approx(parts["labeled"].item() + 3 * parts["unlabeled"].item(), rel=1e-6)
+
+
+def test_each_step_mixes_labeled_and_unlabeled_at_the_configured_ratio(data, tmp_path, monkeypatch):
+    cfg = config(data, unlabeled=data["unlabeled"], unlabeled_ratio=2.5, steps=3)
+    assert cfg.unlabeled_batch_size == 20
+    sizes = []
+    real = train_mod.create_student
+
+    def recording(c):
+        model = real(c)
+        model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(train_mod, "create_student", recording)
+    train_mod.train(dataclasses.replace(cfg, val=None), str(tmp_path / "run"), echo=lambda m: None)
+    assert sizes == [8 + 20] * 3
+    images, targets = next(iter(loader(TrainStream(data["unlabeled"], cfg, pseudo=True), 20, 0)))
+    assert images.shape == (20, 3, 32, 32) and targets.shape == (20, CLASSES)
+    assert targets.sum(1) == pytest.approx(torch.ones(20))
+    hard = dataclasses.replace(cfg, hard_labels=True)
+    _, labels = next(iter(loader(TrainStream(data["unlabeled"], hard, pseudo=True), 20, 0)))
+    assert labels.dtype == torch.int64
+
+
+def test_noise_only_on_the_training_student(data):
+    noisy = config(data, dropout=0.5, drop_path=0.2)
+    model = train_mod.create_student(noisy)
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout and stochastic depth are on while training
+    model.eval()
+    assert torch.equal(model(x), model(x))  # and off in eval (evaluation, pseudo labels)
+    quiet = train_mod.create_student(dataclasses.replace(noisy, noise=False)).train()
+    assert torch.equal(quiet(x), quiet(x))
+    assert "RandAugment" in repr(train_transform(noisy))
+    assert repr(train_transform(dataclasses.replace(noisy, noise=False))) == repr(eval_transform(noisy))
+
+
+def test_kill_and_resume_continue_the_same_schedule(data, tmp_path):
+    cfg = config(data, steps=8, checkpoint_every=2, schedule="exponential", decay_epochs=0.5, decay_rate=0.5)
+    whole = tmp_path / "whole"
+    train_mod.train(cfg, str(whole), echo=lambda m: None)
+    killed = tmp_path / "killed"
+    partial = train_mod.train(cfg, str(killed), echo=lambda m: None, stop_after=5)  # killed after step 5
+    assert not partial["finished"]
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 4  # the last checkpoint
+    said = []
+    results = train_mod.train(cfg, str(killed), echo=said.append)
+    assert said == [f"resuming {killed} at step 4 of 8"]
+    assert results["step"] == 8 and results["finished"]
+    lr = {m["step"]: m["lr"] for m in metrics(whole) if "lr" in m}
+    resumed = {m["step"]: m["lr"] for m in metrics(killed) if "lr" in m}
+    assert resumed == lr  # step 5 was logged twice (before the kill and after), with the same rate
+    # 4 steps per epoch, so the rate halves every 2 steps; logged after each step's scheduler update
+    assert [lr[s] for s in (1, 2, 3, 8)] == pytest.approx([0.01, 0.005, 0.005, 0.000625])
+    with pytest.raises(ConfigError, match="another config"):
+        train_mod.train(dataclasses.replace(cfg, lr=0.5), str(killed), echo=lambda m: None)
+
+
+def test_exported_student_labels_like_the_trainers_own_eval(data, tmp_path):
+    from ns_data.label import LabelOptions, run_label
+    from ns_train.export import load_run_model
+
+    run_dir = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--output", str(run_dir), "--labeled", data["labeled"], "--model", MODEL,
+                                  "--num-classes", str(CLASSES), "--image-size", "32", "--crop-pct", "1.0",
+                                  "--steps", "5", "--batch-size", "8", "--workers", "0", "--no-progress",
+                                  "--ema-decay", "0.9"])
+    assert result.exit_code == 0, result.output
+    teacher = str(tmp_path / "student.safetensors")
+    result = runner.invoke(main, ["export", str(run_dir), "--output", teacher])
+    assert result.exit_code == 0 and "ns-data label" in result.output, result.output
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(12):
+        (images / f"{i:02d}.png").write_bytes(picture(i % CLASSES, rng))
+    run_label(LabelOptions(inputs=(str(images),), output=str(tmp_path / "labels"), teacher=teacher, topk=CLASSES), [])
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(str(tmp_path / "labels" / "labels-00000.parquet")).to_pylist()
+    model, cfg = load_run_model(str(run_dir), "ema")
+    transform = eval_transform(cfg)
+    for row in labels:
+        with Image.open(images / row["id"]) as img:
+            x = transform(img.convert("RGB"))[None]
+        with torch.no_grad():
+            probs = torch.softmax(model(x), dim=1)[0].numpy()
+        assert row["label"] == int(probs.argmax())
+        assert np.array(row["topk_probs"]) == pytest.approx(probs[row["topk_classes"]], abs=1e-4)
+
+
+def test_config_file_and_overrides(data, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"labeled: {data['labeled']}\nmodel: {MODEL}\nlr: 0.5\nmean: [0.5, 0.5, 0.5]\n")
+    cfg = load_config(str(path), {"lr": 0.1, "batch_size": None})
+    assert cfg.lr == 0.1 and cfg.model == MODEL and cfg.mean == (0.5, 0.5, 0.5) and cfg.batch_size == 64
+    path.write_text("labeled: x\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_config(str(path), {})
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(None, {"labeled": "x", "dropout": 1.5})
+    assert lr_factor(0, TrainConfig(labeled="x", warmup_epochs=1), 10, 100) == pytest.approx(0.1)
