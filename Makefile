@@ -35,6 +35,8 @@ bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/balance.py
 	$(BIN)/python benchmarks/label.py
+	$(BIN)/python benchmarks/shard.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_DIR)-synth

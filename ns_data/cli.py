@@ -17,6 +17,13 @@ class _DropNoise(logging.Filter):
         return not any(text in record.getMessage() for text in self.NOISE)
 
 
+def quiet_logging() -> None:
+    """Warnings and errors only, without the import-time noise of optional libraries."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropNoise())
+
+
 def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Leading plain words are inputs; from the first unknown --option on, everything goes to Beam."""
     args = list(args)
@@ -28,9 +35,7 @@ def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.version_option(package_name="ns-data")
 def main() -> None:
     """Build Noisy Student pseudo-label corpora: label, balance, shard, inspect."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropNoise())
+    quiet_logging()
 
 
 @main.group()

@@ -32,8 +32,10 @@ def list_shards(shards: str | list[str]) -> list[str]:
 
 
 def example_to_record(features: dict[str, list]) -> dict[str, Any]:
-    """A parsed tf.Example as a training record: image bytes, label, soft labels, id where present."""
-    record: dict[str, Any] = {"image": features["image/encoded"][0], "label": int(features["label"][0])}
+    """A parsed tf.Example as a training record: image bytes, label (`label`, or ImageNet's `image/class/label`
+    as it is), soft labels, id and copy where present."""
+    label = features["label"] if "label" in features else features["image/class/label"]  # ImageNet's layout
+    record: dict[str, Any] = {"image": features["image/encoded"][0], "label": int(label[0])}
     if "id" in features:
         record["id"] = features["id"][0].decode()
     if "copy" in features:

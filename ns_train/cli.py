@@ -40,13 +40,9 @@ def config_options(command):
 @click.version_option(package_name="ns-data")
 def main() -> None:
     """Train Noisy Student teachers and students on TFRecord shards (labeled + `ns-data shard` output)."""
-    import logging
+    from ns_data.cli import quiet_logging
 
-    from ns_data.cli import _DropNoise
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropNoise())
+    quiet_logging()
 
 
 @main.command()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ns_train.config import ConfigError, TrainConfig
-from ns_train.data import EvalSet, TrainStream, count_records, eval_preprocessing, loader
+from ns_train.data import EvalSet, Normalize, TrainStream, count_records, eval_preprocessing, loader
 
 log = logging.getLogger("ns_train")
 CHECKPOINT = "checkpoint.pt"
@@ -273,6 +273,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
                 else contextlib.nullcontext())
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    normalize = Normalize(cfg, device)
     metrics = _Metrics(os.path.join(output, "metrics.jsonl") if main_process else None)
     bar = None
     if cfg.progress and main_process:
@@ -292,10 +293,10 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
 
     while step < total_steps:
         images, labels = next(labeled)
-        batch = [images.to(device, non_blocking=True)]
+        batch = [normalize(images)]
         if unlabeled is not None:
             u_images, targets = next(unlabeled)
-            batch.append(u_images.to(device, non_blocking=True))
+            batch.append(normalize(u_images))
         with autocast:
             logits = net(torch.cat(batch).contiguous(memory_format=fmt))
         losses = total_loss(cfg, logits[: len(labels)], labels.to(device),

@@ -59,3 +59,11 @@ def test_records_carry_label_and_soft_labels(shards):
 def test_reader_does_not_import_tensorflow():
     code = "import ns_data.readers, sys; print('tensorflow' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_imagenet_layout_label_is_read_as_it_is(tmp_path):
+    path = tmp_path / "train-00000-of-00001.tfrecord"
+    path.write_bytes(tfrecord.frame_record(tfrecord.make_example({"image/encoded": b"jpeg",
+                                                                  "image/class/label": 7})))
+    (record,) = list(ShardDataset(str(tmp_path)))
+    assert record["label"] == 7 and record["image"] == b"jpeg"

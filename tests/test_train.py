@@ -17,7 +17,7 @@ from ns_data import tfrecord
 from ns_train import train as train_mod
 from ns_train.cli import main
 from ns_train.config import ConfigError, TrainConfig, load_config
-from ns_train.data import TrainStream, eval_transform, loader, soft_target, train_transform
+from ns_train.data import Normalize, TrainStream, eval_transform, loader, soft_target, train_transform
 from ns_train.train import lr_factor, total_loss, unlabeled_loss
 
 CLASSES = 4
@@ -123,7 +123,7 @@ def test_each_step_mixes_labeled_and_unlabeled_at_the_configured_ratio(data, tmp
     train_mod.train(dataclasses.replace(cfg, val=None), str(tmp_path / "run"), echo=lambda m: None)
     assert sizes == [8 + 20] * 3
     images, targets = next(iter(loader(TrainStream(data["unlabeled"], cfg, pseudo=True), 20, 0)))
-    assert images.shape == (20, 3, 32, 32) and targets.shape == (20, CLASSES)
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and targets.shape == (20, CLASSES)
     assert targets.sum(1) == pytest.approx(torch.ones(20))
     hard = dataclasses.replace(cfg, hard_labels=True)
     _, labels = next(iter(loader(TrainStream(data["unlabeled"], hard, pseudo=True), 20, 0)))
@@ -141,7 +141,11 @@ def test_noise_only_on_the_training_student(data):
     quiet = train_mod.create_student(dataclasses.replace(noisy, noise=False)).train()
     assert torch.equal(quiet(x), quiet(x))
     assert "RandAugment" in repr(train_transform(noisy))
-    assert repr(train_transform(dataclasses.replace(noisy, noise=False))) == repr(eval_transform(noisy))
+    assert repr(train_transform(dataclasses.replace(noisy, noise=False))) == repr(eval_transform(noisy, uint8=True))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    raw = train_transform(dataclasses.replace(noisy, noise=False))(image)
+    assert raw.dtype == torch.uint8  # normalized on the batch, as the trainer does, equals timm's eval transform
+    assert Normalize(noisy, torch.device("cpu"))(raw[None])[0] == pytest.approx(eval_transform(noisy)(image), abs=1e-5)
 
 
 def test_kill_and_resume_continue_the_same_schedule(data, tmp_path):
