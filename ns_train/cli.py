@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -60,7 +61,8 @@ def train(config_path, output, **overrides) -> None:
         results = run(cfg, output, echo=lambda m: click.echo(m, err=True))
     except ConfigError as err:
         raise click.UsageError(str(err)) from err
-    click.echo(format_results(results, output))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        click.echo(format_results(results, output))
 
 
 @main.command("eval")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import asdict
 from typing import Any
@@ -209,12 +210,12 @@ class _Metrics:
             self.file.close()
 
 
-def plan_steps(cfg: TrainConfig) -> tuple[int, int]:
-    """(steps per epoch of the labeled set, total steps)."""
+def plan_steps(cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(steps per epoch of the labeled set, total steps); each step takes batch_size labeled images per process."""
     records = count_records(cfg.labeled)
-    if records < cfg.batch_size:
-        raise ConfigError(f"the labeled set has {records} records, fewer than batch_size {cfg.batch_size}")
-    per_epoch = max(1, records // cfg.batch_size)
+    if records < cfg.batch_size * world:
+        raise ConfigError(f"the labeled set has {records} records, fewer than one step's {cfg.batch_size * world}")
+    per_epoch = max(1, records // (cfg.batch_size * world))
     return per_epoch, cfg.steps or max(1, round(cfg.epochs * per_epoch))
 
 
@@ -226,8 +227,9 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     os.makedirs(output, exist_ok=True)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)  # timm's RandAugment draws from Python's random (seeded per worker by torch)
     device = pick_device(cfg)
-    per_epoch, total_steps = plan_steps(cfg)
+    per_epoch, total_steps = plan_steps(cfg, world)
     warning = check_student_size(cfg)
     if warning and main_process:
         echo(f"warning: {warning}")

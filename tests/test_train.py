@@ -214,3 +214,23 @@ def test_config_file_and_overrides(data, tmp_path):
     with pytest.raises(ConfigError, match="out of range"):
         load_config(None, {"labeled": "x", "dropout": 1.5})
     assert lr_factor(0, TrainConfig(labeled="x", warmup_epochs=1), 10, 100) == pytest.approx(0.1)
+
+
+def test_two_processes_under_torchrun_share_the_shards(data, tmp_path):
+    """DDP on CPU (gloo): each rank reads its own shards; rank 0 alone writes the run directory."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ns_train.cli",
+         "train", "--output", str(out), "--labeled", data["labeled"], "--unlabeled", data["unlabeled"], "--model",
+         MODEL, "--num-classes", str(CLASSES), "--image-size", "32", "--steps", "4", "--batch-size", "4",
+         "--unlabeled-ratio", "2", "--workers", "0", "--no-progress", "--log-every", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ns-train: step 4 of 4") == 1
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == [2, 4]
+    assert logged[0]["epoch"] == pytest.approx(2 / 4)  # 32 labeled records, 2 ranks x 4 per step: 4 steps an epoch
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
