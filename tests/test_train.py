@@ -234,3 +234,13 @@ def test_two_processes_under_torchrun_share_the_shards(data, tmp_path):
     assert [m["step"] for m in logged] == [2, 4]
     assert logged[0]["epoch"] == pytest.approx(2 / 4)  # 32 labeled records, 2 ranks x 4 per step: 4 steps an epoch
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+def test_a_student_smaller_than_its_teacher_is_warned_about(data, tmp_path):
+    small = config(data, model="test_resnet", teacher_model="resnet18")
+    assert "smaller than its teacher resnet18" in train_mod.check_student_size(small)
+    assert train_mod.check_student_size(dataclasses.replace(small, model="resnet18")) is None
+    manifest = {"teacher": {"model": "resnet18"}}  # the teacher `label` recorded travels in the shards' manifest
+    shards = write_shards(tmp_path / "pseudo", [], count=1)
+    (tmp_path / "pseudo" / "manifest.json").write_text(json.dumps(manifest))
+    assert "smaller" in train_mod.check_student_size(dataclasses.replace(small, teacher_model=None, unlabeled=shards))
