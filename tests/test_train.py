@@ -180,6 +180,11 @@ def test_exported_student_labels_like_the_trainers_own_eval(data, tmp_path):
                                   "--steps", "5", "--batch-size", "8", "--workers", "0", "--no-progress",
                                   "--ema-decay", "0.9"])
     assert result.exit_code == 0, result.output
+    evaluated = runner.invoke(main, ["eval", str(run_dir), "--shards", data["val"], "--weights", "model"])
+    assert evaluated.exit_code == 0, evaluated.output
+    raw_model, run_cfg = load_run_model(str(run_dir), "model")
+    own = train_mod.evaluate(raw_model, data["val"], run_cfg, torch.device("cpu"))
+    assert json.loads(evaluated.output.strip().splitlines()[-1]) == pytest.approx(own)
     teacher = str(tmp_path / "student.safetensors")
     result = runner.invoke(main, ["export", str(run_dir), "--output", teacher])
     assert result.exit_code == 0 and "ns-data label" in result.output, result.output
