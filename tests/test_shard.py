@@ -327,3 +327,17 @@ def test_tf_data_reader_parses_the_same_records(sharded):
     for g, w in zip(sorted(got), sorted(want)):
         assert g[:3] == w[:3] and g[4] == w[4] and g[6] == w[6]
         assert g[3] == pytest.approx(w[3]) and g[5] == pytest.approx(w[5])
+
+
+def test_a_label_outside_the_classes_is_an_error_row(corpus, tmp_path):
+    table = corpus["table"]
+    labels = table.column("label").to_pylist()
+    labels[0] = CLASSES + 2
+    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
+    (tmp_path / "sel").mkdir()
+    pq.write_table(table, tmp_path / "sel" / "selection-00000.parquet")
+    manifest, _ = run(str(tmp_path / "sel"), tmp_path / "out", num_shards=2)
+    (error,) = pq.read_table(tmp_path / "out" / "errors-00000.parquet").to_pylist()
+    assert error["id"] == table.column("id")[0].as_py() and error["reason"] == "label_out_of_range"
+    assert manifest["errors_by_reason"] == {"label_out_of_range": 1}
+    assert str(CLASSES + 2) not in manifest["classes"]
