@@ -111,6 +111,13 @@ def _tree_rss(proc) -> int:
     return total
 
 
+def save_results(path: Path, results: dict) -> None:
+    """Writes a benchmark's results as JSON and says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nresults: {path.relative_to(ROOT)}")
+
+
 def measure(impl: str, rows: int, cmd: list[str], log: Path, limit_mb: float, timeout_s: float | None) -> Run:
     """Runs `cmd` in its own session; returns its wall time, CPU time and peak RSS (killed past the limits)."""
     import psutil

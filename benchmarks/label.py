@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from balance import BIN, ROOT, measure  # noqa: E402  (same folder: the child-process measuring helper)
+from balance import BIN, measure, save_results  # noqa: E402  (same folder: the child-process measuring helper)
 
 DATA = HERE / "data"
 RESULTS = HERE / "results" / "label.json"
@@ -202,9 +202,7 @@ def main(argv=None) -> int:
     ]
     print("\n" + "\n".join(lines))
     results["markdown"] = "\n".join(lines)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nresults: {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, results)
     return 0
 
 

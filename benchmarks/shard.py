@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from balance import BIN, ROOT, measure  # noqa: E402  (same folder: the child-process measuring helper)
+from balance import BIN, measure, save_results  # noqa: E402  (same folder: the child-process measuring helper)
 
 DATA = HERE / "data"
 RESULTS = HERE / "results" / "shard.json"
@@ -138,9 +138,7 @@ def main(argv=None) -> int:
         for name, rate in (("whole command", whole), ("marginal", marginal)):
             print(f"  {layout} {name}: " + ", ".join(
                 f"{k} {v:.1f} MB/s ({v / rate['ceiling']:.0%} of ceiling)" for k, v in rate.items()), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    print(f"results: {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, results)
     return 0
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from balance import BIN, ROOT, measure  # noqa: E402  (same folder: the child-process measuring helper)
+from balance import BIN, measure, save_results  # noqa: E402  (same folder: the child-process measuring helper)
 
 DATA = HERE / "data" / "train"
 RESULTS = HERE / "results" / "train.json"
@@ -138,9 +138,7 @@ def main(argv=None) -> int:
                "peak_rss_mb": {k: [round(x.peak_rss_mb) for x in v] for k, v in runs.items()}}
     for k, v in median.items():
         print(f"  {k:<22} {v:.3f} steps/s" + ("" if k == "bare" else f"  overhead {results['overhead'][k]:.1%}"))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    print(f"results: {RESULTS.relative_to(ROOT)}")
+    save_results(RESULTS, results)
     return 0
 
 

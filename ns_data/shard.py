@@ -139,7 +139,7 @@ class ShardContext:
         return FileSystems.join(self.options.output, TMP_DIR)
 
     def shard_name(self, shard: int) -> str:
-        return f"train-{shard:05d}-of-{self.num_shards:05d}.tfrecord"
+        return shard_name(shard, self.num_shards)
 
     def progress(self) -> Progress:
         return Progress(self.run_id, "shard", self.total_rows, self.options.progress, unit="images")
@@ -147,6 +147,10 @@ class ShardContext:
     @property
     def spill_dir(self) -> str:
         return FileSystems.join(self.tmp_dir, "spill")
+
+
+def shard_name(shard: int, num_shards: int) -> str:
+    return f"train-{shard:05d}-of-{num_shards:05d}.tfrecord"
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -342,6 +346,7 @@ def write_shard(ctx: ShardContext, shard: int, records: list[tuple]) -> dict[str
 def _copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
     """Concatenates byte ranges of spill files into a new local file, in the kernel where it can
     (copy_file_range: the bytes never pass through Python)."""
+    kernel_copy = hasattr(os, "copy_file_range")  # Linux; elsewhere through a buffer
     sources: dict[str, int] = {}
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     size = 0
@@ -351,7 +356,7 @@ def _copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
                 sources[source] = os.open(source, os.O_RDONLY)
             done = 0
             while done < length:
-                if hasattr(os, "copy_file_range"):
+                if kernel_copy:
                     n = os.copy_file_range(sources[source], out, length - done, offset + done)
                 else:
                     n = os.write(out, os.pread(sources[source], length - done, offset + done))
@@ -394,8 +399,11 @@ def _write_json(path: str, tmp_path: str, value: dict) -> None:
     FileSystems.rename([tmp_path], [path])
 
 
-def finalize(_, ctx: ShardContext, written: list[dict], counts: dict, errors: list[dict]) -> str:
-    """Writes empty shards for any shard no record reached, the errors table, then manifest.json."""
+def finalize(_, ctx: ShardContext, _written: list[dict], counts: dict, errors: list[dict]) -> str:
+    """Writes empty shards for any shard no record reached, the errors table, then manifest.json.
+
+    `_written` (this run's shard infos) only makes this step wait for every writer: the infos are read back from
+    the sidecars, which also hold the shards an interrupted run finished."""
     opts, out = ctx.options, ctx.options.output
     infos = []
     for shard in range(ctx.num_shards):
@@ -598,13 +606,13 @@ def _output_state(opts: ShardOptions, placement: dict, print_fn) -> tuple[str, f
             raise OutputExists(f"{out} holds an unfinished run with other inputs or options; "
                                "pass --overwrite to replace it")
         done = []
-        for shard in range(placement["placement"]["num_shards"]):
-            name = f"train-{shard:05d}-of-{placement['placement']['num_shards']:05d}.tfrecord"
+        num_shards = placement["placement"]["num_shards"]
+        for shard in range(num_shards):
+            name = shard_name(shard, num_shards)
             if (FileSystems.exists(FileSystems.join(out, TMP_DIR, f"{name}.json"))
                     and FileSystems.exists(FileSystems.join(out, name))):
                 done.append(shard)
-        print_fn(f"shard: finishing an interrupted run in {out}: {len(done)} of "
-                 f"{placement['placement']['num_shards']} shards already written")
+        print_fn(f"shard: finishing an interrupted run in {out}: {len(done)} of {num_shards} shards already written")
         return "resume", frozenset(done)
     old = [m.path for pattern in ("train-*.tfrecord", "errors-*.parquet", MANIFEST, f"{TMP_DIR}/*")
            for m in FileSystems.match([FileSystems.join(out, pattern)])[0].metadata_list]

@@ -37,9 +37,10 @@ def shard_dataset(shards, num_classes: int | None = None, seed: int | None = 0, 
                   sparse: bool = True) -> tf.data.Dataset:
     """Parsed records of the shards: files split over hosts (`shard_index` of `num_input_shards`), their order
     shuffled per epoch with `seed` (None: kept in order), read `cycle_length` at a time (interleaved)."""
-    files = tf.data.Dataset.from_tensor_slices(list_shards(shards)).shard(num_input_shards, shard_index)
+    paths = list_shards(shards)
+    files = tf.data.Dataset.from_tensor_slices(paths).shard(num_input_shards, shard_index)
     if seed is not None:
-        files = files.shuffle(len(list_shards(shards)), seed=seed, reshuffle_each_iteration=True)
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     files = files.repeat(epochs)
     records = files.interleave(tf.data.TFRecordDataset, cycle_length=cycle_length,
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)

@@ -32,8 +32,7 @@ def _option_for(field: dataclasses.Field):
 
 def config_options(command):
     for field in reversed(dataclasses.fields(TrainConfig)):
-        if field.name != "extra":
-            command = _option_for(field)(command)
+        command = _option_for(field)(command)
     return command
 
 

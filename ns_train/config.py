@@ -7,7 +7,7 @@ saved beside the outputs as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -70,7 +70,6 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: only at the end
     checkpoint_every: int = 200  # steps
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in the saved config
 
     def validate(self) -> "TrainConfig":
         if not self.labeled:

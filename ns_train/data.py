@@ -8,6 +8,7 @@ DataLoader workers; the unlabeled stream also turns the teacher's top-k into the
 from __future__ import annotations
 
 import io
+import json
 import os
 from typing import Iterator
 
@@ -66,10 +67,6 @@ class Normalize:
         return (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
 
 
-def labeled_label(record: dict, features_label_offset: int) -> int:
-    return int(record["label"]) + features_label_offset
-
-
 def soft_target(record: dict, cfg: TrainConfig) -> np.ndarray:
     """The teacher's distribution for one record (its dense vector, or rebuilt from the top-k), at the
     configured temperature."""
@@ -108,7 +105,7 @@ class TrainStream(IterableDataset):
             for record in _buffer_shuffle(iter(source), cfg.shuffle_buffer, rng):
                 image = transform(decode_rgb(record["image"]))
                 if not self.pseudo:
-                    yield image, labeled_label(record, cfg.label_offset)
+                    yield image, int(record["label"]) + cfg.label_offset
                 elif cfg.hard_labels:
                     yield image, int(record["label"])
                 else:
@@ -139,7 +136,7 @@ class EvalSet(IterableDataset):
     def __iter__(self):
         transform = eval_transform(self.cfg)
         for record in ShardDataset(self.shards, shuffle_shards=False, rank=0, world_size=1):
-            yield transform(decode_rgb(record["image"])), labeled_label(record, self.cfg.label_offset)
+            yield transform(decode_rgb(record["image"])), int(record["label"]) + self.cfg.label_offset
 
 
 def loader(dataset, batch_size: int, workers: int) -> DataLoader:
@@ -149,11 +146,8 @@ def loader(dataset, batch_size: int, workers: int) -> DataLoader:
 
 def count_records(shards: str) -> int:
     """Records in the shards: from ns-data's manifest.json when there is one, else by walking the framing."""
-    import json
-
-    directory = shards if os.path.isdir(shards) else os.path.dirname(shards)
-    manifest = os.path.join(directory, "manifest.json")
-    if os.path.isdir(shards) and os.path.exists(manifest):
+    manifest = os.path.join(shards, "manifest.json")
+    if os.path.isfile(manifest):
         with open(manifest) as f:
             return int(json.load(f)["records"])
     return sum(tfrecord.count_records(p) for p in list_shards(shards))

@@ -8,7 +8,7 @@ import os
 import torch
 
 from ns_data.teacher import EXPORT_METADATA
-from ns_train.config import ConfigError, TrainConfig
+from ns_train.config import ConfigError, TrainConfig, load_config
 from ns_train.train import CHECKPOINT, create_student, load_checkpoint
 
 
@@ -25,11 +25,8 @@ def _weights(state: dict, weights: str) -> dict[str, torch.Tensor]:
 
 def load_run_model(run_dir: str, weights: str = "ema") -> tuple[torch.nn.Module, TrainConfig]:
     """The run's model in eval mode (noise off), and its config."""
-    import yaml
-
     state = _checkpoint(run_dir)
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in yaml.safe_load(f).items()})
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), {})
     model = create_student(cfg)
     model.load_state_dict(_weights(state, weights))
     return model.eval(), cfg

@@ -137,7 +137,7 @@ def check_student_size(cfg: TrainConfig) -> str | None:
 
 def pick_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "xla":
-        import torch_xla.core.xla_model as xm  # noqa: F401 - only where torch_xla is installed
+        import torch_xla.core.xla_model as xm  # only where torch_xla is installed
 
         return xm.xla_device()
     if cfg.device == "auto":
@@ -352,5 +352,5 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
 
 def _comparable(cfg: TrainConfig) -> dict:
     """The config as saved in checkpoints; bookkeeping fields may change between a run and its resume."""
-    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val", "extra"}
+    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}

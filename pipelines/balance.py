@@ -1,17 +1,14 @@
 """Entry point of the balance stage: `python -m pipelines.balance INPUT... --output DIR [beam options]`.
 
-Same arguments as `ns-data balance`; parsed by the same command so the two never drift apart.
+Same arguments as `ns-data balance`.
 """
 from __future__ import annotations
 
-import sys
+from pipelines import run_command
 
 
 def run(argv: list[str] | None = None) -> None:
-    from ns_data.cli import balance
-
-    balance.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="pipelines.balance",
-                 standalone_mode=False)
+    run_command("balance", argv)
 
 
 if __name__ == "__main__":
