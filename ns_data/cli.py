@@ -24,6 +24,19 @@ def quiet_logging() -> None:
         handler.addFilter(_DropNoise())
 
 
+class OneLineErrors(click.Group):
+    """A user's error (a StageError: bad option, missing input, output in the way) or a filesystem error is
+    printed as one line, `Error: ...`, exit status 1; no traceback."""
+
+    def invoke(self, ctx):
+        from ns_data.stage import StageError
+
+        try:
+            return super().invoke(ctx)
+        except (StageError, OSError) as err:
+            raise click.ClickException(str(err)) from err
+
+
 def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Leading plain words are inputs; from the first unknown --option on, everything goes to Beam."""
     args = list(args)
@@ -31,7 +44,7 @@ def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return args[:first_flag], args[first_flag:]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ns-data")
 def main() -> None:
     """Build Noisy Student pseudo-label corpora: label, balance, shard, inspect."""

@@ -1,88 +1,94 @@
-"""Complete-or-absent output directories, shared by every stage.
+"""One output policy for every command: complete or absent, the same --overwrite, the same messages, resume.
 
-A stage writes its files into `OUTPUT/.tmp-<stage>-<run>/`, moves them into OUTPUT when all are written, and
-writes `stats.json` last: a directory with `stats.json` is complete; one with data files but no `stats.json`
-holds an unfinished run. Nothing is replaced unless the user says --overwrite.
+A run writes into `OUTPUT/.tmp-<stage>/`, whose `plan.json` holds the fingerprint of the run's inputs and
+options; it moves its files into OUTPUT when all are written, and writes the marker (stats.json, manifest.json,
+...) last, with the same fingerprint. Starting a run over an existing OUTPUT:
+
+| OUTPUT holds                                  | same inputs and options        | others                      |
+|-----------------------------------------------|--------------------------------|-----------------------------|
+| a complete output (the marker)                | "already complete; nothing to do" | error, unless --overwrite |
+| an unfinished run (`.tmp-<stage>/plan.json`)  | resumed: the stage keeps what it finished | error, unless --overwrite |
+| files of the stage but neither of the above   | error, unless --overwrite      | error, unless --overwrite   |
+
+--overwrite deletes the marker first (the output is no longer complete), then the stage's files and temp dir.
+Files that are not the stage's are never touched.
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
-import uuid
+import time
+from dataclasses import dataclass
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
+from ns_data import fs
+from ns_data.stage import OutputExists
 
-STATS_FILE = "stats.json"
-
-
-class OutputExists(ValueError):
-    """The output directory already holds a result (or an unfinished run) and --overwrite was not given."""
+PLAN = "plan.json"
+NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
 
-def _leftovers(output: str, stage: str, patterns: tuple[str, ...]) -> list[str]:
-    tmp = f".tmp-{stage}-"
-    files = [m.path for pattern in patterns + (f"{tmp}*/*",)
-             for m in FileSystems.match([FileSystems.join(output, pattern)])[0].metadata_list]
-    tmp_dirs = {FileSystems.split(f)[0] for f in files if tmp in f}
-    if "://" not in output:
-        tmp_dirs.update(glob.glob(os.path.join(output, f"{tmp}*")))
-    return [f for f in files if tmp not in f] + sorted(tmp_dirs)
+def already_complete(output: str) -> str:
+    return f"{output} is already complete for these inputs and options; nothing to do"
 
 
-def prepare_output(output: str, stage: str, patterns: tuple[str, ...], overwrite: bool) -> tuple[str, str]:
-    """Checks and clears `output` for a new run; returns (run id, temp dir) with the temp dir created."""
-    stats = FileSystems.join(output, STATS_FILE)
-    old = _leftovers(output, stage, patterns)
-    exists = FileSystems.exists(stats)
-    if (exists or old) and not overwrite:
-        state = f"a complete {stage} output" if exists else "files of an unfinished run"
-        raise OutputExists(f"{output} already holds {state}; pass --overwrite to replace it")
-    if exists:
-        FileSystems.delete([stats])  # first: the output is now marked incomplete
-    if old:
-        FileSystems.delete(old)
-    run_id = uuid.uuid4().hex[:12]
-    tmp_dir = FileSystems.join(output, f".tmp-{stage}-{run_id}")
-    FileSystems.mkdirs(tmp_dir)
-    return run_id, tmp_dir
+def resuming(output: str, stage: str) -> str:
+    return f"{stage}: finishing an interrupted run in {output}"
 
 
-def publish(output: str, tmp_dir: str, written: list[str], stats: dict, names: list[str] | None = None) -> str:
-    """Moves the written files into `output` (under `names`, default their own), then writes stats.json."""
-    text = json.dumps(stats, indent=1, sort_keys=True)
-    names = names or [FileSystems.split(p)[1] for p in written]
-    FileSystems.rename(list(written), [FileSystems.join(output, n) for n in names])
-    tmp_stats = FileSystems.join(tmp_dir, STATS_FILE)
-    with FileSystems.create(tmp_stats) as f:
-        f.write(text.encode())
-    FileSystems.rename([tmp_stats], [FileSystems.join(output, STATS_FILE)])
-    FileSystems.delete([tmp_dir])
-    return FileSystems.join(output, STATS_FILE)
+@dataclass(frozen=True)
+class StageOutput:
+    """The output directory of one run of a stage: its state, its temp dir, and publishing it."""
 
+    path: str
+    stage: str
+    marker: str
+    patterns: tuple[str, ...]  # the stage's own files (replaced by --overwrite)
+    fingerprint: str
 
-def read_stats(output: str) -> dict:
-    with FileSystems.open(FileSystems.join(output, STATS_FILE)) as f:
-        return json.loads(f.read())
+    @property
+    def tmp_dir(self) -> str:
+        return fs.join(self.path, f".tmp-{self.stage}")
 
+    def tmp(self, name: str) -> str:
+        return fs.join(self.tmp_dir, name)
 
-class SumDictsFn(beam.CombineFn):
-    """Adds up dicts of counters."""
+    def final(self, name: str) -> str:
+        return fs.join(self.path, name)
 
-    def create_accumulator(self):
-        return {}
+    def _stage_files(self) -> list[str]:
+        return [p for pattern in self.patterns for p in fs.list_dir(self.path, pattern)]
 
-    def add_input(self, acc, element):
-        for key, value in element.items():
-            acc[key] = acc.get(key, 0) + value
-        return acc
+    def begin(self, overwrite: bool) -> str:
+        """Checks the output against the policy; returns NEW (temp dir ready), RESUME or COMPLETE."""
+        marker, plan = self.final(self.marker), self.tmp(PLAN)
+        if fs.exists(marker):
+            if not overwrite and fs.read_json(marker).get("fingerprint") == self.fingerprint:
+                return COMPLETE
+            if not overwrite:
+                raise OutputExists(f"{self.path} holds a complete {self.stage} output of other inputs or options; "
+                                   "pass --overwrite to replace it")
+        elif fs.exists(plan):
+            if not overwrite and fs.read_json(plan).get("fingerprint") == self.fingerprint:
+                return RESUME
+            if not overwrite:
+                raise OutputExists(f"{self.path} holds an unfinished {self.stage} run of other inputs or options; "
+                                   "pass --overwrite to replace it")
+        elif (self._stage_files() or fs.exists(self.tmp_dir)) and not overwrite:
+            raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
+        self.clear()
+        fs.mkdirs(self.tmp_dir)
+        fs.write_json(plan, {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
+        return NEW
 
-    def merge_accumulators(self, accs):
-        out = {}
-        for acc in accs:
-            self.add_input(out, acc)
-        return out
+    def clear(self) -> None:
+        """The marker first (the output is no longer complete), then the stage's files and temp dir."""
+        fs.delete([self.final(self.marker)])
+        fs.delete(self._stage_files() + [self.tmp_dir])
 
-    def extract_output(self, acc):
-        return acc
+    def publish(self, moves: list[tuple[str, str]], marker: dict) -> str:
+        """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir."""
+        fs.rename([src for src, _ in moves], [self.final(name) for _, name in moves])
+        fs.write_json(self.final(self.marker), {**marker, "fingerprint": self.fingerprint})
+        fs.delete([self.tmp_dir])
+        return self.final(self.marker)
+
+    def read_marker(self) -> dict:
+        return fs.read_json(self.final(self.marker))

@@ -28,7 +28,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from ns_data import tfrecord
 from ns_data.images import IMAGE_EXTENSIONS
-from ns_data.reading import GLOB_CHARS, InputError
+from ns_data.fs import GLOB_CHARS
+from ns_data.stage import InputError
 
 KINDS = ("files", "tfrecord", "tar", "parquet")
 _EXTENSION_KIND = {".tfrecord": "tfrecord", ".tfrecords": "tfrecord", ".tfr": "tfrecord", ".tar": "tar",
@@ -259,8 +260,8 @@ def container_kind(path: str) -> str:
     return "tfrecord"
 
 
-def read_back(source: str, offsets: list[int | None], image_column: str | None = None
-              ) -> Iterator[tuple[bytes | None, str | None, str]]:
+def read_back(source: str, offsets: list[int | None], image_column: str | None = None,
+              input_format: str = "auto") -> Iterator[tuple[bytes | None, str | None, str]]:
     """(bytes, None, "") or (None, reason, detail) for each image of `source` at `offsets` (as `label` wrote
     them; ascending), opening the source once and reading forward through it."""
     try:

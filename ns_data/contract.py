@@ -1,0 +1,204 @@
+"""What passes between the stages, stated once: every table's schema, the metadata keys, the features of a
+shard record, each output's file names and completeness marker, and how a stage finds the previous one's data.
+
+    label  -> LABELS    labels-NNNNN.parquet     (+ errors-NNNNN.parquet)  stats.json last
+    balance-> SELECTION selection-NNNNN.parquet  (+ errors-NNNNN.parquet)  stats.json last
+    shard  -> SHARDS    train-NNNNN-of-NNNNN.tfrecord (+ errors-00000.parquet) manifest.json last
+
+An output is complete when its marker exists; the marker holds the `fingerprint` of the inputs and options that
+made it. While a stage runs, its files are in `OUTPUT/.tmp-<stage>/` (with `plan.json`), so a directory with
+that folder and no marker holds an unfinished run. Errors tables sit beside the data and are never read as data.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from ns_data import fs
+from ns_data.stage import InputError
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One stage's output directory: data files, errors files and the marker written last."""
+
+    stage: str
+    data_prefix: str
+    data_suffix: str
+    marker: str
+    errors_prefix: str = "errors"
+
+    @property
+    def data_pattern(self) -> str:
+        return f"{self.data_prefix}-*{self.data_suffix}"
+
+    @property
+    def errors_pattern(self) -> str:
+        return f"{self.errors_prefix}-*.parquet"
+
+    @property
+    def tmp_name(self) -> str:
+        return f".tmp-{self.stage}"
+
+    def data_name(self, index: int, total: int | None = None) -> str:
+        of = f"-of-{total:05d}" if total is not None else ""
+        return f"{self.data_prefix}-{index:05d}{of}{self.data_suffix}"
+
+    def errors_name(self, index: int) -> str:
+        return f"{self.errors_prefix}-{index:05d}.parquet"
+
+    def is_output(self, directory: str) -> bool:
+        """Whether `directory` holds this stage's output, complete or not."""
+        return fs.exists(fs.join(directory, self.marker)) or fs.exists(fs.join(directory, self.tmp_name)) or bool(
+            fs.list_dir(directory, self.data_pattern))
+
+    def check_complete(self, directory: str) -> dict:
+        """The marker's content; a clear error when the output is unfinished or absent."""
+        marker = fs.join(directory, self.marker)
+        if fs.exists(marker):
+            return fs.read_json(marker)
+        if self.is_output(directory):
+            raise InputError(f"{directory} holds an unfinished {self.stage} run (no {self.marker}): run "
+                             f"`{'ns-data ' + self.stage}` again with the same arguments to finish it")
+        raise InputError(f"{directory} is not a {self.stage} output (no {self.marker})")
+
+    def data_files(self, directory: str) -> list[str]:
+        """The data files of a complete output, sorted."""
+        self.check_complete(directory)
+        return fs.list_dir(directory, self.data_pattern)
+
+
+LABELS = OutputKind("label", "labels", ".parquet", "stats.json")
+SELECTION = OutputKind("balance", "selection", ".parquet", "stats.json")
+SHARDS = OutputKind("shard", "train", ".tfrecord", "manifest.json")
+SYNTH_LABELS = LABELS  # `ns-data synth pseudo-labels` writes exactly what `label` writes
+STAGE_OUTPUTS = (LABELS, SELECTION, SHARDS)
+
+# ------------------------------------------------------------------------------------------- tables
+
+PSEUDO_LABEL_SCHEMA = pa.schema([
+    ("id", pa.string()),  # unique across the run's inputs (see ns_data.sources)
+    ("source", pa.string()),  # absolute URI of the file or container holding the image
+    ("offset", pa.int64()),  # byte offset in a TFRecord/tar, row in a Parquet file; null for a file
+    ("label", pa.int32()),
+    ("confidence", pa.float32()),
+    ("topk_classes", pa.list_(pa.int32())),
+    ("topk_probs", pa.list_(pa.float32())),
+])
+OPTIONAL_LABEL_FIELDS = (pa.field("entropy", pa.float32()), pa.field("probs", pa.list_(pa.float32())))
+KEY_COLUMNS = ("id", "label", "confidence")  # all that `balance` needs; every other column passes through
+SELECTION_FIELDS = (pa.field("rank", pa.int32()), pa.field("copies", pa.int32()))
+READ_BACK_COLUMNS = ("id", "source", "offset", "label", "confidence", "copies")  # what `shard` needs
+SOFT_LABEL_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; read by `shard` when present
+REASON = "reason"
+# Errors of images (label, shard): one row per image that could not be read, decoded or written.
+IMAGE_ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("offset", pa.int64()),
+                                (REASON, pa.string()), ("detail", pa.string())])
+# Errors of rows (balance): the rejected input row as it was, plus `reason`.
+
+
+def pseudo_label_schema(probs: bool, metadata: dict[str, dict]) -> pa.Schema:
+    fields = list(PSEUDO_LABEL_SCHEMA) + [OPTIONAL_LABEL_FIELDS[0]] + ([OPTIONAL_LABEL_FIELDS[1]] if probs else [])
+    return pa.schema(fields, metadata=encode_metadata(metadata))
+
+
+def selection_schema(input_schema: pa.Schema) -> pa.Schema:
+    return input_schema.append(SELECTION_FIELDS[0]).append(SELECTION_FIELDS[1])
+
+
+def row_error_schema(input_schema: pa.Schema) -> pa.Schema:
+    return input_schema.append(pa.field(REASON, pa.string()))
+
+
+_TYPE_CHECKS = {
+    "id": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    "source": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    "offset": (pa.types.is_integer, "an integer type (int64)"),
+    "label": (pa.types.is_integer, "an integer type (int32)"),
+    "confidence": (pa.types.is_floating, "a float type (float32)"),
+    "rank": (pa.types.is_integer, "an integer type (int32)"),
+    "copies": (pa.types.is_integer, "an integer type (int32)"),
+    "topk_classes": (lambda t: pa.types.is_list(t) and pa.types.is_integer(t.value_type), "list<int32>"),
+    "topk_probs": (lambda t: pa.types.is_list(t) and pa.types.is_floating(t.value_type), "list<float32>"),
+    "probs": (lambda t: pa.types.is_list(t) and pa.types.is_floating(t.value_type), "list<float32>"),
+}
+
+
+def check_columns(path: str, schema: pa.Schema, required: tuple[str, ...], hint: str = "") -> None:
+    """Required columns present, and every known column (required or optional) of its documented type."""
+    for column in required:
+        if column not in schema.names:
+            raise InputError(f"{path}: missing required column '{column}' (has: {', '.join(schema.names)})"
+                             + (f"; {hint}" if hint else ""))
+    for column, (ok, expected) in _TYPE_CHECKS.items():
+        if column in schema.names and not ok(schema.field(column).type):
+            raise InputError(f"{path}: column '{column}' has type {schema.field(column).type}; expected {expected}")
+
+
+# ------------------------------------------------------------------------------------------- metadata
+# Parquet schema metadata (JSON values), written by `label`, passed through by `balance`, read by `shard`.
+
+TEACHER = "ns_data.teacher"  # the teacher's identity: model, checkpoint digest, preprocessing, num_classes, ...
+INPUT = "ns_data.input"  # how label read its inputs: {"format": auto|files|tfrecord|tar|parquet, "image_column"}
+RULE = "ns_data.balance"  # the selection rule's options
+
+
+def encode_metadata(values: dict[str, dict]) -> dict[bytes, bytes]:
+    return {k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in values.items()}
+
+
+def read_metadata(schema: pa.Schema, key: str) -> dict | None:
+    raw = (schema.metadata or {}).get(key.encode())
+    return json.loads(raw) if raw else None
+
+
+def num_classes(schema: pa.Schema) -> int | None:
+    """The class count as recorded by the teacher (label) or the rule (balance --num-classes)."""
+    for key in (TEACHER, RULE):
+        value = (read_metadata(schema, key) or {}).get("num_classes")
+        if value:
+            return int(value)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- shard records
+# Feature of a training record (tf.train.Example): name -> (type, meaning). `image/encoded`, `label`, `prob`
+# and `probabilities` are the original Noisy Student code's names, so its TF readers parse these shards.
+
+RECORD_FEATURES = {
+    "image/encoded": ("bytes", "the image file's bytes, as read from its source (not re-encoded)"),
+    "label": ("int64", "the teacher's class"),
+    "prob": ("float", "the teacher's confidence in `label`"),
+    "id": ("bytes", "the image id; the record key is id#copy"),
+    "copy": ("int64", "which copy of the image this record is (0 .. copies-1)"),
+    "topk_classes": ("int64 list", "the teacher's top-k classes, most probable first"),
+    "topk_probs": ("float list", "their probabilities"),
+    "probabilities": ("float list [num_classes]", "the dense soft label (the teacher's full vector when the "
+                      "selection has `probs`, else the top-k with the remaining mass spread evenly)"),
+}
+IMAGENET_LABEL = "image/class/label"  # labeled ImageNet shards name their class so; readers accept both
+
+
+# ------------------------------------------------------------------------------------------- finding inputs
+
+
+def table_files(inputs: tuple[str, ...] | list[str], kind: OutputKind) -> list[str]:
+    """The Parquet files named by the inputs: a `kind` output directory gives its data files (once complete);
+    any other directory every *.parquet below it; a file or a glob itself. Sorted, each once."""
+    if not inputs:
+        raise InputError("no input given")
+    found: set[str] = set()
+    for item in inputs:
+        if not fs.is_glob(item) and not fs.is_file(item) and kind.is_output(item):
+            files = kind.data_files(item)
+        elif not fs.is_glob(item) and not fs.is_file(item) and any(k.is_output(item) for k in STAGE_OUTPUTS):
+            other = next(k for k in STAGE_OUTPUTS if k.is_output(item))
+            raise InputError(f"{item} is a {other.stage} output; expected a {kind.stage} output or Parquet files")
+        else:
+            files = [p for p, _ in fs.list_files(item) if p.endswith(".parquet")]
+        if not files:
+            raise InputError(f"input not found or empty: {item}")
+        found.update(files)
+    return sorted(found)
