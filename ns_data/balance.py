@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,23 +25,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from ns_data import contract, fs
 from ns_data import selection as sel
 from ns_data.hashing import hash_ids
 from ns_data.memory import release_freed_memory
-from ns_data.outputs import SumDictsFn, prepare_output, publish, read_stats
+from ns_data.outputs import COMPLETE, RESUME, StageOutput, already_complete
 from ns_data.progress import Progress
-from ns_data.reading import WorkUnit, expand_inputs, inspect_inputs, iter_batches
+from ns_data.reading import WorkUnit, inspect_inputs, iter_batches
+from ns_data.stage import OptionsError, SumCounts, after_all
 
 NAMESPACE = "ns_data.balance"
-OUTPUT_COLUMNS = ("rank", "copies")
-ERROR_COLUMN = "reason"
-
-
-class OptionsError(ValueError):
-    """An option out of its range: reported before any work starts."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ class RunContext:
     options: BalanceOptions
     units: tuple[WorkUnit, ...]
     schema: pa.Schema
-    tmp_dir: str
+    output: StageOutput
     run_id: str
 
     @property
@@ -382,14 +377,14 @@ class WriteFn(_TrimmingDoFn):
 
         opts = self.ctx.options
         schema = self.ctx.schema.with_metadata(_output_metadata(self.ctx))
-        sel_schema = schema.append(pa.field("rank", pa.int32())).append(pa.field("copies", pa.int32()))
-        err_schema = schema.append(pa.field(ERROR_COLUMN, pa.string()))
-        sel_path = FileSystems.join(self.ctx.tmp_dir, f"selection-{unit.index:05d}.parquet")
-        err_path = FileSystems.join(self.ctx.tmp_dir, f"errors-{unit.index:05d}.parquet")
+        sel_schema = contract.selection_schema(schema)
+        err_schema = contract.row_error_schema(schema)
+        sel_path = self.ctx.output.tmp(contract.SELECTION.data_name(unit.index))
+        err_path = self.ctx.output.tmp(contract.SELECTION.errors_name(unit.index))
         counts = {"input_rows": 0, "below_min_confidence": 0, "candidates": 0, "selected_rows": 0,
-                  "total_copies": 0}
+                  "total_copies": 0, "rejected": {}}
         err_writer = None
-        with FileSystems.create(sel_path) as sel_file, parquet_writer(sel_file, sel_schema) as sel_writer:
+        with fs.create(sel_path) as sel_file, parquet_writer(sel_file, sel_schema) as sel_writer:
             for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
                 n = batch.num_rows
                 counts["input_rows"] += n
@@ -412,13 +407,13 @@ class WriteFn(_TrimmingDoFn):
                 if len(bad):
                     reasons = np.array(sel.REASONS, dtype=object)[kb.reason[bad] - 1]
                     for r, c in zip(*np.unique(reasons, return_counts=True)):
-                        counts[f"rejected:{r}"] = counts.get(f"rejected:{r}", 0) + int(c)
+                        counts["rejected"][r] = counts["rejected"].get(r, 0) + int(c)
                         self.rejected[r].inc(int(c))
                     out = pa.RecordBatch.from_arrays(
                         list(batch.take(pa.array(bad)).columns) + [pa.array(reasons, pa.string())],
                         schema=err_schema)
                     if err_writer is None:
-                        err_file = FileSystems.create(err_path)
+                        err_file = fs.create(err_path)
                         err_writer = parquet_writer(err_file, err_schema)
                     err_writer.write_batch(out)
         if err_writer is not None:
@@ -439,9 +434,7 @@ def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
 
 
 def _output_metadata(ctx: RunContext) -> dict:
-    meta = dict(ctx.schema.metadata or {})
-    meta[b"ns_data.balance"] = json.dumps(ctx.options.rule(), sort_keys=True).encode()
-    return meta
+    return dict(ctx.schema.metadata or {}) | contract.encode_metadata({contract.RULE: ctx.options.rule()})
 
 
 # ------------------------------------------------------------------------------------------- pass 6
@@ -449,7 +442,7 @@ def _output_metadata(ctx: RunContext) -> dict:
 
 def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tuple[int, float]]) -> dict:
     opts = ctx.options
-    rejected = {r: counts.get(f"rejected:{r}", 0) for r in sel.REASONS if counts.get(f"rejected:{r}", 0)}
+    rejected = {r: counts["rejected"][r] for r in sel.REASONS if counts.get("rejected", {}).get(r)}
     expected = int(plan.class_selected.sum())
     if counts.get("selected_rows", 0) != expected or counts.get("candidates", 0) != int(
             plan.class_candidates.sum()):
@@ -478,9 +471,10 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
     }
 
 
-def finalize(_, ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list) -> str:
+def finalize(ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list) -> str:
     """Moves files from the temp dir into the output, then writes stats.json: the output is complete."""
-    return publish(ctx.options.output, ctx.tmp_dir, sorted(written), build_stats(ctx, plan, counts, min_conf))
+    moves = [(path, fs.name(path)) for path in sorted(written)]
+    return ctx.output.publish(moves, build_stats(ctx, plan, counts, min_conf))
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -538,28 +532,37 @@ class Balance(beam.PTransform):
             | "JoinRanks" >> beam.CoGroupByKey()
             | "Write" >> beam.ParDo(WriteFn(ctx), as_single(plan), as_single(losers)).with_outputs(
                 WriteFn.COUNTS, main="files"))
-        counts = written[WriteFn.COUNTS] | "SumCounts" >> beam.CombineGlobally(SumDictsFn())
-        return (
-            units.pipeline
-            | "FinalizeTrigger" >> beam.Create([None])
-            | "Finalize" >> beam.Map(finalize, ctx, beam.pvalue.AsList(written["files"]), as_single(plan),
-                                     as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF])))
+        counts = written[WriteFn.COUNTS] | "SumCounts" >> beam.CombineGlobally(SumCounts())
+        return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsList(written["files"]), as_single(plan),
+                         as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF]))
 
 
-def prepare(opts: BalanceOptions) -> RunContext:
-    """Everything checked before the run: options, inputs and their schema, the output directory."""
+def prepare(opts: BalanceOptions, echo=print) -> RunContext | None:
+    """Everything checked before the run: options, inputs and their schema, the output's state.
+    None when the output is already complete for these inputs and options."""
     opts.validate()
-    files = expand_inputs(opts.inputs)
-    schema, units = inspect_inputs(files, sel.REQUIRED_COLUMNS, reserved=OUTPUT_COLUMNS + (ERROR_COLUMN,))
-    run_id, tmp_dir = prepare_output(opts.output, "balance", ("selection-*.parquet", "errors-*.parquet"),
-                                     opts.overwrite)
-    return RunContext(options=opts, units=tuple(units), schema=schema, tmp_dir=tmp_dir, run_id=run_id)
+    files = contract.table_files(opts.inputs, contract.LABELS)
+    schema, units = inspect_inputs(files, contract.KEY_COLUMNS,
+                                   reserved=tuple(f.name for f in contract.SELECTION_FIELDS) + (contract.REASON,))
+    fingerprint = fs.fingerprint([(f, fs.size(f)) for f in files], opts.rule())
+    output = StageOutput(opts.output, "balance", contract.SELECTION.marker,
+                         (contract.SELECTION.data_pattern, contract.SELECTION.errors_pattern), fingerprint)
+    state = output.begin(opts.overwrite)
+    if state == COMPLETE:
+        return None
+    if state == RESUME:  # the ranking passes keep nothing on disk: an interrupted run starts over
+        echo(f"balance: restarting the interrupted run in {opts.output}")
+        output.begin(overwrite=True)
+    return RunContext(options=opts, units=tuple(units), schema=schema, output=output, run_id=uuid.uuid4().hex[:12])
 
 
-def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline and returns the stats (read back from stats.json)."""
+def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
+    """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete)."""
     from ns_data.runner import run_stage
 
-    ctx = prepare(opts)
-    run_stage("Balance", ctx.units, Balance(ctx), beam_args)
-    return read_stats(opts.output)
+    ctx = prepare(opts, echo)
+    if ctx is None:
+        echo(already_complete(opts.output))
+    else:
+        run_stage("Balance", ctx.units, Balance(ctx), beam_args)
+    return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

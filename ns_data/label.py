@@ -1,20 +1,19 @@
 """`label`: run the un-noised teacher over unlabeled images and write the pseudo-label table `balance` reads.
 
-    work units -> read images -> decode + teacher's eval transform -> RunInference (keyed by image) -> rows
-                       |                  |
-                       +------------------+--> errors (id, source, offset, reason, detail)
+    work units (some image files, or one container) -> LabelUnitFn: read, decode ahead in threads, the
+    teacher's eval transform, the teacher in batches -> the unit's labels and errors files, then its marker
 
-One model per worker process (RunInference loads it once, in setup). Output, complete or absent:
-`labels-NNNNN.parquet` (DESIGN.md's pseudo-label table, the teacher's identity in the schema metadata),
-`errors-NNNNN.parquet` where images failed, and `stats.json` last.
+A unit is the grain of work and of resume: its files and marker `unit-NNNNNN.json` are written in the run's
+temp dir as soon as the unit is done, so a killed run started again with the same command labels only the
+units without a marker. The model is built once per worker process (in `setup`). Output, complete or absent
+(contract.LABELS): `labels-NNNNN.parquet`, `errors-NNNNN.parquet` where images failed, `stats.json` last.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,22 +22,16 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 
+from ns_data import contract, fs
 from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from ns_data.outputs import SumDictsFn, prepare_output, publish, read_stats
+from ns_data.outputs import COMPLETE, RESUME, StageOutput
 from ns_data.progress import Progress
-from ns_data.sources import ImageRecord, ImageUnit, check_parquet_columns, plan_units, read_unit
+from ns_data.sources import ImageRecord, ImageUnit, ReadSettings, known_total, plan_units, read_unit
+from ns_data.stage import OptionsError, after_all
 
 NAMESPACE = "ns_data.label"
-ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("offset", pa.int64()),
-                          ("reason", pa.string()), ("detail", pa.string())])
-
-
-class LabelOptionsError(ValueError):
-    """An option out of its range: reported before any work starts."""
 
 
 @dataclass(frozen=True)
@@ -68,26 +61,34 @@ class LabelOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     decode_threads: int = 2
-    rows_per_file: int = 100_000
     overwrite: bool = False
     progress: bool = False
 
     def validate(self) -> "LabelOptions":
         if not self.inputs:
-            raise LabelOptionsError("give at least one INPUT")
-        for name in ("batch_size", "topk", "max_pixels", "rows_per_file", "decode_threads"):
+            raise OptionsError("give at least one INPUT")
+        for name in ("batch_size", "topk", "max_pixels", "decode_threads"):
             if getattr(self, name) < 1:
-                raise LabelOptionsError(f"--{name.replace('_', '-')} must be at least 1")
+                raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_images is not None and self.max_images < 1:
-            raise LabelOptionsError("--max-images must be at least 1")
+            raise OptionsError("--max-images must be at least 1")
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise LabelOptionsError(f"--precision must be fp32, bf16 or fp16, got {self.precision}")
+            raise OptionsError(f"--precision must be fp32, bf16 or fp16, got {self.precision}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise LabelOptionsError("--crop-pct must be in (0, 1]")
+            raise OptionsError("--crop-pct must be in (0, 1]")
         for name in ("mean", "std"):
             if getattr(self, name) is not None and len(getattr(self, name)) != 3:
-                raise LabelOptionsError(f"--{name} takes three numbers (R, G, B)")
+                raise OptionsError(f"--{name} takes three numbers (R, G, B)")
         return self
+
+    @property
+    def read_settings(self) -> ReadSettings:
+        return ReadSettings(self.input_format, self.image_column, self.id_column)
+
+    def decisive(self) -> dict[str, Any]:
+        """The options that decide the rows (with the teacher's identity and the inputs): the fingerprint's."""
+        skip = {"inputs", "output", "overwrite", "progress", "batch_size", "decode_threads", "device"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def teacher_spec(self):
         from ns_data.teacher import TeacherSpec, exported_teacher
@@ -108,87 +109,61 @@ class LabelOptions:
 @dataclass(frozen=True)
 class LabelContext:
     options: LabelOptions
-    units: tuple[ImageUnit, ...]
-    teacher: dict[str, Any]  # identity: model, checkpoint digest, preprocessing, precision
-    tmp_dir: str
+    settings: ReadSettings  # with the Parquet image column resolved
+    units: tuple[ImageUnit, ...]  # all of the run's units
+    done: frozenset[int]  # units finished by an interrupted run with the same fingerprint
+    teacher: dict[str, Any]  # identity: model, checkpoint digest, preprocessing, precision, num_classes
+    output: StageOutput
     run_id: str
     started: float
 
+    @property
+    def pending(self) -> list[ImageUnit]:
+        return [u for u in self.units if u.index not in self.done]
+
     def progress(self) -> Progress:
-        return Progress(self.run_id, "label", _known_total(self.units), self.options.progress, unit="images")
+        return Progress(self.run_id, "label", known_total(self.pending), self.options.progress, unit="images")
 
     def schema(self) -> pa.Schema:
-        fields = [("id", pa.string()), ("source", pa.string()), ("offset", pa.int64()), ("label", pa.int32()),
-                  ("confidence", pa.float32()), ("topk_classes", pa.list_(pa.int32())),
-                  ("topk_probs", pa.list_(pa.float32())), ("entropy", pa.float32())]
-        if self.options.probs:
-            fields.append(("probs", pa.list_(pa.float32())))
-        return pa.schema(fields, metadata={b"ns_data.teacher": json.dumps(self.teacher, sort_keys=True).encode()})
+        return contract.pseudo_label_schema(self.options.probs, {contract.TEACHER: self.teacher,
+                                                                 contract.INPUT: self.settings.as_metadata()})
 
 
-# ------------------------------------------------------------------------------------------- steps
+def unit_marker(index: int) -> str:
+    return f"unit-{index:06d}.json"
 
 
-def _in_global_window(out):
-    """What finish_bundle emits must carry its window (this pipeline has only the global one)."""
-    if isinstance(out, beam.pvalue.TaggedOutput):
-        return beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-    return GlobalWindows.windowed_value(out)
+def unit_file(index: int, kind: str) -> str:
+    return f"unit-{index:06d}.{kind}.parquet"
 
 
-class ReadImagesFn(beam.DoFn):
-    """A work unit's images as ImageRecords; unreadable files and damaged records to the errors output."""
+# ------------------------------------------------------------------------------------------- the work
 
-    ERRORS = "errors"
+
+class LabelUnitFn(beam.DoFn):
+    """One work unit in: its images labeled, its files and marker written in the temp dir; its counts out.
+
+    Images are decoded and transformed by a small thread pool up to two batches ahead of the teacher, so that
+    decoding overlaps the forward pass (Pillow and torch release the GIL)."""
 
     def __init__(self, ctx: LabelContext):
         self.ctx = ctx
         self.read = Metrics.counter(NAMESPACE, "images_read")
-
-    def process(self, unit: ImageUnit):
-        opts = self.ctx.options
-        progress = self.ctx.progress()
-        for record in read_unit(unit, opts.image_column, opts.id_column):
-            self.read.inc()
-            if record.error:
-                progress.add(0, errors=1)
-                yield beam.pvalue.TaggedOutput(self.ERRORS, record)
-            else:
-                yield record
-
-
-class PreprocessFn(beam.DoFn):
-    """Decode (any mode to RGB, EXIF orientation, pixel limit), then the teacher's eval transform.
-
-    Images are decoded by a small thread pool a couple of batches ahead of the element being emitted, so that
-    decoding overlaps the teacher's forward pass on the same worker (Pillow and torch release the GIL).
-    """
-
-    ERRORS = "errors"
-
-    def __init__(self, ctx: LabelContext):
-        self.ctx = ctx
-        self.transform = None
-        self.pool = None
-        self.pending = None
-        self.errors = Metrics.counter(NAMESPACE, "images_rejected")
-
-    @property
-    def ahead(self) -> int:
-        return 2 * self.ctx.options.batch_size
+        self.labeled = Metrics.counter(NAMESPACE, "images_labeled")
+        self.rejected = Metrics.counter(NAMESPACE, "images_rejected")
+        self.units = Metrics.counter(NAMESPACE, "units_done")
 
     def setup(self):
-        from ns_data.teacher import make_transform
+        from ns_data.teacher import build_model, make_transform
 
+        self.spec = self.ctx.options.teacher_spec()
+        self.model = build_model(self.spec)
         self.transform = make_transform(self.ctx.teacher["preprocessing"])
         self.pool = ThreadPoolExecutor(max_workers=self.ctx.options.decode_threads)
+        self.progress = self.ctx.progress()
 
     def teardown(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
-
-    def start_bundle(self):
-        self.pending = collections.deque()
+        self.pool.shutdown(wait=False)
 
     def _prepare(self, record: ImageRecord):
         try:
@@ -196,189 +171,184 @@ class PreprocessFn(beam.DoFn):
         except DecodeError as err:
             return err
 
-    def _emit(self, record: ImageRecord, result):
-        if isinstance(result, DecodeError):
-            self.errors.inc()
-            self.ctx.progress().add(0, errors=1)
-            return beam.pvalue.TaggedOutput(self.ERRORS, dataclasses.replace(
-                record, data=None, error=result.reason, detail=str(result)))
-        return (record.id, record.source, record.offset), result
+    def process(self, unit: ImageUnit):
+        import torch
 
-    def process(self, record: ImageRecord):
-        self.pending.append((record, self.pool.submit(self._prepare, record)))
-        while len(self.pending) > self.ahead or (self.pending and self.pending[0][1].done()):
-            record, future = self.pending.popleft()
-            yield self._emit(record, future.result())
+        from ns_data.teacher import predict
 
-    def finish_bundle(self):
-        while self.pending:
-            record, future = self.pending.popleft()
-            yield _in_global_window(self._emit(record, future.result()))
+        opts = self.ctx.options
+        labeled: list[ImageRecord] = []
+        predictions: list[dict[str, np.ndarray]] = []
+        errors: list[ImageRecord] = []
+        batch: list[tuple[ImageRecord, Any]] = []
+        pending: collections.deque = collections.deque()
 
+        def run_batch():
+            predictions.append(predict(self.model, torch.stack([t for _, t in batch]), self.spec, opts.topk,
+                                       opts.probs))
+            labeled.extend(r for r, _ in batch)
+            self.progress.add(len(batch))
+            batch.clear()
 
-class ToRowFn(beam.DoFn):
-    """(key, prediction) -> an output row; counts labeled images and shows progress."""
+        def take():
+            record, future = pending.popleft()
+            result = future.result()
+            if isinstance(result, DecodeError):
+                errors.append(dataclasses.replace(record, data=None, error=result.reason, detail=str(result)))
+                self.progress.add(0, errors=1)
+                return
+            batch.append((dataclasses.replace(record, data=None), result))
+            if len(batch) == opts.batch_size:
+                run_batch()
 
-    def __init__(self, ctx: LabelContext):
-        self.ctx = ctx
-        self.labeled = Metrics.counter(NAMESPACE, "images_labeled")
+        for record in read_unit(unit, self.ctx.settings):
+            self.read.inc()
+            if record.error:
+                errors.append(record)
+                self.progress.add(0, errors=1)
+                continue
+            pending.append((record, self.pool.submit(self._prepare, record)))
+            while len(pending) > 2 * opts.batch_size:
+                take()
+        while pending:
+            take()
+        if batch:
+            run_batch()
+        counts = self._write(unit, labeled, predictions, errors)
+        self.labeled.inc(counts["labeled"])
+        self.rejected.inc(sum(counts["errors"].values()))
+        self.units.inc()
+        yield counts
 
-    def process(self, keyed):
-        (image_id, source, offset), pred = keyed
-        self.labeled.inc()
-        self.ctx.progress().add(1)
-        yield {"id": image_id, "source": source, "offset": offset, **pred}
-
-
-class WriteFn(beam.DoFn):
-    """Writes rows (labels or errors) to Parquet files in the temp dir, one per `rows_per_file` rows or bundle;
-    yields their paths, and counts on the side."""
-
-    COUNTS = "counts"
-
-    def __init__(self, ctx: LabelContext, kind: str):
-        self.ctx = ctx
-        self.kind = kind
-        self.rows = None
-
-    def start_bundle(self):
-        self.rows = []
-
-    def process(self, row):
-        self.rows.append(row)
-        if len(self.rows) >= self.ctx.options.rows_per_file:
-            yield from self._flush()
-
-    def finish_bundle(self):
-        for out in self._flush():
-            yield _in_global_window(out)
-
-    def _flush(self):
-        rows, self.rows = self.rows, []
-        if not rows:
-            return
-        if self.kind == "labels":
-            table = labels_table(rows, self.ctx.schema())
-            counts = {"labeled": table.num_rows}
-        else:
-            table = pa.Table.from_pylist([{"id": r.id, "source": r.source, "offset": r.offset, "reason": r.error,
-                                           "detail": r.detail} for r in rows], schema=ERROR_SCHEMA)
-            reasons, n = np.unique(np.array([r.error for r in rows], dtype=object), return_counts=True)
-            counts = {f"error:{r}": int(c) for r, c in zip(reasons, n)}
-        # Named by content, so that a retried bundle rewrites the same file instead of adding one.
-        first = min(r["id"] if isinstance(r, dict) else r.id for r in rows)
-        path = FileSystems.join(self.ctx.tmp_dir, f"{self.kind}-{_digest(first)}.parquet")
-        with FileSystems.create(path) as f:
-            pq.write_table(table, f)
-        yield path
-        yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+    def _write(self, unit: ImageUnit, labeled, predictions, errors) -> dict:
+        """The unit's files, then its marker (so a marker means the unit is complete)."""
+        out = self.ctx.output
+        counts = {"labeled": len(labeled), "errors": dict(collections.Counter(r.error for r in errors))}
+        files = {}
+        if labeled:
+            files["labels"] = unit_file(unit.index, "labels")
+            _write_table(out.tmp(files["labels"]), labels_table(labeled, predictions, self.ctx.schema()))
+        if errors:
+            files["errors"] = unit_file(unit.index, "errors")
+            _write_table(out.tmp(files["errors"]), errors_table(errors))
+        fs.write_json(out.tmp(unit_marker(unit.index)), counts | {"files": files})
+        return counts
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+def _write_table(path: str, table: pa.Table) -> None:
+    with fs.create(path) as f:
+        pq.write_table(table, f)
 
 
-def labels_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows of predictions as an Arrow table of the pseudo-label schema."""
-    columns = {}
+def labels_table(records: list[ImageRecord], predictions: list[dict[str, np.ndarray]], schema: pa.Schema
+                 ) -> pa.Table:
+    """Labeled images and the teacher's batched predictions as a table of the pseudo-label schema."""
+    pred = {k: np.concatenate([p[k] for p in predictions]) for k in predictions[0]}
+    columns = {"id": pa.array([r.id for r in records], pa.string()),
+               "source": pa.array([r.source for r in records], pa.string()),
+               "offset": pa.array([r.offset for r in records], pa.int64())}
     for field in schema:
-        values = [r[field.name] for r in rows]
+        if field.name in columns:
+            continue
+        values = pred[field.name]
         if pa.types.is_list(field.type):  # every row has the same length (k, or the number of classes)
-            matrix = np.stack(values)
-            k = matrix.shape[1]
+            k = values.shape[1]
             offsets = pa.array(np.arange(0, len(values) * k + 1, k, dtype=np.int32))
-            columns[field.name] = pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel(), field.type.value_type))
+            columns[field.name] = pa.ListArray.from_arrays(offsets, pa.array(values.ravel(), field.type.value_type))
         else:
             columns[field.name] = pa.array(values, field.type)
     return pa.table(columns, schema=schema)
 
 
-def finalize(_, ctx: LabelContext, written: list[str], counts: dict) -> str:
-    errors = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("error:")}
-    labeled = counts.get("labeled", 0)
+def errors_table(errors: list[ImageRecord]) -> pa.Table:
+    return pa.Table.from_pylist([{"id": r.id, "source": r.source, "offset": r.offset, "reason": r.error,
+                                  "detail": r.detail} for r in errors], schema=contract.IMAGE_ERROR_SCHEMA)
+
+
+def finalize(ctx: LabelContext, counts_this_run: list[dict]) -> str:
+    """Moves every unit's files into place under their final names (in unit order), then writes stats.json."""
+    out, moves, total = ctx.output, [], {"labeled": 0, "errors": {}}
+    numbered = {"labels": 0, "errors": 0}
+    for unit in ctx.units:
+        marker = fs.read_json(out.tmp(unit_marker(unit.index)))
+        total["labeled"] += marker["labeled"]
+        for reason, n in marker["errors"].items():
+            total["errors"][reason] = total["errors"].get(reason, 0) + n
+        for kind, name in sorted(marker["files"].items()):
+            final = contract.LABELS.data_name(numbered[kind]) if kind == "labels" else contract.LABELS.errors_name(
+                numbered[kind])
+            moves.append((out.tmp(name), final))
+            numbered[kind] += 1
+    errors = sum(total["errors"].values())
+    labeled_now = sum(c["labeled"] + sum(c["errors"].values()) for c in counts_this_run)
     seconds = time.time() - ctx.started
     stats = {
-        "images_read": labeled + sum(errors.values()),
-        "labeled": labeled,
-        "errors": sum(errors.values()),
-        "errors_by_reason": errors,
+        "images_read": total["labeled"] + errors,
+        "labeled": total["labeled"],
+        "errors": errors,
+        "errors_by_reason": dict(sorted(total["errors"].items())),
+        "units": len(ctx.units),
+        "resumed_units": len(ctx.done),
+        "images_read_this_run": labeled_now,
         "teacher": ctx.teacher,
+        "input": ctx.settings.as_metadata(),
         "options": dataclasses.asdict(ctx.options) | {"inputs": list(ctx.options.inputs)},
         "wall_seconds": round(seconds, 3),
-        "images_per_second": round((labeled + sum(errors.values())) / max(seconds, 1e-9), 2),
+        "images_per_second": round(labeled_now / max(seconds, 1e-9), 2),
     }
-    names = []
-    for kind in ("labels", "errors"):
-        mine = sorted(p for p in written if FileSystems.split(p)[1].startswith(kind + "-"))
-        names += [f"{kind}-{i:05d}.parquet" for i in range(len(mine))]
-    ordered = sorted(p for p in written if FileSystems.split(p)[1].startswith("labels-")) + sorted(
-        p for p in written if FileSystems.split(p)[1].startswith("errors-"))
-    return publish(ctx.options.output, ctx.tmp_dir, ordered, stats, names)
+    return out.publish(moves, stats)
 
 
 class Label(beam.PTransform):
-    """Image work units in; the path of the written stats.json out, once everything is in place."""
+    """The pending work units in; the path of the written stats.json out, once everything is in place."""
 
     def __init__(self, ctx: LabelContext):
         super().__init__()
         self.ctx = ctx
 
     def expand(self, units):
-        from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-
-        from ns_data.teacher import TeacherModelHandler
-
-        ctx, opts = self.ctx, self.ctx.options
-        handler = KeyedModelHandler(TeacherModelHandler(opts.teacher_spec(), opts.batch_size, opts.topk,
-                                                        opts.probs))
-        read = units | "ReadImages" >> beam.ParDo(ReadImagesFn(ctx)).with_outputs(ReadImagesFn.ERRORS,
-                                                                                  main="images")
-        prepared = read["images"] | "Preprocess" >> beam.ParDo(PreprocessFn(ctx)).with_outputs(
-            PreprocessFn.ERRORS, main="tensors")
-        rows = (prepared["tensors"]
-                | "Teacher" >> RunInference(handler)
-                | "ToRows" >> beam.ParDo(ToRowFn(ctx)))
-        errors = (read[ReadImagesFn.ERRORS], prepared[PreprocessFn.ERRORS]) | "AllErrors" >> beam.Flatten()
-        labels_written = rows | "WriteLabels" >> beam.ParDo(WriteFn(ctx, "labels")).with_outputs(
-            WriteFn.COUNTS, main="files")
-        errors_written = errors | "WriteErrors" >> beam.ParDo(WriteFn(ctx, "errors")).with_outputs(
-            WriteFn.COUNTS, main="files")
-        files = (labels_written["files"], errors_written["files"]) | "AllFiles" >> beam.Flatten()
-        counts = ((labels_written[WriteFn.COUNTS], errors_written[WriteFn.COUNTS]) | "AllCounts" >> beam.Flatten()
-                  | "SumCounts" >> beam.CombineGlobally(SumDictsFn()))
-        return (units.pipeline
-                | "FinalizeTrigger" >> beam.Create([None])
-                | "Finalize" >> beam.Map(finalize, ctx, beam.pvalue.AsList(files), beam.pvalue.AsSingleton(counts)))
+        counts = units | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
+        return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsList(counts))
 
 
-def _known_total(units) -> int | None:
-    """Images to label, when known without reading containers (for progress)."""
-    if all(u.limit is not None or u.kind == "files" for u in units):
-        return sum(u.limit if u.limit is not None else len(u.paths) for u in units)
-    return None
+# ------------------------------------------------------------------------------------------- running
 
 
-def prepare(opts: LabelOptions) -> LabelContext:
-    """Everything checked before any image is read: options, teacher, inputs, output directory."""
+def prepare(opts: LabelOptions) -> LabelContext | None:
+    """Everything checked before any image is read: options, teacher, inputs, the output's state.
+    None when the output is already complete for these inputs and options."""
     from ns_data.teacher import check_teacher
 
     opts.validate()
     teacher = check_teacher(opts.teacher_spec())
-    units = plan_units(opts.inputs, opts.input_format, opts.max_images)
-    check_parquet_columns(units, opts.image_column)
-    run_id, tmp_dir = prepare_output(opts.output, "label", ("labels-*.parquet", "errors-*.parquet"),
-                                     opts.overwrite)
-    return LabelContext(options=opts, units=tuple(units), teacher=teacher, tmp_dir=tmp_dir, run_id=run_id,
-                        started=time.time())
+    units, settings = plan_units(opts.inputs, opts.read_settings, opts.max_images)
+    plan = [(u.kind, u.paths, u.row_group, u.limit, u.repeated) for u in units]
+    fingerprint = fs.fingerprint([], plan, opts.decisive(), teacher, settings.as_metadata())
+    output = StageOutput(opts.output, "label", contract.LABELS.marker,
+                         (contract.LABELS.data_pattern, contract.LABELS.errors_pattern), fingerprint)
+    state = output.begin(opts.overwrite)
+    if state == COMPLETE:
+        return None
+    done = frozenset()
+    if state == RESUME:
+        done = frozenset(u.index for u in units if fs.exists(output.tmp(unit_marker(u.index))))
+    return LabelContext(options=opts, settings=settings, units=tuple(units), done=done, teacher=teacher,
+                        output=output, run_id=uuid.uuid4().hex[:12], started=time.time())
 
 
-def run_label(opts: LabelOptions, beam_args: list[str] | None = None) -> dict:
-    """Runs the pipeline and returns the stats (read back from stats.json)."""
+def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
+    """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete)."""
+    from ns_data.outputs import already_complete, resuming
     from ns_data.runner import run_stage
 
     ctx = prepare(opts)
-    run_stage("Label", ctx.units, Label(ctx), beam_args)
-    return read_stats(opts.output)
+    if ctx is None:
+        echo(already_complete(opts.output))
+    else:
+        if ctx.done:
+            echo(resuming(opts.output, "label") + f": {len(ctx.done):,} of {len(ctx.units):,} units already done")
+        run_stage("Label", ctx.pending, Label(ctx), beam_args)
+    return fs.read_json(fs.join(opts.output, contract.LABELS.marker)), ctx is not None
 
 
 def format_summary(stats: dict, output: str) -> str:
@@ -387,6 +357,9 @@ def format_summary(stats: dict, output: str) -> str:
              f"({stats['wall_seconds']:,.1f} s)",
              f"  teacher: {stats['teacher']['model']} ({stats['teacher']['num_classes']} classes, "
              f"{stats['teacher']['precision']})"]
+    if stats.get("resumed_units"):
+        lines.append(f"  resumed: {stats['resumed_units']:,} of {stats['units']:,} units were done by an "
+                     f"interrupted run; {stats['images_read_this_run']:,} images read in this one")
     if stats["errors"]:
         lines.append("  errors: " + ", ".join(f"{r} {n:,}" for r, n in stats["errors_by_reason"].items()))
     lines.append(f"output: {output} (stats.json, labels-*.parquet" + (", errors-*.parquet)" if stats["errors"]

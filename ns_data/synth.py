@@ -5,8 +5,7 @@ ties a real teacher produces: a share rounded to 0.01 and a share saturated at e
 """
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,16 +13,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("offset", pa.int64()),
-    ("label", pa.int32()),
-    ("confidence", pa.float32()),
-    ("topk_classes", pa.list_(pa.int32())),
-    ("topk_probs", pa.list_(pa.float32())),
-])
+from ns_data import contract, fs
+from ns_data.outputs import COMPLETE, StageOutput
+from ns_data.stage import OptionsError
+
 TEACHER = {"model": "synthetic", "checkpoint_sha256": None, "preprocessing": None}
+SCHEMA = contract.PSEUDO_LABEL_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -40,11 +35,11 @@ class SynthOptions:
 
     def validate(self) -> "SynthOptions":
         if self.rows < 0 or self.classes < 1 or self.files < 1 or self.row_group_rows < 1:
-            raise ValueError("--rows must be >= 0; --classes, --files and row groups >= 1")
+            raise OptionsError("--rows must be >= 0; --classes, --files and row groups >= 1")
         if not 1 <= self.topk <= self.classes:
-            raise ValueError(f"--topk must be in [1, --classes], got {self.topk}")
+            raise OptionsError(f"--topk must be in [1, --classes], got {self.topk}")
         if not 0.0 <= self.invalid_fraction <= 1.0:
-            raise ValueError("--invalid-fraction must be in [0, 1]")
+            raise OptionsError("--invalid-fraction must be in [0, 1]")
         return self
 
 
@@ -102,32 +97,35 @@ def _inject_invalid(table: pa.Table, rng: np.random.Generator, fraction: float) 
     return table.set_column(table.schema.get_field_index("confidence"), "confidence", pa.array(conf, pa.float32()))
 
 
-def write_pseudo_labels(opts: SynthOptions) -> list[str]:
-    """Writes `files` Parquet files part-NNNNN.parquet under `output`; returns their paths."""
+def write_pseudo_labels(opts: SynthOptions) -> tuple[list[str], bool]:
+    """Writes a pseudo-label output exactly as `label` does (contract.LABELS: labels-NNNNN.parquet, the
+    teacher and input metadata, stats.json last); returns (the data files, whether this run wrote them)."""
     opts.validate()
-    os.makedirs(opts.output, exist_ok=True)
-    existing = sorted(f for f in os.listdir(opts.output) if f.endswith(".parquet"))
-    if existing and not opts.overwrite:
-        raise FileExistsError(f"{opts.output} already holds Parquet files; pass --overwrite to replace them")
-    for f in existing:
-        os.remove(os.path.join(opts.output, f))
+    decisive = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("output", "overwrite")}
+    output = StageOutput(opts.output, "label", contract.LABELS.marker,
+                         (contract.LABELS.data_pattern, contract.LABELS.errors_pattern), fs.fingerprint([], decisive))
+    if output.begin(opts.overwrite) == COMPLETE:
+        return contract.LABELS.data_files(opts.output), False
     rng = np.random.default_rng(opts.seed)
     class_p = 1.0 / np.arange(1, opts.classes + 1) ** 0.8
     class_p = rng.permutation(class_p / class_p.sum())
-    schema = SCHEMA.with_metadata({b"ns_data.teacher": json.dumps(TEACHER).encode()})
+    teacher = TEACHER | {"num_classes": opts.classes}
+    metadata = contract.encode_metadata({contract.TEACHER: teacher, contract.INPUT: {"format": "auto"}})
+    schema = SCHEMA.with_metadata(metadata)
     bounds = np.linspace(0, opts.rows, opts.files + 1).astype(np.int64)
-    paths = []
+    moves = []
     chunk = 1_000_000
     for i in range(opts.files):
-        path = os.path.join(opts.output, f"part-{i:05d}.parquet")
-        with pq.ParquetWriter(path + ".tmp", schema) as writer:
+        name = contract.LABELS.data_name(i)
+        with fs.create(output.tmp(name)) as f, pq.ParquetWriter(f, schema) as writer:
             for start in range(int(bounds[i]), int(bounds[i + 1]), chunk):
                 n = min(chunk, int(bounds[i + 1]) - start)
-                table = make_table(start, n, opts, rng, class_p).replace_schema_metadata(schema.metadata)
+                table = make_table(start, n, opts, rng, class_p).replace_schema_metadata(metadata)
                 writer.write_table(table, row_group_size=opts.row_group_rows)
-        os.replace(path + ".tmp", path)
-        paths.append(path)
-    return paths
+        moves.append((output.tmp(name), name))
+    output.publish(moves, {"images_read": opts.rows, "labeled": opts.rows, "errors": 0, "errors_by_reason": {},
+                           "teacher": teacher, "synthetic": decisive})
+    return [output.final(name) for _, name in moves], True
 
 
 def write_images(output: str, count: int, width: int = 96, height: int = 72, seed: int = 0,
@@ -136,18 +134,16 @@ def write_images(output: str, count: int, width: int = 96, height: int = 72, see
     from PIL import Image, ImageDraw
 
     if count < 0 or width < 1 or height < 1:
-        raise ValueError("--count must be >= 0 and sizes >= 1")
+        raise OptionsError("--count must be >= 0 and sizes >= 1")
     if image_format not in ("jpg", "png", "webp"):
-        raise ValueError(f"--format must be jpg, png or webp, got {image_format}")
-    os.makedirs(output, exist_ok=True)
-    existing = [f for f in os.listdir(output) if f.startswith("img-")]
-    if existing and not overwrite:
-        raise FileExistsError(f"{output} already holds images; pass --overwrite to replace them")
-    for f in existing:
-        os.remove(os.path.join(output, f))
+        raise OptionsError(f"--format must be jpg, png or webp, got {image_format}")
+    decisive = {"count": count, "width": width, "height": height, "seed": seed, "format": image_format}
+    out = StageOutput(output, "synth", "synth.json", ("img-*",), fs.fingerprint([], decisive))
+    names = [f"img-{i:06d}.{image_format}" for i in range(count)]
+    if out.begin(overwrite) == COMPLETE:
+        return [out.final(n) for n in names]
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
-    paths = []
     for i in range(count):
         a, b = rng.random((2, 3, 1, 1)) * 255
         field = a * (1 - xx) + b * yy + rng.normal(0, 12, (3, height, width))
@@ -158,7 +154,8 @@ def write_images(output: str, count: int, width: int = 96, height: int = 72, see
             box = [x0, y0, x0 + rng.integers(4, width // 2 + 5), y0 + rng.integers(4, height // 2 + 5)]
             fill = tuple(int(v) for v in rng.integers(0, 255, 3))
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-        path = os.path.join(output, f"img-{i:06d}.{image_format}")
-        img.save(path, quality=90) if image_format == "jpg" else img.save(path)
-        paths.append(path)
-    return paths
+        with fs.create(out.tmp(names[i])) as f:
+            img.save(f, format={"jpg": "JPEG"}.get(image_format, image_format.upper()),
+                     **({"quality": 90} if image_format == "jpg" else {}))
+    out.publish([(out.tmp(n), n) for n in names], {"images": count, "options": decisive})
+    return [out.final(n) for n in names]

@@ -1,5 +1,5 @@
-"""The teacher: a timm model with weights from a local file (or a TorchScript file), its eval preprocessing, and
-a Beam RunInference model handler that turns batches of images into soft pseudo labels.
+"""The teacher: a timm model with weights from a local file (or a TorchScript file), its eval preprocessing,
+and `predict`, which turns a batch of images into soft pseudo labels.
 
 The teacher is never noised: eval mode, inference mode, softmax at temperature 1 (the trainer applies its own
 temperature). Everything that can be wrong with it (unknown model, missing file, weights that do not fit) is
@@ -11,17 +11,17 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from apache_beam.ml.inference.base import ModelHandler
+from ns_data.stage import StageError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCHSCRIPT_EXTENSIONS = (".ts", ".torchscript", ".jit", ".pt")
 
 
-class TeacherError(ValueError):
+class TeacherError(StageError):
     """The teacher cannot be built as asked: reported before the run."""
 
 
@@ -103,7 +103,7 @@ _BUILT: dict[TeacherSpec, torch.nn.Module] = {}
 
 def build_model(spec: TeacherSpec) -> torch.nn.Module:
     """The teacher in eval mode on its device, weights loaded and checked; built once per process and spec
-    (the launch check and the local runner's RunInference share it)."""
+    (the launch check and the local runner's label workers share it)."""
     if spec not in _BUILT:
         _BUILT.clear()  # one teacher per process
         _BUILT[spec] = _build(spec)
@@ -232,30 +232,3 @@ def predict(model: torch.nn.Module, images: torch.Tensor, spec: TeacherSpec, top
     if with_probs:
         out["probs"] = probs.cpu().numpy()
     return out
-
-
-class TeacherModelHandler(ModelHandler):
-    """RunInference handler: batches of preprocessed image tensors in, one prediction dict per image out."""
-
-    def __init__(self, spec: TeacherSpec, batch_size: int, topk: int, with_probs: bool):
-        super().__init__()
-        self.spec = spec
-        self.batch_size = batch_size
-        self.topk = topk
-        self.with_probs = with_probs
-
-    def load_model(self) -> torch.nn.Module:
-        return build_model(self.spec)
-
-    def run_inference(self, batch: Sequence[torch.Tensor], model, inference_args=None) -> list[dict]:
-        out = predict(model, torch.stack(list(batch)), self.spec, self.topk, self.with_probs)
-        return [{k: v[i] for k, v in out.items()} for i in range(len(batch))]
-
-    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
-        return sum(t.element_size() * t.nelement() for t in batch)
-
-    def batch_elements_kwargs(self):
-        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
-
-    def get_metrics_namespace(self) -> str:
-        return "ns_data.label"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -59,13 +58,18 @@ def read_output(output, kind: str) -> pd.DataFrame:
 
 
 def balance(inputs, output, **options) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """Run the pipeline on the in-process runner; (stats, selection sorted by id, errors sorted by id)."""
+    """Run the pipeline on the in-process runner; (stats, selection sorted by id, errors sorted by id), after
+    checking that stats.json describes the files written beside it."""
     inputs = (inputs,) if isinstance(inputs, (str, os.PathLike)) else inputs
     opts = BalanceOptions(inputs=tuple(str(i) for i in inputs), output=str(output), **options)
-    stats = run_balance(opts, [])
-    with open(os.path.join(str(output), "stats.json")) as f:
-        assert json.load(f) == stats
-    return stats, read_output(output, "selection"), read_output(output, "errors")
+    stats, wrote = run_balance(opts, [], echo=lambda message: None)
+    assert wrote
+    selection, errors = read_output(output, "selection"), read_output(output, "errors")
+    assert len(selection) == stats["selected_rows"]
+    assert int(selection["copies"].sum() if len(selection) else 0) == stats["total_copies"]
+    assert len(errors) == stats["rejected_rows"]
+    assert stats["input_rows"] == stats["rejected_rows"] + stats["below_min_confidence"] + stats["candidates"]
+    return stats, selection, errors
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """`balance` on the in-process runner against the pandas reference, and every bad input the issue names."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 
@@ -14,8 +16,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from ns_data.balance import Balance, BalanceOptions, OptionsError, prepare, run_balance
-from ns_data.outputs import OutputExists
-from ns_data.reading import InputError
+from ns_data.stage import InputError, OutputExists
 from tests.conftest import balance, random_table, read_output, write_parts
 from tests.reference import reference
 
@@ -260,18 +261,28 @@ def test_files_with_different_schemas_are_rejected(tmp_path):
 def test_output_is_complete_or_absent_and_never_silently_replaced(tmp_path, rng):
     paths = write_parts(random_table(rng, 300, 3), tmp_path / "in", 1)
     out = tmp_path / "out"
+    opts = BalanceOptions(inputs=tuple(paths), output=str(out), per_class=10)
     balance(paths, out, per_class=10)
     assert sorted(p.name for p in out.iterdir())[-1] == "stats.json"
     assert not any(p.name.startswith(".tmp") for p in out.iterdir())
-    with pytest.raises(OutputExists, match="already holds a complete balance output"):
+    notes = []
+    stats, wrote = run_balance(opts, [], echo=notes.append)
+    assert not wrote and notes == [f"{out} is already complete for these inputs and options; nothing to do"]
+    with pytest.raises(OutputExists, match="holds a complete balance output of other inputs or options"):
+        balance(paths, out, per_class=11)
+    (out / "stats.json").unlink()  # files without a marker or a plan: not this policy's to replace
+    with pytest.raises(OutputExists, match="already holds balance files"):
         balance(paths, out, per_class=10)
-    (out / "stats.json").unlink()  # as if a run died before finishing
-    (out / ".tmp-balance-dead").mkdir()
-    with pytest.raises(OutputExists, match="unfinished run"):
-        balance(paths, out, per_class=10)
+    prepare(dataclasses.replace(opts, overwrite=True))  # a run that started and died: its plan is in place
+    assert not (out / "stats.json").exists() and (out / ".tmp-balance" / "plan.json").exists()
+    with pytest.raises(OutputExists, match="unfinished balance run of other inputs or options"):
+        balance(paths, out, per_class=12)
+    notes.clear()
+    stats, wrote = run_balance(opts, [], echo=notes.append)  # the same command: the run starts over
+    assert wrote and notes == [f"balance: restarting the interrupted run in {out}"]
     stats, got, _ = balance(paths, out, per_class=20, overwrite=True)
     assert got.groupby("label")["copies"].sum().eq(20).all()
-    assert not (out / ".tmp-balance-dead").exists()
+    assert not (out / ".tmp-balance").exists()
 
 
 def test_balance_transform_on_test_pipeline(tmp_path, rng):

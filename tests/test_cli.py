@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from ns_data.cli import main
-from ns_data.synth import SCHEMA
+from ns_data.contract import PSEUDO_LABEL_SCHEMA as SCHEMA
 from pipelines import balance as balance_pipeline
 
 
@@ -17,11 +17,16 @@ def synth(tmp_path, *extra):
     return out
 
 
+def read_labels(out):
+    return pq.read_table(sorted(out.glob("labels-*.parquet")))
+
+
 def test_synth_writes_the_documented_schema_with_skew_and_ties(tmp_path):
     out = synth(tmp_path)
-    table = pq.read_table(out)
+    table = read_labels(out)
     assert table.schema.remove_metadata().equals(SCHEMA)
-    assert len(list(out.glob("part-*.parquet"))) == 3 and table.num_rows == 5000
+    assert len(list(out.glob("labels-*.parquet"))) == 3 and table.num_rows == 5000
+    assert json.loads((out / "stats.json").read_text())["labeled"] == 5000  # a complete label output
     counts = table.column("label").value_counts().field("counts").to_numpy()
     assert counts.max() > 4 * counts.min()  # skewed classes
     conf = table.column("confidence").to_numpy()
@@ -31,13 +36,14 @@ def test_synth_writes_the_documented_schema_with_skew_and_ties(tmp_path):
     assert len(set(first["topk_classes"])) == 4
     assert b"ns_data.teacher" in table.schema.metadata
     again = synth(tmp_path, "--overwrite")
-    assert pq.read_table(again).equals(table)  # seeded: same rows again
+    assert read_labels(again).equals(table)  # seeded: same rows again
 
 
 def test_synth_refuses_to_overwrite_silently(tmp_path):
     synth(tmp_path)
     result = CliRunner().invoke(main, ["synth", "pseudo-labels", "--rows", "10", "--output", str(tmp_path / "pl")])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output  # one line
 
 
 def test_balance_command_prints_a_summary_and_passes_beam_options_through(tmp_path):
@@ -57,9 +63,9 @@ def test_balance_command_reports_bad_options_and_inputs_clearly(tmp_path):
     pl = synth(tmp_path)
     runner = CliRunner()
     result = runner.invoke(main, ["balance", str(pl), "--output", str(tmp_path / "o"), "--per-class", "0"])
-    assert result.exit_code == 2 and "--per-class must be at least 1" in result.output
+    assert result.exit_code == 1 and result.output == "Error: --per-class must be at least 1, got 0\n"
     result = runner.invoke(main, ["balance", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "input not found" in result.output
+    assert result.exit_code == 1 and result.output == f"Error: input not found or empty: {tmp_path / 'nope'}\n"
 
 
 def test_pipeline_entry_point_runs_the_same_command(tmp_path):
@@ -84,7 +90,7 @@ def test_label_command_and_entry_point(tmp_path):
     assert stats["teacher"]["num_classes"] == 5 and stats["teacher"]["random_weights"]
     result = CliRunner().invoke(main, ["label", str(images), "--teacher", "test_efficientnet",
                                        "--output", str(tmp_path / "l2")])
-    assert result.exit_code == 2 and "--checkpoint" in result.output
+    assert result.exit_code == 1 and "--checkpoint" in result.output and result.output.count("\n") == 1
     label_pipeline.run([str(images), "--teacher", "test_efficientnet", "--random-weights", "--output",
                         str(tmp_path / "l3"), "--max-images", "5", "--no-progress"])
     assert json.loads((tmp_path / "l3" / "stats.json").read_text())["labeled"] == 5

@@ -8,6 +8,7 @@ import os
 import tarfile
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,7 @@ from timm.data import create_transform, resolve_data_config
 
 from ns_data import tfrecord
 from ns_data.label import LabelOptions, prepare, run_label
-from ns_data.outputs import OutputExists
+from ns_data.stage import OutputExists
 from ns_data.teacher import TeacherError
 from tests.conftest import balance
 
@@ -105,7 +106,9 @@ def label(inputs, output, teacher_files, **kwargs):
     opts = dict(teacher=MODEL, checkpoint=str(teacher_files["dir"] / "teacher.safetensors"), batch_size=4,
                 topk=3, max_pixels=1_000_000)
     opts.update(kwargs)
-    stats = run_label(LabelOptions(inputs=tuple(str(i) for i in inputs), output=str(output), **opts), [])
+    stats, wrote = run_label(LabelOptions(inputs=tuple(str(i) for i in inputs), output=str(output), **opts), [],
+                             echo=lambda message: None)
+    assert wrote
     labels = pq.read_table(sorted(glob.glob(os.path.join(str(output), "labels-*.parquet"))))
     errors_files = sorted(glob.glob(os.path.join(str(output), "errors-*.parquet")))
     errors = pq.read_table(errors_files).to_pandas() if errors_files else None
@@ -141,7 +144,8 @@ def test_labels_equal_the_model_run_directly_and_record_the_teacher(tmp_path, te
         np.testing.assert_allclose(row["probs"], probs, rtol=1e-4, atol=1e-6)
         entropy = -(probs * np.log(probs)).sum()
         np.testing.assert_allclose(row["entropy"], entropy, rtol=1e-4)
-        assert row["source"].endswith(row["id"]) and row["offset"] is None or np.isnan(row["offset"])
+        assert row["source"] == os.path.join(str(tmp_path / "imgs"), row["id"])  # absolute: valid from anywhere
+        assert pd.isna(row["offset"])
     meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0])
                       .metadata[b"ns_data.teacher"])
     assert meta["model"] == MODEL and meta["num_classes"] == CLASSES and meta["precision"] == "fp32"
@@ -253,10 +257,10 @@ def test_ids_and_labels_are_stable_across_runs_and_teacher_formats(tmp_path, tea
 
 def test_max_images_and_bf16(tmp_path, teacher_files, images):
     d = write_dir(tmp_path / "imgs", images)
-    stats, got, _ = label([d], tmp_path / "out", teacher_files, max_images=4, precision="bf16", rows_per_file=3)
+    stats, got, _ = label([d], tmp_path / "out", teacher_files, max_images=4, precision="bf16")
     assert stats["images_read"] == 4 and len(got) == 4
     assert got["id"].tolist() == sorted(images)[:4]
-    assert len(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))) == 2  # 3 rows, then 1
+    assert pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0]).field("confidence").type == pa.float32()
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -278,15 +282,17 @@ def test_teacher_and_option_errors_come_before_any_image_is_read(tmp_path, teach
 
 
 def test_missing_inputs_and_existing_output_are_clear_errors(tmp_path, teacher_files, images):
-    from ns_data.reading import InputError
+    from ns_data.stage import InputError
 
     opts = dict(teacher=MODEL, checkpoint=str(teacher_files["dir"] / "teacher.safetensors"))
     with pytest.raises(InputError, match="no images"):
         prepare(LabelOptions(inputs=(str(tmp_path / "nowhere"),), output=str(tmp_path / "out"), **opts))
     d = write_dir(tmp_path / "imgs", images)
     label([d], tmp_path / "out", teacher_files)
-    with pytest.raises(OutputExists, match="complete label output"):
-        prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "out"), **opts))
+    assert prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "out"), batch_size=4, topk=3,
+                                max_pixels=1_000_000, **opts)) is None  # the same run: already complete
+    with pytest.raises(OutputExists, match="complete label output of other inputs or options"):
+        prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "out"), topk=2, **opts))
 
 
 def test_random_weights_are_seeded_so_runs_repeat():
