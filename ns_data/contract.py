@@ -51,7 +51,7 @@ class OutputKind:
 
     def is_output(self, directory: str) -> bool:
         """Whether `directory` holds this stage's output, complete or not."""
-        return fs.exists(fs.join(directory, self.marker)) or fs.exists(fs.join(directory, self.tmp_name)) or bool(
+        return fs.exists(fs.join(directory, self.marker)) or fs.dir_exists(fs.join(directory, self.tmp_name)) or bool(
             fs.list_dir(directory, self.data_pattern))
 
     def check_complete(self, directory: str) -> dict:

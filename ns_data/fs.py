@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import BinaryIO, Iterable
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -105,10 +106,23 @@ def rename(sources: list[str], destinations: list[str]) -> None:
 
 
 def delete(paths: Iterable[str]) -> None:
-    """Deletes files and directories (recursively); paths that do not exist are ignored."""
+    """Deletes files; paths that do not exist are ignored."""
     paths = [p for p in paths if exists(p)]
     if paths:
         FileSystems.delete(paths)
+
+
+def dir_exists(directory: str) -> bool:
+    """Whether a directory exists (local), or any object lies below the prefix (object stores have no dirs)."""
+    return os.path.isdir(directory) if is_local(directory) else bool(match(join(directory, "**")))
+
+
+def delete_dir(directory: str) -> None:
+    """Deletes a directory and everything below it (on object stores: every object below the prefix)."""
+    if is_local(directory):
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        delete(p for p, _ in match(join(directory, "**")))
 
 
 def read_bytes(path: str) -> bytes:

@@ -71,7 +71,7 @@ class StageOutput:
             if not overwrite:
                 raise OutputExists(f"{self.path} holds an unfinished {self.stage} run of other inputs or options; "
                                    "pass --overwrite to replace it")
-        elif (self._stage_files() or fs.exists(self.tmp_dir)) and not overwrite:
+        elif (self._stage_files() or fs.dir_exists(self.tmp_dir)) and not overwrite:
             raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
         self.clear()
         fs.mkdirs(self.tmp_dir)
@@ -81,13 +81,14 @@ class StageOutput:
     def clear(self) -> None:
         """The marker first (the output is no longer complete), then the stage's files and temp dir."""
         fs.delete([self.final(self.marker)])
-        fs.delete(self._stage_files() + [self.tmp_dir])
+        fs.delete(self._stage_files())
+        fs.delete_dir(self.tmp_dir)
 
     def publish(self, moves: list[tuple[str, str]], marker: dict) -> str:
         """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir."""
         fs.rename([src for src, _ in moves], [self.final(name) for _, name in moves])
         fs.write_json(self.final(self.marker), {**marker, "fingerprint": self.fingerprint})
-        fs.delete([self.tmp_dir])
+        fs.delete_dir(self.tmp_dir)
         return self.final(self.marker)
 
     def read_marker(self) -> dict:
