@@ -74,6 +74,7 @@ def corpus(n: int) -> dict[str, Path]:
             "confidence": pa.array(rng.uniform(0.3, 1, n), pa.float32()),
             "rank": pa.array(np.zeros(n), pa.int32()), "copies": pa.array(copies)}),
             sel / "selection-00000.parquet")
+        (sel / "stats.json").write_text('{"stage": "balance"}')  # the marker of a complete balance output
     (base / "done").write_text("")
     return {"files": base / "sel-files", "tar": base / "sel-tar"}
 

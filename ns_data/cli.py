@@ -29,12 +29,14 @@ class OneLineErrors(click.Group):
     printed as one line, `Error: ...`, exit status 1; no traceback."""
 
     def invoke(self, ctx):
-        from ns_data.stage import StageError
-
         try:
             return super().invoke(ctx)
-        except (StageError, OSError) as err:
-            raise click.ClickException(str(err)) from err
+        except Exception as err:
+            from ns_data.stage import StageError  # imported late: Beam's import logs before quiet_logging
+
+            if isinstance(err, (StageError, OSError)):
+                raise click.ClickException(str(err)) from err
+            raise
 
 
 def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -65,16 +67,16 @@ def synth() -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--invalid-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Share of rows spoiled (NaN/out-of-range confidence, bad label, repeated id).")
-@click.option("--overwrite", is_flag=True, help="Replace Parquet files already in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace an output of other options in --output.")
 def synth_pseudo_labels(**kwargs) -> None:
-    """Write a synthetic pseudo-label table (skewed classes, tied confidences) as Parquet."""
+    """Write a synthetic pseudo-label output (skewed classes, tied confidences), as `label` writes one."""
+    from ns_data.outputs import already_complete
     from ns_data.synth import SynthOptions, write_pseudo_labels
 
-    try:
-        paths = write_pseudo_labels(SynthOptions(**kwargs))
-    except (ValueError, FileExistsError) as err:
-        raise click.UsageError(str(err)) from err
-    click.echo(f"wrote {kwargs['rows']:,} rows in {len(paths)} file(s) to {kwargs['output']}")
+    paths, wrote = write_pseudo_labels(SynthOptions(**kwargs))
+    if not wrote:
+        _note(already_complete(kwargs["output"]))
+    click.echo(f"{kwargs['output']}: {kwargs['rows']:,} rows in {len(paths)} file(s)")
 
 
 @synth.command("images")
@@ -85,16 +87,25 @@ def synth_pseudo_labels(**kwargs) -> None:
 @click.option("--format", "image_format", default="jpg", show_default=True,
               type=click.Choice(["jpg", "png", "webp"]))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--overwrite", is_flag=True, help="Replace images already in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace images of other options in --output.")
 def synth_images(**kwargs) -> None:
     """Write synthetic images (colour fields and shapes) as files, for demos, tests and benchmarks."""
     from ns_data.synth import write_images
 
-    try:
-        paths = write_images(**kwargs)
-    except (ValueError, FileExistsError) as err:
-        raise click.UsageError(str(err)) from err
-    click.echo(f"wrote {len(paths):,} images to {kwargs['output']}")
+    paths = write_images(**kwargs)
+    click.echo(f"{kwargs['output']}: {len(paths):,} images")
+
+
+def _progress_default(progress: bool | None, beam_args: list[str]) -> bool:
+    """Progress lines by default on the local runner, where the user watches the terminal."""
+    from ns_data.runner import is_local
+
+    return is_local(beam_args) if progress is None else progress
+
+
+def _note(message: str) -> None:
+    """A note about the run (resumed, already complete) on stderr, apart from the summary on stdout."""
+    click.echo(message, err=True)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -139,21 +150,13 @@ def label(args, **kwargs) -> None:
     webdataset-style tar shards, or Parquet files with an image-bytes column. Options this command does not
     know go to Beam; put them after the inputs.
     """
-    from ns_data.label import LabelOptions, LabelOptionsError, format_summary, run_label
-    from ns_data.outputs import OutputExists
-    from ns_data.reading import InputError
-    from ns_data.runner import is_local
-    from ns_data.teacher import TeacherError
+    from ns_data.label import LabelOptions, format_summary, run_label
 
     inputs, beam_args = _split_beam_args(args)
-    if kwargs["progress"] is None:
-        kwargs["progress"] = is_local(beam_args)
+    kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
     kwargs["mean"], kwargs["std"] = _floats(kwargs["mean"]), _floats(kwargs["std"])
     opts = LabelOptions(inputs=tuple(inputs), **kwargs)
-    try:
-        stats = run_label(opts, beam_args)
-    except (LabelOptionsError, InputError, OutputExists, TeacherError) as err:
-        raise click.UsageError(str(err)) from err
+    stats, _ = run_label(opts, beam_args, echo=_note)
     click.echo(format_summary(stats, opts.output))
 
 
@@ -181,21 +184,13 @@ def balance(args, **kwargs) -> None:
     Options this command does not know are passed to Beam (e.g. --runner DataflowRunner --project P);
     put them after the inputs.
     """
-    from ns_data.balance import BalanceOptions, OptionsError, run_balance
-    from ns_data.outputs import OutputExists
-    from ns_data.reading import InputError
-    from ns_data.runner import is_local
+    from ns_data.balance import BalanceOptions, run_balance
     from ns_data.stats import format_summary
 
     inputs, beam_args = _split_beam_args(args)
-    if kwargs["progress"] is None:
-        kwargs["progress"] = is_local(beam_args)
+    kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
     opts = BalanceOptions(inputs=tuple(inputs), **kwargs)
-    try:
-        opts.validate()
-        stats = run_balance(opts, beam_args)
-    except (OptionsError, InputError, OutputExists) as err:
-        raise click.UsageError(str(err)) from err
+    stats, _ = run_balance(opts, beam_args, echo=_note)
     click.echo(format_summary(stats, opts.output))
 
 
@@ -211,37 +206,28 @@ def balance(args, **kwargs) -> None:
 @click.option("--probabilities/--no-probabilities", default=True, show_default=True,
               help="Write the dense soft label `probabilities` that the original Noisy Student code reads.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of shard placement and order.")
-@click.option("--image-column", default=None, help="Parquet image sources: the image-bytes column.")
 @click.option("--shuffle", default="auto", show_default=True, type=click.Choice(["auto", "beam", "files"]),
               help="How image bytes reach their shard: through Beam's shuffle, or through spill files in the "
-                   "output's temp dir with only references shuffled (auto: files on the local runner, whose "
-                   "shuffle is held in memory; beam elsewhere).")
+                   "output's temp dir with only references shuffled (auto: files on the local runner with a "
+                   "local --output, as its shuffle is held in memory; beam elsewhere).")
 @click.option("--overwrite", is_flag=True, help="Replace shards of other inputs or options in --output.")
 @click.option("--progress/--no-progress", default=None, help="Progress lines (default: on with the local runner).")
 def shard(args, **kwargs) -> None:
     """Write the selection, copies included, as globally shuffled TFRecord shards of tf.train.Example.
 
     SELECTION... are the output directory of `ns-data balance` (or its selection-*.parquet files). Each image
-    is read from its source once. Re-running over a complete output does nothing; over an interrupted one it
-    writes the missing shards. Options this command does not know go to Beam; put them after the inputs.
+    is read from its source once, as `label` read it. Rows that cannot be written become error rows. Re-running
+    over a complete output does nothing; over an interrupted one it writes the missing shards. Options this
+    command does not know go to Beam; put them after the inputs.
     """
-    from ns_data.outputs import OutputExists
-    from ns_data.reading import InputError
-    from ns_data.runner import is_local
-    from ns_data.shard import ShardOptions, ShardOptionsError, format_summary, parse_size, run_shard
+    from ns_data.shard import ShardOptions, format_summary, parse_size, run_shard
 
     inputs, beam_args = _split_beam_args(args)
-    if kwargs["progress"] is None:
-        kwargs["progress"] = is_local(beam_args)
-    try:
-        if kwargs["max_shard_bytes"] is not None:
-            kwargs["max_shard_bytes"] = parse_size(kwargs["max_shard_bytes"])
-        opts = ShardOptions(inputs=tuple(inputs), **kwargs)
-        manifest, wrote = run_shard(opts, beam_args, print_fn=lambda m: click.echo(m, err=True))
-    except (ShardOptionsError, InputError, OutputExists) as err:
-        raise click.UsageError(str(err)) from err
-    if not wrote:
-        click.echo(f"shard: {opts.output} is already complete for these inputs and options; nothing to do")
+    kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
+    if kwargs["max_shard_bytes"] is not None:
+        kwargs["max_shard_bytes"] = parse_size(kwargs["max_shard_bytes"])
+    opts = ShardOptions(inputs=tuple(inputs), **kwargs)
+    manifest, _ = run_shard(opts, beam_args, echo=_note)
     click.echo(format_summary(manifest, opts.output))
 
 
@@ -251,12 +237,10 @@ def shard(args, **kwargs) -> None:
               help="Records to decode and show from the first shard.")
 def inspect(directory, records) -> None:
     """Summarize a shard set from its manifest.json and show a few records decoded."""
-    from ns_data.shard import format_summary, inspect_records, read_manifest
+    from ns_data.contract import SHARDS
+    from ns_data.shard import format_summary, inspect_records
 
-    try:
-        manifest = read_manifest(directory)
-    except FileNotFoundError as err:
-        raise click.UsageError(str(err)) from err
+    manifest = SHARDS.check_complete(directory)
     click.echo(format_summary(manifest, directory))
     for line in inspect_records(directory, manifest, records):
         click.echo(line)

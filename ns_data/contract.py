@@ -5,8 +5,8 @@ shard record, each output's file names and completeness marker, and how a stage 
     balance-> SELECTION selection-NNNNN.parquet  (+ errors-NNNNN.parquet)  stats.json last
     shard  -> SHARDS    train-NNNNN-of-NNNNN.tfrecord (+ errors-00000.parquet) manifest.json last
 
-An output is complete when its marker exists; the marker holds the `fingerprint` of the inputs and options that
-made it. While a stage runs, its files are in `OUTPUT/.tmp-<stage>/` (with `plan.json`), so a directory with
+An output is complete when its marker exists; the marker names the `stage` that wrote it and holds the
+`fingerprint` of the inputs and options that made it. While a stage runs, its files are in `OUTPUT/.tmp-<stage>/` (with `plan.json`), so a directory with
 that folder and no marker holds an unfinished run. Errors tables sit beside the data and are never read as data.
 """
 from __future__ import annotations
@@ -50,19 +50,21 @@ class OutputKind:
         return f"{self.errors_prefix}-{index:05d}.parquet"
 
     def is_output(self, directory: str) -> bool:
-        """Whether `directory` holds this stage's output, complete or not."""
-        return fs.exists(fs.join(directory, self.marker)) or fs.dir_exists(fs.join(directory, self.tmp_name)) or bool(
-            fs.list_dir(directory, self.data_pattern))
-
-    def check_complete(self, directory: str) -> dict:
-        """The marker's content; a clear error when the output is unfinished or absent."""
+        """Whether `directory` holds this stage's output, complete (its marker names the stage) or not."""
         marker = fs.join(directory, self.marker)
         if fs.exists(marker):
-            return fs.read_json(marker)
-        if self.is_output(directory):
+            return fs.read_json(marker).get("stage") == self.stage
+        return fs.dir_exists(fs.join(directory, self.tmp_name)) or bool(fs.list_dir(directory, self.data_pattern))
+
+    def check_complete(self, directory: str) -> dict:
+        """The marker's content; a clear error when the output is unfinished or is not this stage's."""
+        if not self.is_output(directory):
+            raise InputError(f"{directory} is not a {self.stage} output (no {self.marker} of `ns-data {self.stage}`)")
+        marker = fs.join(directory, self.marker)
+        if not fs.exists(marker):
             raise InputError(f"{directory} holds an unfinished {self.stage} run (no {self.marker}): run "
-                             f"`{'ns-data ' + self.stage}` again with the same arguments to finish it")
-        raise InputError(f"{directory} is not a {self.stage} output (no {self.marker})")
+                             f"`ns-data {self.stage}` again with the same arguments to finish it")
+        return fs.read_json(marker)
 
     def data_files(self, directory: str) -> list[str]:
         """The data files of a complete output, sorted."""

@@ -87,7 +87,7 @@ class StageOutput:
     def publish(self, moves: list[tuple[str, str]], marker: dict) -> str:
         """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir."""
         fs.rename([src for src, _ in moves], [self.final(name) for _, name in moves])
-        fs.write_json(self.final(self.marker), {**marker, "fingerprint": self.fingerprint})
+        fs.write_json(self.final(self.marker), {**marker, "stage": self.stage, "fingerprint": self.fingerprint})
         fs.delete_dir(self.tmp_dir)
         return self.final(self.marker)
 

@@ -136,7 +136,7 @@ def make_example(features: dict[str, list | bytes | int | float]) -> bytes:
     """Serialize {name: values} as a tf.train.Example; value types pick bytes_list, int64_list or float_list."""
     example = Example()
     _fill(example.features, features)
-    return example.SerializeToString()
+    return example.SerializeToString(deterministic=True)  # map entries sorted: same bytes in every process
 
 
 def serialized_features(features: dict[str, list | bytes | int | float]) -> bytes:
@@ -144,7 +144,7 @@ def serialized_features(features: dict[str, list | bytes | int | float]) -> byte
     features (protobuf semantics), which lets a writer reuse the part shared by many records."""
     message = _CLASSES["Features"]()
     _fill(message, features)
-    return message.SerializeToString()
+    return message.SerializeToString(deterministic=True)
 
 
 def _fill(message, features: dict) -> None:

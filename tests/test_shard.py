@@ -1,79 +1,106 @@
-"""`shard` on the in-process runner: records and bytes against the selection, placement, re-runs, failures."""
+"""`shard` on the in-process runner: records and bytes against the selection, placement, bad rows, re-runs,
+a killed run finished by the next one, failures before the run."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from ns_data import shard as shard_mod
-from ns_data import tfrecord
+from ns_data import contract, tfrecord
 from ns_data.cli import main
-from ns_data.outputs import OutputExists
 from ns_data.readers import ShardDataset
-from ns_data.reading import InputError
-from ns_data.shard import ShardOptions, ShardOptionsError, parse_size, run_shard
+from ns_data.shard import ShardOptions, parse_size, run_shard
 from ns_data.soft_labels import dense_probabilities, with_temperature
-from ns_data.sources import plan_units, read_unit
+from ns_data.stage import InputError, OptionsError, OutputExists
 from ns_data.synth import write_images
 
 CLASSES = 10
 PER_KIND = 40
 
 
+def write_selection(directory, table: pa.Table, row_group_size: int = 50, complete: bool = True) -> str:
+    """A balance output as `shard` expects it: selection-00000.parquet, and stats.json when complete."""
+    os.makedirs(directory, exist_ok=True)
+    pq.write_table(table, os.path.join(str(directory), contract.SELECTION.data_name(0)), row_group_size=row_group_size)
+    if complete:
+        with open(os.path.join(str(directory), contract.SELECTION.marker), "w") as f:
+            json.dump({"stage": "balance", "selected_rows": table.num_rows}, f)
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """160 images in the four source kinds, and a selection of all of them with 1-5 copies each."""
+    """160 images in the four source kinds, and a selection of all of them with 1-5 copies each. The offsets
+    are worked out here, apart from `label`'s code: byte offsets of TFRecord records and of tar members' data,
+    rows of the Parquet file, whose image column `label` recorded in the selection's metadata."""
     root = tmp_path_factory.mktemp("corpus")
     paths = write_images(str(root / "files"), PER_KIND * 4, width=48, height=40)
     images = [open(p, "rb").read() for p in paths]
     for p in paths[PER_KIND:]:
         os.remove(p)
+    entries = [(f"files/{os.path.basename(p)}", p, None) for p in paths[:PER_KIND]]
+    offset = 0
     with open(root / "c.tfrecord", "wb") as f:
-        for data in images[PER_KIND: 2 * PER_KIND]:
-            f.write(tfrecord.frame_record(tfrecord.make_example({"image/encoded": data})))
+        for i, data in enumerate(images[PER_KIND: 2 * PER_KIND]):
+            framed = tfrecord.frame_record(tfrecord.make_example({"image/encoded": data}))
+            entries.append((f"c.tfrecord#{i}", str(root / "c.tfrecord"), offset))
+            f.write(framed)
+            offset += len(framed)
     with tarfile.open(root / "c.tar", "w") as tar:
         for i, data in enumerate(images[2 * PER_KIND: 3 * PER_KIND]):
             info = tarfile.TarInfo(f"x/{i:03d}.jpg")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    pq.write_table(pa.table({"image": images[3 * PER_KIND:]}), root / "c.parquet", row_group_size=15)
-    records = [r for u in plan_units([str(root)]) for r in read_unit(u, None, None)]
-    assert len(records) == 4 * PER_KIND and not any(r.error for r in records)
+    with tarfile.open(root / "c.tar") as tar:
+        entries += [(f"c.tar/{m.name}", str(root / "c.tar"), m.offset_data) for m in tar.getmembers()]
+    # Two binary columns: only the image column recorded by `label` tells which one holds the images.
+    parquet_images = images[3 * PER_KIND:]
+    pq.write_table(pa.table({"thumb": [b"t"] * PER_KIND, "pixels": parquet_images}), root / "c.parquet",
+                   row_group_size=15)
+    entries += [(f"c.parquet#{i}", str(root / "c.parquet"), i) for i in range(PER_KIND)]
     rng = np.random.default_rng(7)
-    n = len(records)
+    n = len(entries)
     labels = rng.integers(0, CLASSES, n)
     conf = rng.uniform(0.3, 0.9, n).astype(np.float32)
     topk = [[int(l), (int(l) + 1) % CLASSES, (int(l) + 2) % CLASSES] for l in labels]
     topp = [[float(c), float(1 - c) / 2, float(1 - c) / 4] for c in conf]
     table = pa.table({
-        "id": [r.id for r in records], "source": [r.source for r in records],
-        "offset": pa.array([r.offset for r in records], pa.int64()),
+        "id": [e[0] for e in entries], "source": [e[1] for e in entries],
+        "offset": pa.array([e[2] for e in entries], pa.int64()),
         "label": pa.array(labels, pa.int32()), "confidence": pa.array(conf),
         "topk_classes": pa.array(topk, pa.list_(pa.int32())), "topk_probs": pa.array(topp, pa.list_(pa.float32())),
         "rank": pa.array(np.zeros(n), pa.int32()), "copies": pa.array(rng.integers(1, 6, n), pa.int32()),
-    })
-    selection = root / "selection"
-    selection.mkdir()
-    pq.write_table(table, selection / "selection-00000.parquet", row_group_size=50)
-    return {"root": root, "selection": str(selection), "table": table,
-            "bytes": {r.id: r.data for r in records}}
+    }).replace_schema_metadata(contract.encode_metadata({contract.INPUT: {"format": "auto",
+                                                                          "image_column": "pixels"}}))
+    selection = write_selection(root / "selection", table)
+    return {"root": root, "selection": selection, "table": table,
+            "bytes": {e[0]: data for e, data in zip(entries, images)}}
+
+
+def with_column(table: pa.Table, name: str, values: list, type_=None) -> pa.Table:
+    column = pa.array(values, type_ or table.schema.field(name).type)
+    return table.set_column(table.schema.get_field_index(name), name, column)
 
 
 def run(selection, output, **options):
     options.setdefault("num_classes", CLASSES)
     inputs = tuple(selection) if isinstance(selection, list) else (str(selection),)
-    return run_shard(ShardOptions(inputs=inputs, output=str(output), **options), [], print_fn=lambda m: None)
+    return run_shard(ShardOptions(inputs=inputs, output=str(output), **options), [], echo=lambda m: None)
 
 
 def read_shards(output) -> dict[str, list[dict]]:
@@ -87,6 +114,10 @@ def read_shards(output) -> dict[str, list[dict]]:
 def shard_bytes(output) -> dict[str, bytes]:
     return {os.path.basename(p): open(p, "rb").read()
             for p in sorted(glob.glob(os.path.join(str(output), "train-*.tfrecord")))}
+
+
+def read_errors(output) -> list[dict]:
+    return pq.read_table(os.path.join(str(output), "errors-00000.parquet")).to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +150,12 @@ def test_every_copy_once_with_the_source_bytes_and_labels(corpus, sharded):
     for r in rows.values():
         per_class[str(r["label"])] += r["copies"]
     assert manifest["classes"] == dict(per_class)
-    assert manifest["records"] == sum(per_class.values())
-    assert manifest["unique_images"] == len(rows) and manifest["errors"] == 0
-    assert json.load(open(out / "manifest.json")) == manifest
-    assert not os.path.exists(out / ".tmp-shard")
+    assert manifest["records"] == sum(per_class.values()) == manifest["input"]["records"]
+    assert manifest["unique_images"] == len(rows) == manifest["input"]["rows"] and manifest["errors"] == 0
+    on_disk = {os.path.basename(p): os.path.getsize(p) for p in glob.glob(str(out / "*.tfrecord"))}
+    assert {s["name"]: s["bytes"] for s in manifest["shards"]} == on_disk
+    assert manifest["bytes"] == sum(on_disk.values())
+    assert set(os.listdir(out)) == set(on_disk) | {"manifest.json"}  # no temp dir, no errors file
 
 
 def test_shards_are_equal_in_size_and_each_a_sample_of_all_classes(corpus, sharded):
@@ -139,7 +172,8 @@ def test_shards_are_equal_in_size_and_each_a_sample_of_all_classes(corpus, shard
     chi2 = ((table - expected)[:, keep] ** 2 / expected[:, keep]).sum()
     dof = (table.shape[0] - 1) * (keep.sum() - 1)
     assert chi2 < dof + 4 * np.sqrt(2 * dof), (chi2, dof)  # about the 99.9% point; a class-sorted split is ~20x
-    # Copies of one image spread over shards like independent draws, and never sit next to each other.
+    # Copies of one image spread over shards like independent draws, and within a shard sit next to each other
+    # no more often than in a random order (a shard in id order would hold every such pair side by side).
     where = {}
     for name, recs in shards.items():
         for pos, f in enumerate(recs):
@@ -148,12 +182,15 @@ def test_shards_are_equal_in_size_and_each_a_sample_of_all_classes(corpus, shard
     distinct = np.mean([len({n for n, _ in w}) for w in multi])
     expected_distinct = np.mean([7 * (1 - (6 / 7) ** len(w)) for w in multi])
     assert distinct > 0.9 * expected_distinct
-    for w in multi:
-        for (n1, p1), (n2, p2) in zip(sorted(w), sorted(w)[1:]):
-            assert n1 != n2 or p2 - p1 > 1
+    same_shard = [Counter(f["id"][0] for f in recs) for recs in shards.values()]
+    pairs = sum(k * (k - 1) / 2 for ids in same_shard for k in ids.values())
+    random_adjacent = sum(k * (k - 1) / len(recs) for ids, recs in zip(same_shard, shards.values())
+                          for k in ids.values())
+    adjacent = sum(a["id"] == b["id"] for recs in shards.values() for a, b in zip(recs, recs[1:]))
+    assert pairs > 20 and adjacent <= random_adjacent + 3 * np.sqrt(random_adjacent) + 1, (adjacent, pairs)
 
 
-def test_same_bytes_from_a_rerun_and_from_a_shuffled_split_selection(corpus, sharded, tmp_path):
+def test_same_bytes_from_a_shuffled_split_selection_through_beams_shuffle(corpus, sharded, tmp_path):
     out, _ = sharded
     table = corpus["table"]
     order = np.random.default_rng(3).permutation(table.num_rows)
@@ -161,12 +198,14 @@ def test_same_bytes_from_a_rerun_and_from_a_shuffled_split_selection(corpus, sha
     split.mkdir()
     for i, part in enumerate(np.array_split(order, 3)):
         pq.write_table(table.take(pa.array(part)), split / f"selection-{i:05d}.parquet", row_group_size=17)
+    (split / "stats.json").write_text('{"stage": "balance"}')
     manifest, _ = run(str(split), tmp_path / "again", num_shards=7, shuffle="beam")
     assert shard_bytes(tmp_path / "again") == shard_bytes(out)  # `out` went through spill files
     other, _ = run(corpus["selection"], tmp_path / "seed1", num_shards=7, seed=1)
     assert shard_bytes(tmp_path / "seed1") != shard_bytes(out)
     assert other["classes"] == manifest["classes"]
-    members = [{f["id"][0] for f in recs} for recs in (next(iter(read_shards(d).values())) for d in (out, tmp_path / "seed1"))]
+    first_shards = (next(iter(read_shards(d).values())) for d in (out, tmp_path / "seed1"))
+    members = [{f["id"][0] for f in recs} for recs in first_shards]
     assert members[0] != members[1]  # the seed moves records between shards, not only within them
 
 
@@ -178,10 +217,11 @@ def test_rerun_over_complete_output_does_nothing_and_says_so(corpus, tmp_path):
     assert first.exit_code == 0, first.output
     mtimes = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(out / "*"))}
     second = runner.invoke(main, args)
-    assert second.exit_code == 0 and "already complete" in second.output
+    assert second.exit_code == 0 and "already complete" in second.stderr
     assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(out / "*"))} == mtimes
     changed = runner.invoke(main, args[:-4] + ["--num-shards", "4", "--num-classes", "10"])
-    assert changed.exit_code == 2 and "--overwrite" in changed.output
+    assert changed.exit_code == 1 and "--overwrite" in changed.output
+    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(out / "*"))} == mtimes
     replaced = runner.invoke(main, args[:-4] + ["--num-shards", "4", "--num-classes", "10", "--overwrite"])
     assert replaced.exit_code == 0 and len(glob.glob(str(out / "train-*"))) == 4
     shown = runner.invoke(main, ["inspect", str(out), "--records", "2"])
@@ -189,28 +229,49 @@ def test_rerun_over_complete_output_does_nothing_and_says_so(corpus, tmp_path):
     assert "image JPEG 48x40" in shown.output
 
 
-def test_interrupted_run_is_finished_by_the_next_one(corpus, sharded, tmp_path, monkeypatch):
+SLOW_CHILD = """
+import sys, time
+from ns_data.shard import pipeline
+from pipelines.shard import run
+
+write_shard = pipeline.write_shard
+def slow_write_shard(*args):
+    info = write_shard(*args)
+    time.sleep(0.4)  # room for the test to kill this process between two shards
+    return info
+
+pipeline.write_shard = slow_write_shard
+run(sys.argv[1:])
+"""
+
+
+def test_killed_run_is_finished_by_the_next_one(corpus, sharded, tmp_path):
+    """SIGKILL a real `python -m pipelines.shard` once some shards are in place; the same command again keeps
+    them, writes the rest, and the shards are byte for byte those of an uninterrupted run."""
     out = tmp_path / "shards"
-    real = shard_mod.write_shard
-    calls = []
+    args = [corpus["selection"], "--output", str(out), "--num-shards", "7", "--num-classes", str(CLASSES),
+            "--no-progress"]
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(glob.glob(str(out / "train-*.tfrecord"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert child.poll() is None, child.communicate()[1].decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    kept = shard_bytes(out)
+    assert 2 <= len(kept) < 7 and not os.path.exists(out / "manifest.json")
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 1 and "unfinished shard run" in shown.output
 
-    def failing(ctx, shard, records):
-        calls.append(shard)
-        if len(calls) == 4:
-            raise OSError("disk gone")
-        return real(ctx, shard, records)
-
-    monkeypatch.setattr(shard_mod, "write_shard", failing)
-    with pytest.raises(Exception, match="disk gone"):
-        run(corpus["selection"], out, num_shards=7)
-    monkeypatch.setattr(shard_mod, "write_shard", real)
-    assert not os.path.exists(out / "manifest.json") and len(glob.glob(str(out / "train-*"))) == 3
-    result = CliRunner().invoke(main, ["inspect", str(out)])
-    assert result.exit_code == 2 and "interrupted run" in result.output
-    manifest, wrote = run(corpus["selection"], out, num_shards=7)
-    assert wrote and manifest["resumed_shards"] == 3
+    again = subprocess.run([sys.executable, "-m", "pipelines.shard", *args], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"shard: finishing an interrupted run in {out}" in again.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_shards"] == len(kept)
     assert shard_bytes(out) == shard_bytes(sharded[0])
-    assert manifest["records"] == sharded[1]["records"]
+    assert manifest["records"] == sharded[1]["records"] and manifest["classes"] == sharded[1]["classes"]
+    assert set(os.listdir(out)) == set(shard_bytes(out)) | {"manifest.json"}
 
 
 def test_missing_and_damaged_sources_become_errors(corpus, tmp_path):
@@ -223,13 +284,10 @@ def test_missing_and_damaged_sources_become_errors(corpus, tmp_path):
     damaged = str(root / "damaged.tfrecord")
     data = open(tfr, "rb").read()
     open(damaged, "wb").write(data[: len(data) // 2])
-    moved = pa.array([str(root / "gone.tar") if s == tar else damaged if s == tfr else s for s in sources])
-    table = table.set_column(table.schema.get_field_index("source"), "source", moved)
-    sel = tmp_path / "sel"
-    sel.mkdir()
-    pq.write_table(table, sel / "selection-00000.parquet")
-    manifest, _ = run(str(sel), tmp_path / "out", num_shards=3)
-    errors = pq.read_table(tmp_path / "out" / "errors-00000.parquet").to_pylist()
+    table = with_column(table, "source", [str(root / "gone.tar") if s == tar else damaged if s == tfr else s
+                                          for s in sources])
+    manifest, _ = run(write_selection(tmp_path / "sel", table), tmp_path / "out", num_shards=3)
+    errors = read_errors(tmp_path / "out")
     by_reason = Counter(e["reason"] for e in errors)
     assert by_reason["missing_source"] == PER_KIND
     assert 0 < by_reason["corrupt_record"] < PER_KIND  # the records before the cut are still read
@@ -238,38 +296,113 @@ def test_missing_and_damaged_sources_become_errors(corpus, tmp_path):
     rows = table.to_pylist()
     assert manifest["records_lost_to_errors"] == sum(r["copies"] for r in rows if r["id"] in lost)
     assert manifest["records"] == sum(r["copies"] for r in rows if r["id"] not in lost)
+    assert manifest["unique_images"] + manifest["errors"] == manifest["input"]["rows"] == len(rows)
     written = {f["id"][0].decode() for recs in read_shards(tmp_path / "out").values() for f in recs}
     assert written == {r["id"] for r in rows} - lost
 
 
+def test_bad_rows_become_error_rows_and_the_rest_is_written(corpus, tmp_path):
+    table = corpus["table"]
+    rows = table.to_pylist()
+    spoiled = {  # row -> (column, value, reason)
+        0: ("copies", None, "invalid_copies"), 1: ("copies", 0, "invalid_copies"), 2: ("copies", -3, "invalid_copies"),
+        45: ("label", None, "label_out_of_range"), 46: ("label", CLASSES, "label_out_of_range"),
+        47: ("label", -1, "label_out_of_range"),
+        90: ("topk_classes", [1, CLASSES + 5, 2], "topk_out_of_range"),
+        91: ("topk_classes", [-2, 1, 2], "topk_out_of_range"),
+        92: ("topk_probs", [0.5, 0.2], "invalid_topk"), 93: ("topk_classes", None, "invalid_topk"),
+        130: ("id", None, "null_id"), 131: ("source", None, "null_source"),
+    }
+    for i, (column, value, _) in spoiled.items():
+        rows[i][column] = value
+    bad_table = pa.Table.from_pylist(rows, schema=table.schema)
+    manifest, _ = run(write_selection(tmp_path / "sel", bad_table), tmp_path / "out", records_per_shard=40)
+    errors = read_errors(tmp_path / "out")
+    assert Counter((e["id"], e["reason"]) for e in errors) == Counter(
+        (rows[i]["id"], reason) for i, (_, _, reason) in spoiled.items())
+    assert all(e["detail"] for e in errors)
+    assert manifest["errors_by_reason"] == dict(Counter(reason for _, _, reason in spoiled.values()))
+    good = [r for i, r in enumerate(rows) if i not in spoiled]
+    records = sum(r["copies"] for r in good)
+    assert manifest["unique_images"] == len(good) and manifest["unique_images"] + manifest["errors"] == len(rows)
+    assert manifest["records"] == manifest["input"]["records"] == records
+    assert manifest["records_lost_to_errors"] == sum(max(r["copies"] or 0, 0) for i, r in enumerate(rows)
+                                                     if i in spoiled)
+    assert manifest["num_shards"] == -(-records // 40)  # from the records to write, bad rows left out
+    shards = read_shards(tmp_path / "out")
+    sizes = [len(recs) for recs in shards.values()]
+    assert len(sizes) == manifest["num_shards"] and max(sizes) - min(sizes) <= 1
+    written = Counter(f["id"][0].decode() for recs in shards.values() for f in recs)
+    assert written == Counter({r["id"]: r["copies"] for r in good})
+
+
+def test_images_are_read_back_as_label_read_them(corpus, tmp_path):
+    """The container format and Parquet image column that `label` recorded in the selection are used: without
+    them the Parquet images (two binary columns) cannot be read, nor TFRecords named *.bin."""
+    table = corpus["table"]
+    unrecorded = table.replace_schema_metadata(None)
+    manifest, _ = run(write_selection(tmp_path / "sel", unrecorded), tmp_path / "out", num_shards=2)
+    parquet_ids = {r["id"] for r in table.to_pylist() if r["source"].endswith(".parquet")}
+    errors = read_errors(tmp_path / "out")
+    assert {e["id"] for e in errors} == parquet_ids and {e["reason"] for e in errors} == {"unreadable_file"}
+    tfr = table.filter(pc.match_substring(table.column("source"), ".tfrecord"))
+    renamed = str(tmp_path / "images.bin")
+    os.link(tfr.column("source")[0].as_py(), renamed)
+    tfr = with_column(tfr, "source", [renamed] * tfr.num_rows).replace_schema_metadata(
+        contract.encode_metadata({contract.INPUT: {"format": "tfrecord", "image_column": None}}))
+    manifest, _ = run(write_selection(tmp_path / "sel-tfr", tfr), tmp_path / "out-tfr", num_shards=2)
+    assert manifest["errors"] == 0 and manifest["unique_images"] == PER_KIND
+    written = {f["id"][0].decode(): f["image/encoded"][0] for recs in read_shards(tmp_path / "out-tfr").values()
+               for f in recs}
+    assert written == {rid: corpus["bytes"][rid] for rid in tfr.column("id").to_pylist()}
+
+
+def test_selection_is_read_through_the_contract(corpus, tmp_path):
+    table = corpus["table"]
+    unfinished = write_selection(tmp_path / "unfinished", table, complete=False)
+    with pytest.raises(InputError, match="unfinished balance run"):
+        run(unfinished, tmp_path / "o1", num_shards=2)
+    with pytest.raises(InputError, match="missing required column 'copies'.*ns-data balance"):
+        run(write_selection(tmp_path / "nocopies", table.drop_columns(["copies"])), tmp_path / "o2", num_shards=2)
+    mistyped = with_column(table, "copies", [str(c) for c in table.column("copies").to_pylist()], pa.string())
+    with pytest.raises(InputError, match="column 'copies' has type string"):
+        run(write_selection(tmp_path / "mistyped", mistyped), tmp_path / "o3", num_shards=2)
+    # Errors tables beside the data are never read as data.
+    beside = write_selection(tmp_path / "beside", table)
+    pq.write_table(pa.table({"id": ["x"], "reason": ["duplicate_id"]}), os.path.join(beside, "errors-00000.parquet"))
+    manifest, _ = run(beside, tmp_path / "o4", num_shards=2)
+    assert manifest["input"]["files"] == [os.path.join(beside, "selection-00000.parquet")]
+    assert manifest["input"]["rows"] == table.num_rows and manifest["errors"] == 0
+    assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o3")
+
+
 def test_nothing_readable_and_bad_options_fail_before_the_run(corpus, tmp_path):
     table = corpus["table"]
-    gone = table.set_column(table.schema.get_field_index("source"), "source",
-                            pa.array([str(tmp_path / "nowhere.jpg")] * table.num_rows))
-    sel = tmp_path / "sel"
-    sel.mkdir()
-    pq.write_table(gone, sel / "selection-00000.parquet")
+    gone = with_column(table, "source", [str(tmp_path / "nowhere.jpg")] * table.num_rows)
     with pytest.raises(InputError, match="none of .* sampled"):
-        run(str(sel), tmp_path / "out", num_shards=2)
-    with pytest.raises(ShardOptionsError, match="only one of"):
+        run(write_selection(tmp_path / "sel", gone), tmp_path / "out", num_shards=2)
+    with pytest.raises(OptionsError, match="only one of"):
         run(corpus["selection"], tmp_path / "o", num_shards=2, records_per_shard=10)
-    with pytest.raises(ShardOptionsError, match="more than the"):
+    with pytest.raises(OptionsError, match="more than the"):
         run(corpus["selection"], tmp_path / "o", num_shards=10_000)
-    with pytest.raises(ShardOptionsError, match="--num-classes"):
+    with pytest.raises(OptionsError, match="--num-classes"):
         run(corpus["selection"], tmp_path / "o", num_classes=None)
+    with pytest.raises(OptionsError, match="as a size"):
+        parse_size("lots")
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "o")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "train-00000-of-00001.tfrecord").write_bytes(b"x")
     with pytest.raises(OutputExists):
         run(corpus["selection"], tmp_path / "taken", num_shards=2)
+    assert (tmp_path / "taken" / "train-00000-of-00001.tfrecord").read_bytes() == b"x"
 
 
 def test_number_of_classes_comes_from_the_teacher_recorded_by_label(corpus, tmp_path):
     table = corpus["table"]
-    table = table.replace_schema_metadata({b"ns_data.teacher": json.dumps({"num_classes": 12}).encode()})
-    (tmp_path / "sel").mkdir()
-    pq.write_table(table, tmp_path / "sel" / "selection-00000.parquet")
-    manifest, _ = run(str(tmp_path / "sel"), tmp_path / "out", num_shards=2, num_classes=None)
-    assert manifest["num_classes"] == 12
+    table = table.replace_schema_metadata(contract.encode_metadata(
+        {contract.TEACHER: {"num_classes": 12}, contract.INPUT: {"format": "auto", "image_column": "pixels"}}))
+    manifest, _ = run(write_selection(tmp_path / "sel", table), tmp_path / "out", num_shards=2, num_classes=None)
+    assert manifest["num_classes"] == 12 and manifest["teacher"] == {"num_classes": 12}
     assert all(len(f["probabilities"]) == 12 for recs in read_shards(tmp_path / "out").values() for f in recs)
 
 
@@ -292,10 +425,11 @@ def test_dense_probabilities_spread_the_rest_of_the_mass():
     assert flat == pytest.approx(np.sqrt([0.5, 0.3, 0.2]) / np.sqrt([0.5, 0.3, 0.2]).sum())
 
 
-def test_pytorch_reader_reads_every_record_once(sharded):
-    out, manifest = sharded
-    ids = Counter((r["id"], r["label"]) for r in ShardDataset(str(out), seed=1))
-    assert sum(ids.values()) == manifest["records"]
+def test_pytorch_reader_reads_every_record_once(corpus, sharded):
+    out, _ = sharded
+    seen = Counter((r["id"], r["copy"], r["label"]) for r in ShardDataset(str(out), seed=1))
+    assert seen == Counter({(r["id"], c, r["label"]): 1 for r in corpus["table"].to_pylist()
+                            for c in range(r["copies"])})
 
 
 TF_SCRIPT = """
@@ -314,7 +448,8 @@ def test_tf_data_reader_parses_the_same_records(sharded):
     """TensorFlow runs in a child process: it may not share one with torch (DEVELOPERS.md)."""
     import hashlib
 
-    pytest.importorskip("tensorflow", reason="the `tf` extra is not installed")  # never imported here
+    if importlib.util.find_spec("tensorflow") is None:  # never imported here
+        pytest.skip("the `tf` extra is not installed")
     out, _ = sharded
     done = subprocess.run([sys.executable, "-c", TF_SCRIPT, str(out), str(CLASSES)], capture_output=True,
                           text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -327,17 +462,3 @@ def test_tf_data_reader_parses_the_same_records(sharded):
     for g, w in zip(sorted(got), sorted(want)):
         assert g[:3] == w[:3] and g[4] == w[4] and g[6] == w[6]
         assert g[3] == pytest.approx(w[3]) and g[5] == pytest.approx(w[5])
-
-
-def test_a_label_outside_the_classes_is_an_error_row(corpus, tmp_path):
-    table = corpus["table"]
-    labels = table.column("label").to_pylist()
-    labels[0] = CLASSES + 2
-    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int32()))
-    (tmp_path / "sel").mkdir()
-    pq.write_table(table, tmp_path / "sel" / "selection-00000.parquet")
-    manifest, _ = run(str(tmp_path / "sel"), tmp_path / "out", num_shards=2)
-    (error,) = pq.read_table(tmp_path / "out" / "errors-00000.parquet").to_pylist()
-    assert error["id"] == table.column("id")[0].as_py() and error["reason"] == "label_out_of_range"
-    assert manifest["errors_by_reason"] == {"label_out_of_range": 1}
-    assert str(CLASSES + 2) not in manifest["classes"]

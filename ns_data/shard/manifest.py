@@ -1,0 +1,121 @@
+"""The end of a run and what reads its output: manifest.json written last, the summary, a few records shown."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ns_data import contract, fs, tfrecord
+from ns_data.shard.plan import ShardContext
+from ns_data.shard.writing import write_shard
+
+FORMAT = "ns-data shards v1"
+
+
+def finalize(ctx: ShardContext, _written: list[dict], counts: dict, errors: list[dict]) -> str:
+    """Writes empty shards for any shard no record reached, the errors table, then manifest.json.
+
+    `_written` (this run's shard infos) only makes this step wait for every writer: the infos are read back from
+    the sidecars, which also hold the shards an interrupted run finished."""
+    opts = ctx.options
+    infos = []
+    for shard in range(ctx.num_shards):
+        if not fs.exists(ctx.sidecar(shard)):
+            write_shard(ctx, shard, [])
+        infos.append(fs.read_json(ctx.sidecar(shard)))
+    moves = []
+    if errors:
+        errors = sorted(errors, key=lambda e: (e["id"] or "", e["source"] or "", -1 if e["offset"] is None
+                                               else e["offset"], e["reason"]))
+        name = contract.SHARDS.errors_name(0)
+        with fs.create(ctx.output.tmp(name)) as f:
+            pq.write_table(pa.Table.from_pylist(errors, schema=contract.IMAGE_ERROR_SCHEMA), f)
+        moves.append((ctx.output.tmp(name), name))
+    classes: dict[str, int] = {}
+    for info in infos:
+        for label, n in info.pop("classes").items():  # per-shard histograms stay out: shards x classes
+            classes[label] = classes.get(label, 0) + n
+    by_reason = dict(sorted(counts.get("errors", {}).items()))
+    seconds = time.time() - ctx.started
+    total_bytes = sum(i["bytes"] for i in infos)
+    manifest = {
+        "format": FORMAT,
+        "shards": infos,
+        "num_shards": ctx.num_shards,
+        "records": sum(i["records"] for i in infos),
+        "bytes": total_bytes,
+        "unique_images": counts.get("images", 0),
+        "classes": dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
+        "errors": sum(by_reason.values()),
+        "errors_by_reason": by_reason,
+        "records_lost_to_errors": counts.get("records_lost", 0),
+        "features": feature_description(ctx.num_classes, opts.probabilities),
+        "num_classes": ctx.num_classes,
+        "teacher": ctx.teacher,
+        "placement": opts.placement(ctx.num_shards, ctx.num_classes),
+        "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
+        "input": {"files": list(ctx.files), "rows": ctx.total_rows, "records": ctx.total_records},
+        "resumed_shards": len(ctx.done),
+        "wall_seconds": round(seconds, 3),
+        "megabytes_per_second": round(total_bytes / 1e6 / max(seconds, 1e-9), 2),
+    }
+    return ctx.output.publish(moves, manifest)
+
+
+def feature_description(num_classes: int | None, probabilities: bool) -> dict[str, str]:
+    """The records' features (contract.RECORD_FEATURES) as the manifest lists them."""
+    return {name: f"{kind.replace('[num_classes]', f'[{num_classes}]')}: {meaning}"
+            for name, (kind, meaning) in contract.RECORD_FEATURES.items() if name != "probabilities" or probabilities}
+
+
+def format_summary(manifest: dict, output: str) -> str:
+    records = np.array([s["records"] for s in manifest["shards"]])
+    classes = np.array(list(manifest["classes"].values()) or [0])
+    lines = [
+        f"shard: {manifest['records']:,} records of {manifest['unique_images']:,} images in "
+        f"{manifest['num_shards']:,} shards, {manifest['bytes'] / 1e6:,.1f} MB"
+        + (f", {manifest['megabytes_per_second']:,.1f} MB/s ({manifest['wall_seconds']:,.1f} s)"
+           if manifest.get("wall_seconds") else ""),
+        f"  records per shard: min {records.min():,}  max {records.max():,}",
+        f"  classes: {len(manifest['classes']):,}, records per class: min {classes.min():,}  "
+        f"max {classes.max():,}",
+    ]
+    if manifest["errors"]:
+        lines.append(f"  errors: {manifest['errors']:,} rows ({manifest['records_lost_to_errors']:,} records) not "
+                     "written: " + ", ".join(f"{r} {n:,}" for r, n in manifest["errors_by_reason"].items()))
+    if manifest.get("resumed_shards"):
+        lines.append(f"  {manifest['resumed_shards']:,} shards were kept from an interrupted run")
+    names = [contract.SHARDS.marker, contract.SHARDS.data_pattern] + (
+        [contract.SHARDS.errors_name(0)] if manifest["errors"] else [])
+    lines.append(f"output: {output} ({', '.join(names)})")
+    return "\n".join(lines)
+
+
+def inspect_records(directory: str, manifest: dict, count: int) -> Iterator[str]:
+    """A few records of the first non-empty shard, decoded: what a trainer will see."""
+    from PIL import Image
+
+    shard = next((s["name"] for s in manifest["shards"] if s["records"]), None)
+    if shard is None or count == 0:
+        return
+    yield f"first {count} records of {shard}:"
+    with fs.open_read(fs.join(directory, shard)) as f:
+        for n, (_, data) in enumerate(tfrecord.read_records(f)):
+            if n >= count:
+                break
+            features = tfrecord.parse_example(data)
+            image = features["image/encoded"][0]
+            try:
+                with Image.open(io.BytesIO(image)) as img:
+                    picture = f"{img.format} {img.width}x{img.height}"
+            except Exception as err:  # noqa: BLE001 - shown, not fatal
+                picture = f"undecodable ({type(err).__name__})"
+            topk = ", ".join(f"{c}:{p:.3f}" for c, p in zip(features.get("topk_classes", [])[:3],
+                                                          features.get("topk_probs", [])[:3]))
+            yield (f"  {features['id'][0].decode()}#{features['copy'][0]}  label {features['label'][0]}  "
+                   f"prob {features['prob'][0]:.3f}  top {topk or '-'}  image {picture}, {len(image):,} bytes")

@@ -1,0 +1,236 @@
+"""Everything decided before any image is written: the selection read through the contract, its rows checked,
+the number of classes and of shards, the fingerprint, and the output's state (new, resumed or complete)."""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ns_data import contract, fs
+from ns_data.outputs import COMPLETE, RESUME, StageOutput, resuming
+from ns_data.progress import Progress
+from ns_data.reading import WorkUnit, inspect_inputs, open_parquet
+from ns_data.sources import read_back
+from ns_data.stage import InputError, OptionsError
+
+if TYPE_CHECKING:
+    from ns_data.shard import ShardOptions
+
+FILES_PER_GROUP = 1024  # standalone image files read by one task
+SAMPLE_ROWS = 64
+DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
+SPILL = "spill"  # the spill files' folder in the temp dir
+HINT = "is this a selection from `ns-data balance`?"
+
+# Why a selection row cannot be written (its error row's reason); the first failed check wins.
+NULL_ID, NULL_SOURCE, NULL_CONFIDENCE = "null_id", "null_source", "null_confidence"
+INVALID_COPIES = "invalid_copies"  # null, zero or negative
+LABEL_OUT_OF_RANGE = "label_out_of_range"  # null, negative, or >= the number of classes
+INVALID_TOPK = "invalid_topk"  # topk_classes and topk_probs of different lengths, or with nulls
+TOPK_OUT_OF_RANGE = "topk_out_of_range"  # a top-k class negative or >= the number of classes
+CHECKED_COLUMNS = {NULL_ID: ("id",), NULL_SOURCE: ("source",), NULL_CONFIDENCE: ("confidence",),
+                   INVALID_COPIES: ("copies",), LABEL_OUT_OF_RANGE: ("label",),
+                   INVALID_TOPK: ("topk_classes", "topk_probs"), TOPK_OUT_OF_RANGE: ("topk_classes",)}
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    options: ShardOptions
+    output: StageOutput
+    units: tuple[WorkUnit, ...]
+    columns: tuple[str, ...]  # selection columns read
+    read_settings: dict  # how `label` read the images: sources.read_back's image_column and input_format
+    num_shards: int
+    num_classes: int | None
+    file_groups: int
+    total_rows: int  # rows of the selection
+    valid_rows: int  # rows that pass the row checks: images to read
+    total_records: int  # their copies: records to write
+    files: tuple[str, ...]
+    done: frozenset[int]  # shards already in place from an interrupted run with the same fingerprint
+    spill: bool  # records go through spill files in the temp dir; only references cross the Beam shuffle
+    teacher: dict | None  # the teacher's identity as `label` recorded it in the selection
+    run_id: str
+    started: float
+
+    def shard_name(self, shard: int) -> str:
+        return contract.SHARDS.data_name(shard, self.num_shards)
+
+    def sidecar(self, shard: int) -> str:
+        return sidecar(self.output, self.shard_name(shard))
+
+    @property
+    def spill_dir(self) -> str:
+        return self.output.tmp(SPILL)
+
+    def progress(self) -> Progress:
+        return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images")
+
+
+# ------------------------------------------------------------------------------------------- rows
+
+
+def read_rows(unit: WorkUnit, columns: tuple[str, ...]) -> pa.Table:
+    return open_parquet(unit.path).read_row_group(unit.row_group, columns=list(columns))
+
+
+def row_reasons(table: pa.Table, num_classes: int | None) -> np.ndarray:
+    """Why each row cannot be written ("" when it can): the first failed check, vectorized over the table."""
+    copies = pc.fill_null(table.column("copies"), 0).to_numpy()
+    checks = [
+        (NULL_ID, _null(table, "id")),
+        (NULL_SOURCE, _null(table, "source")),
+        (NULL_CONFIDENCE, _null(table, "confidence")),
+        (INVALID_COPIES, copies <= 0),
+        (LABEL_OUT_OF_RANGE, _outside(pc.fill_null(table.column("label"), -1).to_numpy(), num_classes)),
+    ]
+    if "topk_classes" in table.column_names:
+        classes = table.column("topk_classes").combine_chunks()
+        probs = table.column("topk_probs").combine_chunks()
+        lengths_differ = _lengths(classes) != _lengths(probs)
+        flat = pc.list_flatten(classes)
+        null_entries = _any_in_row(classes, flat.is_null().to_numpy(zero_copy_only=False)) | _any_in_row(
+            probs, pc.list_flatten(probs).is_null().to_numpy(zero_copy_only=False))
+        checks.append((INVALID_TOPK, lengths_differ | null_entries))
+        checks.append((TOPK_OUT_OF_RANGE, _any_in_row(classes, _outside(pc.fill_null(flat, 0).to_numpy(),
+                                                                       num_classes))))
+    reasons = np.full(table.num_rows, "", dtype=object)
+    for reason, failed in reversed(checks):
+        reasons[failed] = reason
+    return reasons
+
+
+def row_error_detail(row: dict, reason: str, num_classes: int | None) -> str:
+    """The values that failed the check, for the error row's `detail`."""
+    values = ", ".join(f"{column} {row[column]}" for column in CHECKED_COLUMNS[reason])
+    if reason in (LABEL_OUT_OF_RANGE, TOPK_OUT_OF_RANGE) and num_classes is not None:
+        values += f" (classes are 0..{num_classes - 1})"
+    return values
+
+
+def _null(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).is_null().to_numpy()
+
+
+def _outside(classes: np.ndarray, num_classes: int | None) -> np.ndarray:
+    return (classes < 0) | (classes >= num_classes) if num_classes is not None else classes < 0
+
+
+def _lengths(lists: pa.Array) -> np.ndarray:
+    return pc.fill_null(pc.list_value_length(lists), -1).to_numpy(zero_copy_only=False)
+
+
+def _any_in_row(lists: pa.Array, flagged: np.ndarray) -> np.ndarray:
+    """Rows of `lists` holding a flagged value (`flagged` runs over pc.list_flatten(lists))."""
+    rows = np.zeros(len(lists), dtype=bool)
+    rows[pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)[flagged]] = True
+    return rows
+
+
+def scan_selection(units: list[WorkUnit], columns: tuple[str, ...], num_classes: int | None,
+                   sample_rows: int = SAMPLE_ROWS) -> tuple[int, int, list[dict]]:
+    """One pass over the selection's small columns, a row group at a time: the rows that pass the checks, their
+    records, and about `sample_rows` of them spread evenly over the row groups (for check_sample)."""
+    picked = set(np.linspace(0, len(units) - 1, min(len(units), 16)).astype(int)) if units else set()
+    per_unit = max(1, sample_rows // max(1, len(picked)))
+    valid_rows, records, sample = 0, 0, []
+    for i, unit in enumerate(units):
+        table = read_rows(unit, columns)
+        valid = np.flatnonzero(row_reasons(table, num_classes) == "")
+        valid_rows += len(valid)
+        records += int(pc.fill_null(table.column("copies"), 0).to_numpy()[valid].sum())
+        if i in picked and len(valid):
+            idx = np.unique(np.linspace(0, len(valid) - 1, min(per_unit, len(valid))).astype(int))
+            sample += table.take(pa.array(valid[idx])).to_pylist()
+    return valid_rows, records, sample
+
+
+# ------------------------------------------------------------------------------------------- sizes
+
+
+def check_sample(rows: list[dict], settings: dict) -> float:
+    """Reads the sampled images; their mean size in bytes. Fails early when none of them can be read (wrong
+    paths, a selection made on another machine), rather than writing shards of nothing but errors."""
+    sizes, failures = [], []
+    for row in rows:
+        data, reason, detail = next(read_back(row["source"], [row["offset"]], **settings))
+        (sizes.append(len(data)) if data is not None else failures.append(f"{row['source']}: {reason} ({detail})"))
+    if rows and not sizes:
+        raise InputError(f"none of {len(rows)} sampled selected images could be read; first: {failures[0]}")
+    return float(np.mean(sizes)) if sizes else 0.0
+
+
+def resolve_num_shards(opts: ShardOptions, total_records: int, record_bytes: float) -> int:
+    if opts.num_shards is not None:
+        n = opts.num_shards
+    elif opts.records_per_shard is not None:
+        n = math.ceil(total_records / opts.records_per_shard)
+    else:
+        limit = opts.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
+        n = math.ceil(total_records * record_bytes * 1.1 / limit)  # 10% room: image sizes vary
+    if opts.num_shards is not None and n > total_records:
+        raise OptionsError(f"--num-shards {n} is more than the {total_records:,} records to write")
+    return max(1, min(n, total_records))
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardContext | None:
+    """Everything checked before any image is written; None when the output is already complete."""
+    opts.validate()
+    files = [fs.absolute(path) for path in contract.table_files(opts.inputs, contract.SELECTION)]
+    schema, units = inspect_inputs(files, contract.READ_BACK_COLUMNS, hint=HINT)
+    total_rows = sum(u.num_rows for u in units)
+    soft = [c for c in contract.SOFT_LABEL_COLUMNS if c in schema.names and (c != "probs" or opts.probabilities)]
+    if ("topk_classes" in soft) != ("topk_probs" in soft):
+        raise InputError(f"{files[0]}: has one of topk_classes and topk_probs without the other; {HINT}")
+    settings = contract.read_metadata(schema, contract.INPUT) or {}
+    read_settings = {"image_column": settings.get("image_column"), "input_format": settings.get("format", "auto")}
+    num_classes = opts.num_classes or contract.num_classes(schema)
+    if opts.probabilities and num_classes is None and "probs" not in schema.names:
+        raise OptionsError("the number of classes is not recorded in the selection: pass --num-classes "
+                           "(or --no-probabilities)")
+    columns = contract.READ_BACK_COLUMNS + tuple(soft)
+    small_columns = tuple(c for c in columns if c != "probs")  # all the row checks need
+    valid_rows, total_records, sample = scan_selection(units, small_columns, num_classes)
+    if total_records == 0:
+        raise InputError(f"the selection has no rows to write ({total_rows:,} rows, none valid)")
+    record_bytes = check_sample(sample, read_settings) + 4 * (num_classes or 0) * opts.probabilities + 200
+    num_shards = resolve_num_shards(opts, total_records, record_bytes)
+    spill = opts.shuffle == "files" or (opts.shuffle == "auto" and local_runner and fs.is_local(opts.output))
+    if spill and not fs.is_local(opts.output):
+        raise OptionsError("--shuffle files needs a local --output (spill files are read back at random)")
+    fingerprint = fs.fingerprint([(path, fs.size(path)) for path in files], opts.placement(num_shards, num_classes))
+    output = StageOutput(opts.output, contract.SHARDS.stage, contract.SHARDS.marker,
+                         (contract.SHARDS.data_pattern, contract.SHARDS.errors_pattern), fingerprint)
+    state = output.begin(opts.overwrite)
+    if state == COMPLETE:
+        return None
+    done: frozenset[int] = frozenset()
+    if state == RESUME:
+        fs.delete_dir(output.tmp(SPILL))  # an interrupted run's spill files: never read again
+        done = frozenset(s for s in range(num_shards) if _in_place(output, contract.SHARDS.data_name(s, num_shards)))
+        echo(resuming(opts.output, "shard") + f": {len(done)} of {num_shards} shards already written")
+    return ShardContext(options=opts, output=output, units=tuple(units), columns=columns, read_settings=read_settings,
+                        num_shards=num_shards, num_classes=num_classes,
+                        file_groups=max(1, total_rows // FILES_PER_GROUP), total_rows=total_rows,
+                        valid_rows=valid_rows, total_records=total_records, files=tuple(files), done=done,
+                        spill=spill, teacher=contract.read_metadata(schema, contract.TEACHER),
+                        run_id=uuid.uuid4().hex[:12], started=time.time())
+
+
+def sidecar(output: StageOutput, name: str) -> str:
+    """The note (records, bytes, classes) a writer leaves in the temp dir for shard `name` before renaming it."""
+    return output.tmp(f"{name}.json")
+
+
+def _in_place(output: StageOutput, name: str) -> bool:
+    """Whether an interrupted run finished this shard: its sidecar written, the shard renamed into place."""
+    return fs.exists(sidecar(output, name)) and fs.exists(output.final(name))
