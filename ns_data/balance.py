@@ -34,7 +34,8 @@ from ns_data.memory import release_freed_memory
 from ns_data.outputs import COMPLETE, RESUME, StageOutput, already_complete
 from ns_data.progress import Progress
 from ns_data.reading import WorkUnit, inspect_inputs, iter_batches
-from ns_data.stage import OptionsError, SumCounts, after_all
+from ns_data.runner import SumCounts, after_all
+from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.balance"
 

@@ -28,8 +28,9 @@ from ns_data import contract, fs
 from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from ns_data.outputs import COMPLETE, RESUME, StageOutput
 from ns_data.progress import Progress
+from ns_data.runner import after_all
 from ns_data.sources import ImageRecord, ImageUnit, ReadSettings, known_total, plan_units, read_unit
-from ns_data.stage import OptionsError, after_all
+from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.label"
 

@@ -7,34 +7,56 @@ soft label, sparse (top-k classes and probabilities) and dense when the shard ho
 """
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ns_data import tfrecord
+from ns_data import contract, fs, tfrecord
+from ns_data.stage import InputError
 
-SHARD_GLOB = "*.tfrecord"
+OTHER_SHARDS = "*.tfrecord"  # what a directory of TFRecords that `ns-data shard` did not write is read as
 
 
-def list_shards(shards: str | list[str]) -> list[str]:
-    """Shard files named by a list of paths, a glob, or a directory (its *.tfrecord files), sorted."""
+def list_shards(shards: str | list[str], allow_incomplete: bool = False) -> list[str]:
+    """Shard files named by a list of paths, a glob, or a directory, sorted.
+
+    A directory `ns-data shard` wrote gives the shards of its manifest.json, and is refused while a run in it is
+    unfinished (`.tmp-shard/` and no manifest yet), unless `allow_incomplete`: then the shards already there.
+    Any other directory (labeled TFRecords a user made) gives its *.tfrecord files.
+    """
     if isinstance(shards, (list, tuple)):
-        return sorted(shards)
-    pattern = os.path.join(shards, SHARD_GLOB) if os.path.isdir(shards) else shards
-    found = sorted(glob.glob(pattern))
+        found = sorted(shards)
+    elif fs.is_glob(shards) or fs.is_file(shards):
+        found = [path for path, _ in fs.match(shards)]
+    elif shard_manifest(shards) is not None or (not allow_incomplete and _unfinished(shards)):
+        found = contract.SHARDS.data_files(shards)  # refuses an unfinished output
+    else:
+        found = fs.list_dir(shards, OTHER_SHARDS)
     if not found:
-        raise FileNotFoundError(f"no shards at {shards}")
+        raise InputError(f"no shards at {shards}")
     return found
+
+
+def shard_manifest(shards: str) -> dict | None:
+    """The manifest.json of a complete `ns-data shard` output (record count, teacher, ...); None for any other
+    shards, even beside a manifest.json that another tool wrote."""
+    kind = contract.SHARDS
+    if fs.is_glob(shards) or not fs.exists(fs.join(shards, kind.marker)) or not kind.is_output(shards):
+        return None
+    return kind.check_complete(shards)
+
+
+def _unfinished(directory: str) -> bool:
+    """Whether a `shard` run is under way (or was killed) in `directory`: its temp dir is there."""
+    return fs.dir_exists(fs.join(directory, contract.SHARDS.tmp_name))
 
 
 def example_to_record(features: dict[str, list]) -> dict[str, Any]:
     """A parsed tf.Example as a training record: image bytes, label (`label`, or ImageNet's `image/class/label`
     as it is), soft labels, id and copy where present."""
-    label = features["label"] if "label" in features else features["image/class/label"]  # ImageNet's layout
+    label = features["label"] if "label" in features else features[contract.IMAGENET_LABEL]
     record: dict[str, Any] = {"image": features["image/encoded"][0], "label": int(label[0])}
     if "id" in features:
         record["id"] = features["id"][0].decode()
@@ -55,8 +77,8 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: str | list[str], seed: int = 0, shuffle_shards: bool = True,
                  decode: Callable[[bytes], Any] | None = None, rank: int | None = None,
-                 world_size: int | None = None):
-        self.shards = list_shards(shards)
+                 world_size: int | None = None, allow_incomplete: bool = False):
+        self.shards = list_shards(shards, allow_incomplete)
         self.seed = seed
         self.shuffle_shards = shuffle_shards
         self.decode = decode
@@ -85,7 +107,7 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for path in self.shards_for_this_worker():
-            with open(path, "rb") as f:
+            with fs.open_read(path) as f:
                 for _, data in tfrecord.read_records(f):
                     record = example_to_record(tfrecord.parse_example(data))
                     if self.decode is not None:

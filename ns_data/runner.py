@@ -1,8 +1,10 @@
-"""Pipeline options: Beam's own flags pass through; the in-process runner is the default."""
+"""Running a stage's pipeline: the options (Beam's own flags pass through; the in-process runner is the default),
+the counters its steps add up, and the step that runs once all work is done."""
 from __future__ import annotations
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms.window import GlobalWindows
 
 # Beam's DirectRunner first tries to download the Prism runner; FnApiRunner runs in this process, offline.
 LOCAL_RUNNER = "FnApiRunner"
@@ -30,3 +32,46 @@ def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | N
     with make_pipeline(beam_args) as pipeline:
         spread = pipeline | "WorkUnits" >> beam.Create(list(units)) | "SpreadUnits" >> beam.Reshuffle()
         _ = spread | name >> stage
+
+
+def add_counts(total: dict, counts: dict) -> dict:
+    """Adds nested dicts of counters into `total` ({"labeled": 3, "errors": {"not_an_image": 1}})."""
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+class SumCounts(beam.CombineFn):
+    """Adds up nested dicts of counters."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, element):
+        return add_counts(acc, element)
+
+    def merge_accumulators(self, accs):
+        out: dict = {}
+        for acc in accs:
+            add_counts(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def in_global_window(out):
+    """What finish_bundle emits must carry its window (these pipelines have only the global one)."""
+    if isinstance(out, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
+    return GlobalWindows.windowed_value(out)
+
+
+def after_all(pipeline: beam.Pipeline, fn, *args, **side_inputs):
+    """Runs `fn(*args, **side_inputs)` once, after every side input is computed: a stage's last step."""
+    return (pipeline
+            | "FinalizeTrigger" >> beam.Create([None])
+            | "Finalize" >> beam.Map(lambda _, *a, **kw: fn(*a, **kw), *args, **side_inputs))

@@ -34,10 +34,12 @@ def feature_spec(num_classes: int | None, sparse: bool = True) -> dict:
 
 def shard_dataset(shards, num_classes: int | None = None, seed: int | None = 0, epochs: int | None = 1,
                   shard_index: int = 0, num_input_shards: int = 1, cycle_length: int = 8,
-                  sparse: bool = True) -> tf.data.Dataset:
+                  sparse: bool = True, allow_incomplete: bool = False) -> tf.data.Dataset:
     """Parsed records of the shards: files split over hosts (`shard_index` of `num_input_shards`), their order
-    shuffled per epoch with `seed` (None: kept in order), read `cycle_length` at a time (interleaved)."""
-    paths = list_shards(shards)
+    shuffled per epoch with `seed` (None: kept in order), read `cycle_length` at a time (interleaved). The shards
+    are found as `ns_data.readers.list_shards` finds them: an unfinished `ns-data shard` output is refused unless
+    `allow_incomplete`."""
+    paths = list_shards(shards, allow_incomplete)
     files = tf.data.Dataset.from_tensor_slices(paths).shard(num_input_shards, shard_index)
     if seed is not None:
         files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)

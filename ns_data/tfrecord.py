@@ -14,6 +14,8 @@ from typing import BinaryIO, Iterator
 import google_crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from ns_data import fs
+
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -62,7 +64,7 @@ def read_record_at(stream: BinaryIO, offset: int) -> bytes:
 def count_records(path: str) -> int:
     """Records in a TFRecord file, reading only the length headers (checked) and seeking past the data."""
     n = 0
-    with open(path, "rb") as f:
+    with fs.open_read(path) as f:
         while header := f.read(12):
             if len(header) < 12:
                 raise CorruptRecord(f"{path}: truncated record header after {n} records")

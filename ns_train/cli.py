@@ -1,5 +1,5 @@
 """The `ns-train` command line: `train` (one option per config field, over an optional YAML file), `eval`,
-`export`."""
+`export`. Every user error (bad config, missing shards, no run, an output in the way) is one line, `Error: ...`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,9 @@ import typing
 
 import click
 
-from ns_train.config import ConfigError, TrainConfig, load_config
+from ns_data.cli import OneLineErrors, quiet_logging
+from ns_data.stage import OptionsError
+from ns_train.config import TrainConfig, load_config
 
 
 def _option_for(field: dataclasses.Field):
@@ -36,36 +38,33 @@ def config_options(command):
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ns-data")
 def main() -> None:
     """Train Noisy Student teachers and students on TFRecord shards (labeled + `ns-data shard` output)."""
-    from ns_data.cli import quiet_logging
-
     quiet_logging()
 
 
 @main.command()
-@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="YAML file of config fields; options given here override it.")
+@click.option("--config", "config_path", default=None, help="YAML file of config fields; options given here "
+              "override it.")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
-              help="Run directory: config.yaml, checkpoint.pt, metrics.jsonl, results.json. Re-run to resume.")
+              help="Run directory: config.yaml, checkpoint.pt, metrics.jsonl, results.json (written last). Re-run "
+                   "with the same config to resume.")
+@click.option("--overwrite", is_flag=True, help="Replace a run of another config in --output.")
 @config_options
-def train(config_path, output, **overrides) -> None:
+def train(config_path, output, overwrite, **overrides) -> None:
     """Train a (noised) student; without --unlabeled, a teacher on labeled data only."""
     from ns_train.train import train as run
 
-    try:
-        cfg = load_config(config_path, overrides)
-        results = run(cfg, output, echo=lambda m: click.echo(m, err=True))
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from err
+    cfg = load_config(config_path, overrides)
+    results = run(cfg, output, echo=lambda m: click.echo(m, err=True), overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         click.echo(format_results(results, output))
 
 
 @main.command("eval")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir")
 @click.option("--shards", required=True, help="Labeled shards (directory or glob).")
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]))
 @click.option("--label-offset", default=None, type=int, help="Default: the run's.")
@@ -84,17 +83,18 @@ def eval_command(run_dir, shards, weights, label_offset) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir")
 @click.option("--output", required=True, help="The .safetensors file to write.")
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]),
               help="The EMA of the weights (when the run kept one) or the raw weights.")
-def export(run_dir, output, weights) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+def export(run_dir, output, weights, overwrite) -> None:
     """Write the student as the next teacher: `ns-data label --teacher OUTPUT` loads it as it is."""
     from ns_train.export import export_teacher
 
     if not output.endswith(".safetensors"):
-        raise click.UsageError("--output must end in .safetensors")
-    identity = export_teacher(run_dir, output, weights)
+        raise OptionsError("--output must end in .safetensors")
+    identity = export_teacher(run_dir, output, weights, overwrite)
     click.echo(f"exported {identity['model']} ({identity['num_classes']} classes, {weights} weights) to {output}\n"
                f"next: ns-data label IMAGES... --teacher {output} --output LABELS")
 

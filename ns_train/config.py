@@ -12,9 +12,11 @@ from typing import Any
 
 import yaml
 
+from ns_data.stage import StageError
 
-class ConfigError(ValueError):
-    """A config value out of its range, or an unknown key: reported before training starts."""
+
+class ConfigError(StageError):
+    """A config value out of its range, or an unknown key: reported before training starts, as one line."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,10 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     values: dict[str, Any] = {}
     if path:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value")
         unknown = sorted(set(values) - set(FIELDS))

@@ -8,8 +8,6 @@ DataLoader workers; the unlabeled stream also turns the teacher's top-k into the
 from __future__ import annotations
 
 import io
-import json
-import os
 from typing import Iterator
 
 import numpy as np
@@ -18,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ns_data import tfrecord
-from ns_data.readers import ShardDataset, list_shards
+from ns_data.readers import ShardDataset, list_shards, shard_manifest
 from ns_data.soft_labels import dense_probabilities, with_temperature
 from ns_train.config import TrainConfig
 
@@ -146,8 +144,8 @@ def loader(dataset, batch_size: int, workers: int) -> DataLoader:
 
 def count_records(shards: str) -> int:
     """Records in the shards: from ns-data's manifest.json when there is one, else by walking the framing."""
-    manifest = os.path.join(shards, "manifest.json")
-    if os.path.isfile(manifest):
-        with open(manifest) as f:
-            return int(json.load(f)["records"])
-    return sum(tfrecord.count_records(p) for p in list_shards(shards))
+    files = list_shards(shards)  # refuses an unfinished `ns-data shard` output
+    manifest = shard_manifest(shards)
+    if manifest is not None:
+        return int(manifest["records"])
+    return sum(tfrecord.count_records(p) for p in files)

@@ -94,11 +94,11 @@ def test_top1(run_dir: str) -> float:
 
 
 def pseudo_label_accuracy(labels_dir: str, answers: dict) -> float:
-    import glob
-
     import pyarrow.parquet as pq
 
-    table = pq.read_table(sorted(glob.glob(os.path.join(labels_dir, "labels-*.parquet"))), columns=["id", "label"])
+    from ns_data import contract
+
+    table = pq.read_table(contract.LABELS.data_files(labels_dir), columns=["id", "label"])
     ids, predicted = table.column("id").to_pylist(), table.column("label").to_pylist()
     return float(np.mean([answers[i] == p for i, p in zip(ids, predicted)]))
 
@@ -176,6 +176,9 @@ def main(argv=None) -> int:
     parser.add_argument("--student-epochs", type=float, default=30)
     parser.add_argument("--magnitude", type=int, default=6)
     args = parser.parse_args(argv)
+    from ns_data.cli import quiet_logging
+
+    quiet_logging()  # the labels are read through ns_data.contract, whose Beam import logs noise
     started = time.time()
     shutil.rmtree(args.output, ignore_errors=True)
     results = []

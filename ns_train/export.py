@@ -7,15 +7,17 @@ import os
 
 import torch
 
+from ns_data import fs
+from ns_data.stage import InputError, OutputExists
 from ns_data.teacher import EXPORT_METADATA
-from ns_train.config import ConfigError, TrainConfig, load_config
-from ns_train.train import CHECKPOINT, create_student, load_checkpoint
+from ns_train.config import TrainConfig, load_config
+from ns_train.train import CHECKPOINT, CONFIG, create_student, load_checkpoint
 
 
 def _checkpoint(run_dir: str) -> dict:
     path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):
-        raise ConfigError(f"{run_dir} has no {CHECKPOINT}: not a ns-train run directory")
+        raise InputError(f"{run_dir} has no {CHECKPOINT}: not a ns-train run directory")
     return load_checkpoint(path)
 
 
@@ -26,21 +28,22 @@ def _weights(state: dict, weights: str) -> dict[str, torch.Tensor]:
 def load_run_model(run_dir: str, weights: str = "ema") -> tuple[torch.nn.Module, TrainConfig]:
     """The run's model in eval mode (noise off), and its config."""
     state = _checkpoint(run_dir)
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), {})
+    cfg = load_config(os.path.join(run_dir, CONFIG), {})
     model = create_student(cfg)
     model.load_state_dict(_weights(state, weights))
     return model.eval(), cfg
 
 
-def export_teacher(run_dir: str, output: str, weights: str = "ema") -> dict:
-    from safetensors.torch import save_file
+def export_teacher(run_dir: str, output: str, weights: str = "ema", overwrite: bool = False) -> dict:
+    """Writes the run's latest checkpoint as `output`, complete or absent (a temporary name, then a rename); an
+    existing `output` is replaced only with `overwrite`."""
+    from safetensors.torch import save
 
+    if fs.exists(output) and not overwrite:
+        raise OutputExists(f"{output} already exists; pass --overwrite to replace it")
     state = _checkpoint(run_dir)
     identity = {"model": state["model_name"], "num_classes": state["num_classes"],
                 "preprocessing": state["preprocessing"], "step": state["step"], "weights": weights}
     tensors = {k: v.contiguous() for k, v in _weights(state, weights).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={EXPORT_METADATA: json.dumps(identity)})
-    os.replace(tmp, output)
+    fs.write_atomic(output, save(tensors, metadata={EXPORT_METADATA: json.dumps(identity)}))
     return identity

@@ -5,7 +5,9 @@ cross entropy (label smoothing) plus `unlabeled_ratio` times the unlabeled one, 
 targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under torchrun (DDP), and on TPU
 through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
 `config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it), `metrics.jsonl`,
-`results.json` (final evaluation).
+and `results.json` (final evaluation), written last: it marks the run finished. A run directory follows the
+output policy of every ns-data stage (ns_data.outputs): a re-run with the same config resumes an interrupted
+run or has nothing to do; another config needs --overwrite.
 """
 from __future__ import annotations
 
@@ -23,11 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ns_data import fs, outputs
+from ns_data.outputs import COMPLETE, StageOutput
+from ns_data.readers import list_shards, shard_manifest
+from ns_data.stage import StageError
 from ns_train.config import ConfigError, TrainConfig
 from ns_train.data import EvalSet, Normalize, TrainStream, count_records, eval_preprocessing, loader
 
 log = logging.getLogger("ns_train")
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"  # the run's marker, written last
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -110,13 +119,9 @@ def parameter_count(name: str, num_classes: int) -> int:
 
 def teacher_of(cfg: TrainConfig) -> str | None:
     """The teacher's model name: from the config, else as recorded in the pseudo-labeled shards' manifest."""
-    if cfg.teacher_model or not cfg.unlabeled or not os.path.isdir(cfg.unlabeled):
+    if cfg.teacher_model or not cfg.unlabeled:
         return cfg.teacher_model
-    manifest = os.path.join(cfg.unlabeled, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            return ((json.load(f).get("teacher") or {}).get("model"))
-    return None
+    return ((shard_manifest(cfg.unlabeled) or {}).get("teacher") or {}).get("model")
 
 
 def check_student_size(cfg: TrainConfig) -> str | None:
@@ -182,15 +187,15 @@ def evaluate(model: torch.nn.Module, shards: str, cfg: TrainConfig, device: torc
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+def save_checkpoint(path: str, state: dict[str, Any], tmp: str) -> None:
     """torch.save under a temporary name, then an atomic rename: a kill never leaves half a checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint of ours: tensors, numbers, strings and containers only, so no pickled code is run."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -219,22 +224,55 @@ def plan_steps(cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
     return per_epoch, cfg.steps or max(1, round(cfg.epochs * per_epoch))
 
 
-def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = None) -> dict[str, Any]:
-    """Trains (or resumes) into `output`; returns the final results. `stop_after` ends the run early after
-    that many steps of this call, as a kill would (used by tests)."""
+def run_output(cfg: TrainConfig, output: str) -> StageOutput:
+    """The run directory as a stage output: results.json its marker, the comparable config its fingerprint."""
+    return StageOutput(output, "train", RESULTS, (CHECKPOINT, CONFIG, METRICS),
+                       fs.fingerprint([], _comparable(cfg)))
+
+
+def _begin(run: StageOutput, overwrite: bool, rank: int, world: int, device: torch.device) -> tuple[str, dict]:
+    """Rank 0 applies the output policy to the run directory (it alone writes there) and tells every rank the
+    outcome, (NEW, RESUME or COMPLETE, a complete run's results), or the error, which all of them raise."""
+    outcome: list = [None]
+    if rank == 0:
+        try:
+            status = run.begin(overwrite)
+            outcome = [(status, run.read_marker() if status == COMPLETE else {})]
+        except (StageError, OSError) as err:
+            outcome = [err]
+    if world > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0, device=device if device.type == "cuda" else None)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Trains (or resumes) into `output`; returns the final results. A finished run of the same config is left
+    as it is (its results are returned); `overwrite` replaces a run of another config. `stop_after` ends the run
+    early after that many steps of this call, as a kill would (used by tests)."""
     rank, world = _distributed()
     main_process = rank == 0
-    os.makedirs(output, exist_ok=True)
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)  # timm's RandAugment draws from Python's random (seeded per worker by torch)
     device = pick_device(cfg)
-    per_epoch, total_steps = plan_steps(cfg, world)
+    per_epoch, total_steps = plan_steps(cfg, world)  # every input and the model checked before the output
+    for shards in (cfg.unlabeled, cfg.val):
+        if shards:
+            list_shards(shards)
+    model = create_student(cfg).to(device)
+    run = run_output(cfg, output)
+    status, complete_results = _begin(run, overwrite, rank, world, device)
+    if status == COMPLETE:
+        if main_process:
+            echo(outputs.already_complete(output))
+        return complete_results
     warning = check_student_size(cfg)
     if warning and main_process:
         echo(f"warning: {warning}")
 
-    model = create_student(cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -245,11 +283,9 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
     step = 0
-    path = os.path.join(output, CHECKPOINT)
-    if os.path.exists(path):
+    path = run.final(CHECKPOINT)
+    if os.path.exists(path):  # only when resuming: a new run starts from an empty directory
         state = load_checkpoint(path)
-        if state["config"] != _comparable(cfg):
-            raise ConfigError(f"{output} holds a run with another config; use a new output directory")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -260,8 +296,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
         if main_process:
             echo(f"resuming {output} at step {step} of {total_steps}")
     if main_process:
-        with open(os.path.join(output, "config.yaml"), "w") as f:
-            f.write(cfg.to_yaml())
+        fs.write_atomic(run.final(CONFIG), cfg.to_yaml().encode())
 
     net = model
     if world > 1 and device.type != "xla":
@@ -276,7 +311,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
                 else contextlib.nullcontext())
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     normalize = Normalize(cfg, device)
-    metrics = _Metrics(os.path.join(output, "metrics.jsonl") if main_process else None)
+    metrics = _Metrics(run.final(METRICS) if main_process else None)
     bar = None
     if cfg.progress and main_process:
         from tqdm import tqdm
@@ -290,8 +325,8 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             save_checkpoint(path, {
                 "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                "config": _comparable(cfg), "model_name": cfg.model, "num_classes": cfg.num_classes,
-                "preprocessing": eval_preprocessing(cfg), "rng": torch.get_rng_state()})
+                "model_name": cfg.model, "num_classes": cfg.num_classes,
+                "preprocessing": eval_preprocessing(cfg), "rng": torch.get_rng_state()}, run.tmp(CHECKPOINT))
 
     while step < total_steps:
         images, labels = next(labeled)
@@ -337,20 +372,18 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     if bar is not None:
         bar.close()
     results: dict[str, Any] = {"step": step, "total_steps": total_steps, "finished": step >= total_steps}
-    if step >= total_steps and main_process:
-        checkpoint()
+    if step >= total_steps and main_process:  # the last step wrote the last checkpoint
         if cfg.val:
             results["eval"] = evaluate(model, cfg.val, cfg, device)
             if ema is not None:
                 results["eval_ema"] = evaluate(ema.module, cfg.val, cfg, device)
             metrics.write({"step": step} | {k: v for k, v in results.items() if k.startswith("eval")})
-        with open(os.path.join(output, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        run.publish([], results)
     metrics.close()
     return results
 
 
 def _comparable(cfg: TrainConfig) -> dict:
-    """The config as saved in checkpoints; bookkeeping fields may change between a run and its resume."""
+    """The config a run's fingerprint is made of; bookkeeping fields may change between a run and its resume."""
     skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from ns_data import tfrecord
+from ns_data import outputs, tfrecord
+from ns_data.stage import InputError, OutputExists
 from ns_train import train as train_mod
 from ns_train.cli import main
 from ns_train.config import ConfigError, TrainConfig, load_config
-from ns_train.data import Normalize, TrainStream, eval_transform, loader, soft_target, train_transform
+from ns_train.data import Normalize, TrainStream, count_records, eval_transform, loader, soft_target, train_transform
 from ns_train.train import lr_factor, total_loss, unlabeled_loss
 
 CLASSES = 4
@@ -154,8 +155,10 @@ def test_kill_and_resume_continue_the_same_schedule(data, tmp_path):
     train_mod.train(cfg, str(whole), echo=lambda m: None)
     killed = tmp_path / "killed"
     partial = train_mod.train(cfg, str(killed), echo=lambda m: None, stop_after=5)  # killed after step 5
-    assert not partial["finished"]
-    assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 4  # the last checkpoint
+    assert not partial["finished"] and not (killed / "results.json").exists()
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 4  # the last checkpoint
+    with pytest.raises(OutputExists, match="unfinished train run of other inputs or options; pass --overwrite"):
+        train_mod.train(dataclasses.replace(cfg, lr=0.5), str(killed), echo=lambda m: None)
     said = []
     results = train_mod.train(cfg, str(killed), echo=said.append)
     assert said == [f"resuming {killed} at step 4 of 8"]
@@ -165,8 +168,55 @@ def test_kill_and_resume_continue_the_same_schedule(data, tmp_path):
     assert resumed == lr  # step 5 was logged twice (before the kill and after), with the same rate
     # 4 steps per epoch, so the rate halves every 2 steps; logged after each step's scheduler update
     assert [lr[s] for s in (1, 2, 3, 8)] == pytest.approx([0.01, 0.005, 0.005, 0.000625])
-    with pytest.raises(ConfigError, match="another config"):
-        train_mod.train(dataclasses.replace(cfg, lr=0.5), str(killed), echo=lambda m: None)
+
+
+def test_a_run_directory_follows_the_output_policy(data, tmp_path):
+    """Finished with the same config: nothing to do; another config: an error unless overwrite; the marker
+    (results.json) last, with the config's fingerprint."""
+    cfg = config(data, steps=2, val=None)
+    run = tmp_path / "run"
+    first = train_mod.train(cfg, str(run), echo=lambda m: None)
+    marker = json.loads((run / "results.json").read_text())
+    assert marker["fingerprint"] == train_mod.run_output(cfg, str(run)).fingerprint
+    assert not (run / ".tmp-train").exists()
+    said = []
+    again = train_mod.train(dataclasses.replace(cfg, log_every=5, workers=1), str(run), echo=said.append)
+    assert said == [outputs.already_complete(str(run))] and again["step"] == first["step"] == 2
+    assert len(metrics(run)) == 2  # nothing was trained again
+    with pytest.raises(OutputExists, match="complete train output of other inputs or options; pass --overwrite"):
+        train_mod.train(dataclasses.replace(cfg, steps=3), str(run), echo=lambda m: None)
+    replaced = train_mod.train(dataclasses.replace(cfg, steps=3), str(run), echo=lambda m: None, overwrite=True)
+    assert replaced["step"] == 3 and [m["step"] for m in metrics(run)] == [1, 2, 3]  # old metrics are gone
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text("")  # train files without a plan or marker: not ours to mix
+    with pytest.raises(OutputExists, match="pass --overwrite"):
+        train_mod.train(cfg, str(tmp_path / "other"), echo=lambda m: None)
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("rmsprop", "exponential"), ("sgd", "cosine"), ("adamw", "constant")])
+def test_checkpoints_load_as_weights_only(data, tmp_path, optimizer, schedule):
+    """Checkpoints hold tensors, numbers, strings and containers only: loadable with weights_only=True, and a
+    resume restores the optimizer, schedule and EMA state from them."""
+    cfg = config(data, steps=2, checkpoint_every=1, optimizer=optimizer, schedule=schedule, ema_decay=0.9,
+                 val=None)
+    train_mod.train(cfg, str(tmp_path / "run"), echo=lambda m: None, stop_after=1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 1 and state["ema"] and state["optimizer"]["state"] and state["rng"].dtype == torch.uint8
+    said = []
+    assert train_mod.train(cfg, str(tmp_path / "run"), echo=said.append)["finished"]
+    assert said == [f"resuming {tmp_path / 'run'} at step 1 of 2"]
+
+
+def test_records_are_counted_from_the_manifest_and_incomplete_shards_refused(data, tmp_path):
+    assert count_records(data["labeled"]) == 32  # labeled TFRecords of a user: walked
+    shards = tmp_path / "shards"
+    write_shards(shards, [{"image/encoded": b"x", "label": 0}] * 3)
+    (shards / ".tmp-shard").mkdir()
+    (shards / ".tmp-shard" / "plan.json").write_text("{}")  # `ns-data shard` was killed here
+    with pytest.raises(InputError, match="unfinished shard run"):
+        count_records(str(shards))
+    (shards / "manifest.json").write_text(json.dumps({"stage": "shard", "records": 5}))
+    assert count_records(str(shards)) == 5  # complete: the manifest says
 
 
 def test_exported_student_labels_like_the_trainers_own_eval(data, tmp_path):
@@ -238,14 +288,15 @@ def test_two_processes_under_torchrun_share_the_shards(data, tmp_path):
     logged = metrics(out)
     assert [m["step"] for m in logged] == [2, 4]
     assert logged[0]["epoch"] == pytest.approx(2 / 4)  # 32 labeled records, 2 ranks x 4 per step: 4 steps an epoch
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
 
 
 def test_a_student_smaller_than_its_teacher_is_warned_about(data, tmp_path):
     small = config(data, model="test_resnet", teacher_model="resnet18")
     assert "smaller than its teacher resnet18" in train_mod.check_student_size(small)
     assert train_mod.check_student_size(dataclasses.replace(small, model="resnet18")) is None
-    manifest = {"teacher": {"model": "resnet18"}}  # the teacher `label` recorded travels in the shards' manifest
+    # the teacher `label` recorded travels in the shards' manifest
+    manifest = {"stage": "shard", "teacher": {"model": "resnet18"}}
     shards = write_shards(tmp_path / "pseudo", [], count=1)
     (tmp_path / "pseudo" / "manifest.json").write_text(json.dumps(manifest))
     assert "smaller" in train_mod.check_student_size(dataclasses.replace(small, teacher_model=None, unlabeled=shards))

@@ -12,13 +12,13 @@ from apache_beam.metrics import Metrics
 from ns_data import tfrecord
 from ns_data.memory import release_freed_memory
 from ns_data.reading import WorkUnit
+from ns_data.runner import SumCounts, after_all
 from ns_data.shard.manifest import finalize
 from ns_data.shard.placement import group_keys, group_starts, place_records
 from ns_data.shard.plan import ShardContext, read_rows, row_error_detail, row_reasons
 from ns_data.shard.records import copy_feature, shared_features
 from ns_data.shard.writing import open_spill_file, write_shard
 from ns_data.sources import read_back
-from ns_data.stage import SumCounts, after_all
 
 NAMESPACE = "ns_data.shard"
 ERRORS, COUNTS, RECORDS = "errors", "counts", "records"

@@ -1,0 +1,117 @@
+"""`ns-train` on the command line: every user error is one line without a traceback (exit 1), and a run
+directory or an export file follows the output policy of every ns-data command (--overwrite)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ns_data import contract, outputs
+from ns_train.cli import main
+from tests.test_train import CLASSES, MODEL, picture, write_shards
+
+TINY = ["--model", MODEL, "--num-classes", str(CLASSES), "--image-size", "32", "--crop-pct", "1.0", "--steps", "2",
+        "--batch-size", "4", "--workers", "0", "--no-progress", "--ema-decay", "0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Labeled shards, a finished 2-step run on them, and an unfinished `ns-data shard` output."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    labeled = write_shards(root / "labeled", [{"image/encoded": picture(i % CLASSES, rng), "label": i % CLASSES}
+                                              for i in range(8)])
+    unfinished = write_shards(root / "unfinished", [{"image/encoded": picture(0, rng), "label": 0, "prob": 0.9}] * 4)
+    (root / "unfinished" / contract.SHARDS.tmp_name).mkdir()
+    (root / "unfinished" / contract.SHARDS.tmp_name / outputs.PLAN).write_text("{}")
+    run = str(root / "run")
+    result = CliRunner().invoke(main, ["train", "--output", run, "--labeled", labeled, *TINY])
+    assert result.exit_code == 0, result.output
+    (root / "bad.yaml").write_text("labeled: x\nlearning_rate: 1\n")
+    (root / "broken.yaml").write_text("labeled: [x\n")
+    return {"root": root, "labeled": labeled, "unfinished": unfinished, "run": run}
+
+
+def one_line_error(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+CASES = {
+    "eval of no run": (lambda s: ["eval", str(s["root"]), "--shards", s["labeled"]], "not a ns-train run directory"),
+    "export of no run": (lambda s: ["export", str(s["root"]), "--output", str(s["root"] / "t.safetensors")],
+                         "not a ns-train run directory"),
+    "eval on missing shards": (lambda s: ["eval", s["run"], "--shards", str(s["root"] / "none")], "no shards at"),
+    "missing labeled shards": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled",
+                                          str(s["root"] / "none"), *TINY], "no shards at"),
+    "unfinished unlabeled shards": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled", s["labeled"],
+                                               "--unlabeled", s["unfinished"], *TINY], "unfinished shard run"),
+    "option out of range": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled", s["labeled"],
+                                       *TINY, "--dropout", "1.5"], "out of range: dropout=1.5"),
+    "unknown model": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled", s["labeled"], *TINY,
+                                 "--model", "no_such_model"], "unknown timm model"),
+    "unknown config key": (lambda s: ["train", "--output", str(s["root"] / "r"), "--config",
+                                      str(s["root"] / "bad.yaml")], "unknown keys"),
+    "config not YAML": (lambda s: ["train", "--output", str(s["root"] / "r"), "--config",
+                                   str(s["root"] / "broken.yaml")], "not valid YAML"),
+    "missing config": (lambda s: ["train", "--output", str(s["root"] / "r"), "--config",
+                                  str(s["root"] / "none.yaml")], "No such file"),
+    "export to another format": (lambda s: ["export", s["run"], "--output", str(s["root"] / "t.pt")],
+                                 "must end in .safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_user_error_is_one_line(setup, case):
+    args, expected = CASES[case]
+    assert expected in one_line_error(args(setup))
+    assert not (setup["root"] / "r").exists()  # refused before the output was touched
+
+
+def test_the_installed_command_prints_nothing_but_the_error(tmp_path):
+    """As a user runs it: nothing logged while importing (Beam's noise), no traceback, one line."""
+    ns_train = os.path.join(os.path.dirname(sys.executable), "ns-train")
+    done = subprocess.run([ns_train, "eval", str(tmp_path), "--shards", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"Error: {tmp_path} has no checkpoint.pt: not a ns-train run directory"]
+
+
+def test_a_finished_run_is_not_trained_again_nor_replaced_without_overwrite(setup):
+    results = json.loads(open(f"{setup['run']}/results.json").read())
+    again = CliRunner().invoke(main, ["train", "--output", setup["run"], "--labeled", setup["labeled"], *TINY,
+                                      "--log-every", "7"])  # bookkeeping options may differ
+    assert again.exit_code == 0, again.output
+    assert outputs.already_complete(setup["run"]) in again.output and "step 2 of 2" in again.output
+    assert json.loads(open(f"{setup['run']}/results.json").read()) == results
+    error = one_line_error(["train", "--output", setup["run"], "--labeled", setup["labeled"], *TINY, "--lr", "0.5"])
+    assert "pass --overwrite" in error
+
+
+def test_export_replaces_a_file_only_with_overwrite(setup, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"something else")
+    assert "already exists; pass --overwrite" in one_line_error(["export", setup["run"], "--output", str(teacher)])
+    assert teacher.read_bytes() == b"something else"
+    done = CliRunner().invoke(main, ["export", setup["run"], "--output", str(teacher), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    from ns_data.teacher import exported_teacher
+
+    assert exported_teacher(str(teacher))["model"] == MODEL
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher.safetensors"]  # no temporary file left
+
+
+def test_train_overwrite_replaces_a_run_of_another_config(setup, tmp_path):
+    run = str(tmp_path / "run")
+    first = CliRunner().invoke(main, ["train", "--output", run, "--labeled", setup["labeled"], *TINY])
+    assert first.exit_code == 0, first.output
+    other = CliRunner().invoke(main, ["train", "--output", run, "--labeled", setup["labeled"], *TINY, "--steps", "3",
+                                      "--overwrite"])
+    assert other.exit_code == 0 and "step 3 of 3" in other.output, other.output
