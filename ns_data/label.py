@@ -322,7 +322,7 @@ def prepare(opts: LabelOptions) -> LabelContext | None:
 
     opts.validate()
     teacher = check_teacher(opts.teacher_spec())
-    units, settings = plan_units(opts.inputs, opts.read_settings, opts.max_images)
+    units, settings = plan_units(opts.inputs, opts.read_settings, opts.max_images, 4 * opts.batch_size)
     plan = [(u.kind, u.paths, u.row_group, u.limit, u.repeated) for u in units]
     fingerprint = fs.fingerprint([], plan, opts.decisive(), teacher, settings.as_metadata())
     output = StageOutput(opts.output, "label", contract.LABELS.marker,

@@ -290,9 +290,12 @@ def _root(item: str) -> str:
     return fs.split(item)[0] if fs.is_file(item) else item.rstrip("/")
 
 
-def plan_units(inputs, settings: ReadSettings = ReadSettings(), max_images: int | None = None
-               ) -> tuple[list[ImageUnit], ReadSettings]:
+def plan_units(inputs, settings: ReadSettings = ReadSettings(), max_images: int | None = None,
+               min_files_per_unit: int = 16) -> tuple[list[ImageUnit], ReadSettings]:
     """Work units of the inputs in a stable order, and the settings with the Parquet image column resolved.
+
+    Image files go `min_files_per_unit` or more to a unit (a few teacher batches), about 64 units in all, at most
+    MAX_FILES_PER_UNIT: enough units to spread and resume, few enough files out.
 
     Errors (an input with nothing to read, a Parquet input without the image column) come before the run."""
     if settings.format not in ("auto",) + tuple(FORMATS):
@@ -312,7 +315,7 @@ def plan_units(inputs, settings: ReadSettings = ReadSettings(), max_images: int 
     settings = _resolve_image_column(settings, [p for _, files in listed for p in files
                                                 if kind_of(p, settings.format) == "parquet"])
     total = sum(len(files) for _, files in listed)
-    files_per_unit = min(MAX_FILES_PER_UNIT, max(16, math.ceil(total / 64)))
+    files_per_unit = min(MAX_FILES_PER_UNIT, max(min_files_per_unit, math.ceil(total / 64)))
     units: list[ImageUnit] = []
     seen: set[str] = set()
     for _, files in listed:
