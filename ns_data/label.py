@@ -109,21 +109,20 @@ class LabelOptions:
 
 @dataclass(frozen=True)
 class LabelContext:
+    """What the workers and the last step share: small whatever the number of units (they travel with the job)."""
+
     options: LabelOptions
     settings: ReadSettings  # with the Parquet image column resolved
-    units: tuple[ImageUnit, ...]  # all of the run's units
-    done: frozenset[int]  # units finished by an interrupted run with the same fingerprint
     teacher: dict[str, Any]  # identity: model, checkpoint digest, preprocessing, precision, num_classes
     output: StageOutput
+    units: int  # of the whole run
+    resumed_units: int  # finished by an interrupted run with the same fingerprint
+    images_to_read: int | None  # by this run, when known without reading containers (for progress)
     run_id: str
     started: float
 
-    @property
-    def pending(self) -> list[ImageUnit]:
-        return [u for u in self.units if u.index not in self.done]
-
     def progress(self) -> Progress:
-        return Progress(self.run_id, "label", known_total(self.pending), self.options.progress, unit="images")
+        return Progress(self.run_id, "label", self.images_to_read, self.options.progress, unit="images")
 
     def schema(self) -> pa.Schema:
         return contract.pseudo_label_schema(self.options.probs, {contract.TEACHER: self.teacher,
@@ -131,11 +130,15 @@ class LabelContext:
 
 
 def unit_marker(index: int) -> str:
-    return f"unit-{index:06d}.json"
+    return f"unit-{index:08d}.json"
+
+
+def unit_marker_pattern() -> str:
+    return "unit-*.json"
 
 
 def unit_file(index: int, kind: str) -> str:
-    return f"unit-{index:06d}.{kind}.parquet"
+    return f"unit-{index:08d}.{kind}.parquet"
 
 
 # ------------------------------------------------------------------------------------------- the work
@@ -270,8 +273,11 @@ def finalize(ctx: LabelContext, counts_this_run: list[dict]) -> str:
     """Moves every unit's files into place under their final names (in unit order), then writes stats.json."""
     out, moves, total = ctx.output, [], {"labeled": 0, "errors": {}}
     numbered = {"labels": 0, "errors": 0}
-    for unit in ctx.units:
-        marker = fs.read_json(out.tmp(unit_marker(unit.index)))
+    markers = fs.list_dir(out.tmp_dir, unit_marker_pattern())
+    if len(markers) != ctx.units:
+        raise RuntimeError(f"internal check failed: {len(markers)} of {ctx.units} units are done")
+    for path in markers:
+        marker = fs.read_json(path)
         total["labeled"] += marker["labeled"]
         for reason, n in marker["errors"].items():
             total["errors"][reason] = total["errors"].get(reason, 0) + n
@@ -288,8 +294,8 @@ def finalize(ctx: LabelContext, counts_this_run: list[dict]) -> str:
         "labeled": total["labeled"],
         "errors": errors,
         "errors_by_reason": dict(sorted(total["errors"].items())),
-        "units": len(ctx.units),
-        "resumed_units": len(ctx.done),
+        "units": ctx.units,
+        "resumed_units": ctx.resumed_units,
         "images_read_this_run": labeled_now,
         "teacher": ctx.teacher,
         "input": ctx.settings.as_metadata(),
@@ -315,9 +321,10 @@ class Label(beam.PTransform):
 # ------------------------------------------------------------------------------------------- running
 
 
-def prepare(opts: LabelOptions) -> LabelContext | None:
-    """Everything checked before any image is read: options, teacher, inputs, the output's state.
-    None when the output is already complete for these inputs and options."""
+def prepare(opts: LabelOptions) -> tuple[LabelContext, list[ImageUnit]] | None:
+    """Everything checked before any image is read: options, teacher, inputs, the output's state; returns the
+    run's context and the units left to label. None when the output is already complete for these inputs and
+    options."""
     from ns_data.teacher import check_teacher
 
     opts.validate()
@@ -330,11 +337,14 @@ def prepare(opts: LabelOptions) -> LabelContext | None:
     state = output.begin(opts.overwrite)
     if state == COMPLETE:
         return None
-    done = frozenset()
+    done = set()
     if state == RESUME:
-        done = frozenset(u.index for u in units if fs.exists(output.tmp(unit_marker(u.index))))
-    return LabelContext(options=opts, settings=settings, units=tuple(units), done=done, teacher=teacher,
-                        output=output, run_id=uuid.uuid4().hex[:12], started=time.time())
+        done = {fs.name(p) for p in fs.list_dir(output.tmp_dir, unit_marker_pattern())}
+    pending = [u for u in units if unit_marker(u.index) not in done]
+    ctx = LabelContext(options=opts, settings=settings, teacher=teacher, output=output, units=len(units),
+                       resumed_units=len(units) - len(pending), images_to_read=known_total(pending),
+                       run_id=uuid.uuid4().hex[:12], started=time.time())
+    return ctx, pending
 
 
 def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
@@ -342,14 +352,15 @@ def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print
     from ns_data.outputs import already_complete, resuming
     from ns_data.runner import run_stage
 
-    ctx = prepare(opts)
-    if ctx is None:
+    prepared = prepare(opts)
+    if prepared is None:
         echo(already_complete(opts.output))
     else:
-        if ctx.done:
-            echo(resuming(opts.output, "label") + f": {len(ctx.done):,} of {len(ctx.units):,} units already done")
-        run_stage("Label", ctx.pending, Label(ctx), beam_args)
-    return fs.read_json(fs.join(opts.output, contract.LABELS.marker)), ctx is not None
+        ctx, pending = prepared
+        if ctx.resumed_units:
+            echo(resuming(opts.output, "label") + f": {ctx.resumed_units:,} of {ctx.units:,} units already done")
+        run_stage("Label", pending, Label(ctx), beam_args)
+    return fs.read_json(fs.join(opts.output, contract.LABELS.marker)), prepared is not None
 
 
 def format_summary(stats: dict, output: str) -> str:
