@@ -49,22 +49,27 @@ class OutputKind:
     def errors_name(self, index: int) -> str:
         return f"{self.errors_prefix}-{index:05d}.parquet"
 
+    def state(self, directory: str) -> tuple[bool, dict | None]:
+        """(whether `directory` holds this stage's output, complete or not; its marker when complete). A marker
+        that names another stage makes it no output of this one."""
+        path = fs.join(directory, self.marker)
+        if fs.exists(path):
+            marker = fs.read_json(path)
+            return (True, marker) if marker.get("stage") == self.stage else (False, None)
+        return fs.dir_exists(fs.join(directory, self.tmp_name)) or bool(fs.list_dir(directory, self.data_pattern)), None
+
     def is_output(self, directory: str) -> bool:
-        """Whether `directory` holds this stage's output, complete (its marker names the stage) or not."""
-        marker = fs.join(directory, self.marker)
-        if fs.exists(marker):
-            return fs.read_json(marker).get("stage") == self.stage
-        return fs.dir_exists(fs.join(directory, self.tmp_name)) or bool(fs.list_dir(directory, self.data_pattern))
+        return self.state(directory)[0]
 
     def check_complete(self, directory: str) -> dict:
         """The marker's content; a clear error when the output is unfinished or is not this stage's."""
-        if not self.is_output(directory):
-            raise InputError(f"{directory} is not a {self.stage} output (no {self.marker} of `ns-data {self.stage}`)")
-        marker = fs.join(directory, self.marker)
-        if not fs.exists(marker):
+        ours, marker = self.state(directory)
+        if marker is not None:
+            return marker
+        if ours:
             raise InputError(f"{directory} holds an unfinished {self.stage} run (no {self.marker}): run "
                              f"`ns-data {self.stage}` again with the same arguments to finish it")
-        return fs.read_json(marker)
+        raise InputError(f"{directory} is not a {self.stage} output (no {self.marker} of `ns-data {self.stage}`)")
 
     def data_files(self, directory: str) -> list[str]:
         """The data files of a complete output, sorted."""
@@ -193,10 +198,10 @@ def table_files(inputs: tuple[str, ...] | list[str], kind: OutputKind) -> list[s
         raise InputError("no input given")
     found: set[str] = set()
     for item in inputs:
-        if not fs.is_glob(item) and not fs.is_file(item) and kind.is_output(item):
+        named = fs.is_glob(item) or fs.is_file(item)
+        if not named and kind.is_output(item):
             files = kind.data_files(item)
-        elif not fs.is_glob(item) and not fs.is_file(item) and any(k.is_output(item) for k in STAGE_OUTPUTS):
-            other = next(k for k in STAGE_OUTPUTS if k.is_output(item))
+        elif not named and (other := next((k for k in STAGE_OUTPUTS if k.is_output(item)), None)):
             raise InputError(f"{item} is a {other.stage} output; expected a {kind.stage} output or Parquet files")
         else:
             files = [p for p, _ in fs.list_files(item) if p.endswith(".parquet")]

@@ -51,18 +51,12 @@ def exists(path: str) -> bool:
 
 def match(pattern: str) -> list[tuple[str, int]]:
     """(path, size) of the files matching a glob (`**` crosses directories), sorted by path."""
-    found = FileSystems.match([pattern])[0].metadata_list
-    return sorted((m.path, m.size_in_bytes) for m in found if not _is_local_dir(m.path))
-
-
-def _is_local_dir(path: str) -> bool:
-    return is_local(path) and os.path.isdir(path)
+    return sorted((m.path, m.size_in_bytes) for m in FileSystems.match([pattern])[0].metadata_list)
 
 
 def is_file(path: str) -> bool:
-    if is_local(path):
-        return os.path.isfile(path)
-    return any(p == path for p, _ in match(path)) if exists(path) else False
+    """A file (locally), or an object (object stores, where `exists` is true for objects only)."""
+    return os.path.isfile(path) if is_local(path) else exists(path)
 
 
 def list_files(item: str) -> list[tuple[str, int]]:

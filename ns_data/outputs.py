@@ -58,24 +58,19 @@ class StageOutput:
 
     def begin(self, overwrite: bool) -> str:
         """Checks the output against the policy; returns NEW (temp dir ready), RESUME or COMPLETE."""
-        marker, plan = self.final(self.marker), self.tmp(PLAN)
-        if fs.exists(marker):
-            if not overwrite and fs.read_json(marker).get("fingerprint") == self.fingerprint:
-                return COMPLETE
-            if not overwrite:
-                raise OutputExists(f"{self.path} holds a complete {self.stage} output of other inputs or options; "
-                                   "pass --overwrite to replace it")
-        elif fs.exists(plan):
-            if not overwrite and fs.read_json(plan).get("fingerprint") == self.fingerprint:
-                return RESUME
-            if not overwrite:
-                raise OutputExists(f"{self.path} holds an unfinished {self.stage} run of other inputs or options; "
-                                   "pass --overwrite to replace it")
-        elif (self._stage_files() or fs.dir_exists(self.tmp_dir)) and not overwrite:
+        found = next(((state, path) for state, path in ((COMPLETE, self.final(self.marker)), (RESUME, self.tmp(PLAN)))
+                      if fs.exists(path)), None)
+        if found and not overwrite:
+            state, path = found
+            if fs.read_json(path).get("fingerprint") == self.fingerprint:
+                return state
+            held = f"a complete {self.stage} output" if state == COMPLETE else f"an unfinished {self.stage} run"
+            raise OutputExists(f"{self.path} holds {held} of other inputs or options; pass --overwrite to replace it")
+        if not found and (self._stage_files() or fs.dir_exists(self.tmp_dir)) and not overwrite:
             raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
         self.clear()
         fs.mkdirs(self.tmp_dir)
-        fs.write_json(plan, {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
+        fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
         return NEW
 
     def clear(self) -> None:

@@ -42,10 +42,7 @@ def list_shards(shards: str | list[str], allow_incomplete: bool = False) -> list
 def shard_manifest(shards: str) -> dict | None:
     """The manifest.json of a complete `ns-data shard` output (record count, teacher, ...); None for any other
     shards, even beside a manifest.json that another tool wrote."""
-    kind = contract.SHARDS
-    if fs.is_glob(shards) or not fs.exists(fs.join(shards, kind.marker)) or not kind.is_output(shards):
-        return None
-    return kind.check_complete(shards)
+    return None if fs.is_glob(shards) else contract.SHARDS.state(shards)[1]
 
 
 def _unfinished(directory: str) -> bool:
