@@ -16,7 +16,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 # Noisy Student end to end on scikit-learn's digits: teacher -> label -> balance -> shard -> student, twice,
-# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 9 minutes on 2 CPU cores).
+# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 14 minutes on 2 CPU cores).
 demo: $(BIN)/.installed
 	$(BIN)/python -m ns_train.demo --output $(DEMO_DIR) --seeds 0 1 2 3 4
 	$(BIN)/ns-data inspect $(DEMO_DIR)/seed-0/shards-1

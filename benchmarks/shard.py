@@ -50,7 +50,7 @@ def corpus(n: int) -> dict[str, Path]:
     files = base / "files"
     subprocess.run([str(BIN / "ns-data"), "synth", "images", "--count", str(n), "--width", "500", "--height", "375",
                     "--output", str(files), "--overwrite"], check=True)
-    paths = sorted(str(p) for p in files.iterdir())
+    paths = sorted(str(p) for p in files.glob("img-*"))  # the images, not synth's marker
     rng = np.random.default_rng(0)
     copies = rng.integers(1, 4, n).astype(np.int32)
     rows = {"files": [(os.path.relpath(p, files), p, None) for p in paths], "tar": []}
