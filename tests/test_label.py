@@ -302,3 +302,11 @@ def test_random_weights_are_seeded_so_runs_repeat():
     torch.manual_seed(123)  # whatever the caller's RNG state
     b = _build_timm(TeacherSpec(model=MODEL, random_weights=True, num_classes=4)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_same_folder_twice_is_labeled_once_and_the_repeat_reported(tmp_path, teacher_files, images):
+    d = write_dir(tmp_path / "imgs", images)
+    stats, got, errors = label([d, d], tmp_path / "out", teacher_files)
+    assert sorted(got["id"]) == sorted(images)  # ids relative to the one root, each image once
+    assert sorted(errors["id"]) == sorted(images) and set(errors["reason"]) == {"duplicate_input"}
+    assert stats["images_read"] == 2 * len(images) == len(got) + len(errors)
