@@ -4,16 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-output
 
-.PHONY: test demo demo-synth bench clean
+.PHONY: test chromium demo demo-synth bench clean
 
 $(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,label,tf,train,demo]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,label,tf,train,demo,report]'
 	touch $@
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+test: $(BIN)/.installed chromium
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(BIN)/python -m pytest -q tests
+
+# The browser tests (tests/browser.py) need chromium: install Debian's when it is missing and we can (root,
+# apt-get); otherwise they skip with the reason. A no-op when chromium is already on PATH.
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
+		echo "make: apt-get install chromium failed; the browser tests will skip"
 
 # Noisy Student end to end on scikit-learn's digits: teacher -> label -> balance -> shard -> student, twice,
 # plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 14 minutes on 2 CPU cores).

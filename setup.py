@@ -30,7 +30,10 @@ setup(
         "demo": ["scikit-learn>=1.3"],
         # tf.data reader of shards (`ns_data.tf_data`); never imported by label or the PyTorch reader.
         "tf": ["tensorflow-cpu>=2.16"],
-        "test": ["pytest>=8"],
+        # Tests; Playwright drives the system chromium (tests/browser.py) and never downloads a browser.
+        "test": ["pytest>=8", "playwright>=1.45"],
+        # `ns-data report`: plots of every output in one HTML page.
+        "report": ["matplotlib>=3.7"],
         # Benchmarks compare against DuckDB and measure peak memory.
         "bench": ["duckdb>=1.1", "psutil>=5.9"],
     },
