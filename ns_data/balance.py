@@ -468,6 +468,7 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
         "total_copies": counts.get("total_copies", 0),
         "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
         "input_files": sorted({u.path for u in ctx.units}),
+        "teacher": contract.read_metadata(ctx.schema, contract.TEACHER),  # as label recorded it (class names)
         "classes": classes,
     }
 

@@ -118,7 +118,13 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
               help="timm model name (e.g. tf_efficientnet_b0.ns_jft_in1k), a student from `ns-train export` (.safetensors), or a TorchScript file.")
 @click.option("--checkpoint", default=None, help="Teacher weights: .safetensors or a PyTorch state dict.")
 @click.option("--random-weights", is_flag=True, help="No checkpoint: random weights (demos and benchmarks).")
+@click.option("--pretrained", is_flag=True,
+              help="timm's weights for --teacher (name or name.tag), through the Hugging Face hub cache "
+                   "(HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1: from the cache only).")
 @click.option("--num-classes", default=None, type=int, help="Classes of the teacher (default: from checkpoint).")
+@click.option("--class-names", default=None,
+              help="File naming the classes, for display: a line per class, a JSON list, or JSON {id: name} "
+                   "(default: timm's ImageNet names for an ImageNet head).")
 @click.option("--output", required=True, help="Output directory (local or any Beam filesystem).")
 @click.option("--input-format", default="auto", show_default=True,
               type=click.Choice(["auto", "files", "tfrecord", "tar", "parquet"]),
@@ -235,14 +241,19 @@ def shard(args, **kwargs) -> None:
 @click.argument("directory")
 @click.option("--records", default=3, show_default=True, type=click.IntRange(min=0),
               help="Records to decode and show from the first shard.")
-def inspect(directory, records) -> None:
+@click.option("--class-names", default=None,
+              help="File naming the classes (a line per class, a JSON list or {id: name}); default: the names "
+                   "the teacher recorded.")
+def inspect(directory, records, class_names) -> None:
     """Summarize a shard set from its manifest.json and show a few records decoded."""
+    from ns_data import class_names as names_of
     from ns_data.contract import SHARDS
     from ns_data.shard import format_summary, inspect_records
 
     manifest = SHARDS.check_complete(directory)
-    click.echo(format_summary(manifest, directory))
-    for line in inspect_records(directory, manifest, records):
+    names = names_of.read_file(class_names, manifest.get("num_classes")) if class_names else None
+    click.echo(format_summary(manifest, directory, names))
+    for line in inspect_records(directory, manifest, records, names):
         click.echo(line)
 
 

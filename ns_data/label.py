@@ -44,7 +44,9 @@ class LabelOptions:
     teacher: str
     checkpoint: str | None = None
     random_weights: bool = False
+    pretrained: bool = False  # timm's weights for the model, from the Hugging Face hub cache
     num_classes: int | None = None
+    class_names: str | None = None  # a file naming the classes (display only; recorded in the teacher identity)
     input_format: str = "auto"
     image_column: str | None = None
     id_column: str = "id"
@@ -73,6 +75,10 @@ class LabelOptions:
                 raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_images is not None and self.max_images < 1:
             raise OptionsError("--max-images must be at least 1")
+        if self.pretrained and self.checkpoint is not None:
+            raise OptionsError("--pretrained and --checkpoint both give the teacher's weights: give one")
+        if self.pretrained and self.random_weights:
+            raise OptionsError("--pretrained and --random-weights both give the teacher's weights: give one")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise OptionsError(f"--precision must be fp32, bf16 or fp16, got {self.precision}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
@@ -88,7 +94,8 @@ class LabelOptions:
 
     def decisive(self) -> dict[str, Any]:
         """The options that decide the rows (with the teacher's identity and the inputs): the fingerprint's."""
-        skip = {"inputs", "output", "overwrite", "progress", "batch_size", "decode_threads", "device"}
+        # The class names' file is not: its names are in the teacher's identity, which the fingerprint holds.
+        skip = {"inputs", "output", "overwrite", "progress", "batch_size", "decode_threads", "device", "class_names"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def teacher_spec(self):
@@ -97,14 +104,16 @@ class LabelOptions:
         model, checkpoint, num_classes, overrides = self.teacher, self.checkpoint, self.num_classes, {}
         exported = exported_teacher(self.teacher)
         if exported:  # a student exported by `ns-train export`: model name and preprocessing travel with it
+            if self.pretrained:
+                raise OptionsError(f"--pretrained takes a timm model name; {self.teacher} holds its own weights")
             model, checkpoint = exported["model"], self.teacher
             num_classes = num_classes or exported["num_classes"]
             overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in exported["preprocessing"].items()}
         overrides |= {k: getattr(self, k) for k in ("input_size", "crop_pct", "interpolation", "mean", "std")
                       if getattr(self, k) is not None}
         return TeacherSpec(model=model, checkpoint=checkpoint, random_weights=self.random_weights,
-                           num_classes=num_classes, device=self.device, precision=self.precision,
-                           channels_last=self.channels_last, preprocessing=tuple(sorted(overrides.items())))
+                           pretrained=self.pretrained, num_classes=num_classes, device=self.device,
+                           precision=self.precision, channels_last=self.channels_last, preprocessing=tuple(sorted(overrides.items())))
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class LabelContext:
 
     options: LabelOptions
     settings: ReadSettings  # with the Parquet image column resolved
-    teacher: dict[str, Any]  # identity: model, checkpoint digest, preprocessing, precision, num_classes
+    teacher: dict[str, Any]  # identity: model, weights' digest, preprocessing, precision, num_classes, class names
     output: StageOutput
     units: int  # of the whole run
     resumed_units: int  # finished by an interrupted run with the same fingerprint
@@ -158,10 +167,11 @@ class LabelUnitFn(beam.DoFn):
         self.units = Metrics.counter(NAMESPACE, "units_done")
 
     def setup(self):
-        from ns_data.teacher import build_model, make_transform
+        from ns_data.teacher import build_model, check_same_weights, make_transform
 
         self.spec = self.ctx.options.teacher_spec()
         self.model = build_model(self.spec)
+        check_same_weights(self.spec, self.ctx.teacher)
         self.transform = make_transform(self.ctx.teacher["preprocessing"])
         self.pool = ThreadPoolExecutor(max_workers=self.ctx.options.decode_threads)
         self.progress = self.ctx.progress()
@@ -328,7 +338,7 @@ def prepare(opts: LabelOptions) -> tuple[LabelContext, list[ImageUnit]] | None:
     from ns_data.teacher import check_teacher
 
     opts.validate()
-    teacher = check_teacher(opts.teacher_spec())
+    teacher = check_teacher(opts.teacher_spec(), opts.class_names)
     units, settings = plan_units(opts.inputs, opts.read_settings, opts.max_images, 4 * opts.batch_size)
     plan = [(u.kind, u.paths, u.row_group, u.limit, u.repeated) for u in units]
     fingerprint = fs.fingerprint([], plan, opts.decisive(), teacher, settings.as_metadata())
@@ -364,11 +374,15 @@ def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print
 
 
 def format_summary(stats: dict, output: str) -> str:
+    teacher = stats["teacher"]
     lines = [f"label: {stats['images_read']:,} images read = {stats['labeled']:,} labeled + "
              f"{stats['errors']:,} errors, {stats['images_per_second']:,.1f} images/s "
              f"({stats['wall_seconds']:,.1f} s)",
-             f"  teacher: {stats['teacher']['model']} ({stats['teacher']['num_classes']} classes, "
-             f"{stats['teacher']['precision']})"]
+             f"  teacher: {teacher['model']} ({teacher['num_classes']:,} classes"
+             + (f", names from {teacher['class_names_from']}" if teacher.get("class_names_from") else "")
+             + f", {teacher['precision']})"]
+    if teacher.get("pretrained"):
+        lines.append(f"  weights: {teacher['checkpoint']} (sha256 {teacher['checkpoint_sha256'][:12]})")
     if stats.get("resumed_units"):
         lines.append(f"  resumed: {stats['resumed_units']:,} of {stats['units']:,} units were done by an "
                      f"interrupted run; {stats['images_read_this_run']:,} images read in this one")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ns_data import class_names
+
 
 def _pct(values: np.ndarray) -> str:
     if not len(values):
@@ -11,7 +13,9 @@ def _pct(values: np.ndarray) -> str:
     return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p10", "median", "p90", "max"), q))
 
 
-def format_summary(stats: dict, output: str) -> str:
+def format_summary(stats: dict, output: str, names: list[str] | None = None) -> str:
+    """Classes are named by `names`, else by the names of the teacher recorded in stats.json."""
+    names = names if names is not None else class_names.of_teacher(stats.get("teacher"))
     opts = stats["options"]
     per_class = opts["per_class"]
     classes = stats["classes"]
@@ -43,7 +47,7 @@ def format_summary(stats: dict, output: str) -> str:
                          f"median {np.median(factor):.2f}  max {factor.max():.2f}")
         smallest = np.argsort(selected, kind="stable")[:5]
         lines.append("  smallest classes: " + ", ".join(
-            f"{labels[i]} ({selected[i]:,} rows)" for i in smallest))
+            f"{class_names.display(labels[i], names)} ({selected[i]:,} rows)" for i in smallest))
     num_classes = opts.get("num_classes")
     if num_classes:
         empty = num_classes - len(classes)

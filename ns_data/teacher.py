@@ -1,5 +1,6 @@
-"""The teacher: a timm model with weights from a local file (or a TorchScript file), its eval preprocessing,
-and `predict`, which turns a batch of images into soft pseudo labels.
+"""The teacher: a timm model with weights from a local file, or timm's own weights from the Hugging Face hub
+cache (`pretrained`), or a TorchScript file; its eval preprocessing, and `predict`, which turns a batch of images
+into soft pseudo labels.
 
 The teacher is never noised: eval mode, inference mode, softmax at temperature 1 (the trainer applies its own
 temperature). Everything that can be wrong with it (unknown model, missing file, weights that do not fit) is
@@ -30,6 +31,7 @@ class TeacherSpec:
     model: str  # a timm model name, or the path of a TorchScript file
     checkpoint: str | None = None  # safetensors or a PyTorch state dict (loaded with weights_only=True)
     random_weights: bool = False  # no checkpoint: random weights (demos, benchmarks, tests)
+    pretrained: bool = False  # timm's weights for the model (name[.tag]), through the Hugging Face hub cache
     num_classes: int | None = None  # default: from the checkpoint, else the model's default
     device: str = "cpu"
     precision: str = "fp32"
@@ -98,7 +100,23 @@ def _classes_in(state: dict, model) -> int | None:
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
-_BUILT: dict[TeacherSpec, torch.nn.Module] = {}
+@dataclass(frozen=True)
+class HubWeights:
+    """Where `--pretrained` weights came from: the hub repository, the commit and file resolved, the local path
+    of that file in the Hugging Face cache."""
+
+    hub_id: str
+    revision: str  # the commit of the snapshot the file is in
+    filename: str
+    path: str
+    tag: str | None  # timm's pretrained tag (`ns_jft_in1k`)
+
+    @property
+    def uri(self) -> str:
+        return f"hf://{self.hub_id}@{self.revision}/{self.filename}"
+
+
+_BUILT: dict[TeacherSpec, tuple[torch.nn.Module, HubWeights | None]] = {}
 
 
 def build_model(spec: TeacherSpec) -> torch.nn.Module:
@@ -107,37 +125,63 @@ def build_model(spec: TeacherSpec) -> torch.nn.Module:
     if spec not in _BUILT:
         _BUILT.clear()  # one teacher per process
         _BUILT[spec] = _build(spec)
-    return _BUILT[spec]
+    return _BUILT[spec][0]
 
 
-def _build(spec: TeacherSpec) -> torch.nn.Module:
+def hub_weights(spec: TeacherSpec) -> HubWeights | None:
+    """The hub file a built `pretrained` teacher was loaded from (None for other teachers)."""
+    build_model(spec)
+    return _BUILT[spec][1]
+
+
+def _build(spec: TeacherSpec) -> tuple[torch.nn.Module, HubWeights | None]:
     if spec.precision not in PRECISIONS:
         raise TeacherError(f"unknown precision {spec.precision!r}; one of {', '.join(PRECISIONS)}")
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
         raise TeacherError(f"--device {spec.device}: CUDA is not available on this machine")
+    weights = None
     if spec.is_torchscript:
+        if spec.pretrained:
+            raise TeacherError(f"--pretrained takes a timm model name, not a TorchScript file ({spec.model})")
         try:
             model = torch.jit.load(spec.model, map_location="cpu")
         except Exception as err:  # noqa: BLE001
             raise TeacherError(f"cannot load TorchScript teacher {spec.model}: {err}") from err
+    elif spec.pretrained:
+        model, weights = _build_pretrained(spec)
     else:
         model = _build_timm(spec)
     model = model.eval().to(spec.device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return model, weights
+
+
+def _pretrained_cfg(name: str):
+    """timm's pretrained config of `name` (a model, optionally `.tag`); a clear error for an unknown one."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        raise TeacherError(f"unknown model {name!r}" + (f"; similar: {', '.join(close)}" if close else "")
+                           + " (or give the path of a TorchScript file)")
+    try:
+        return get_pretrained_cfg(name)
+    except RuntimeError as err:  # a tag the model does not have
+        arch = name.split(".")[0]
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise TeacherError(f"unknown pretrained tag in {name!r}"
+                           + (f"; {arch} has: {', '.join(tags[:8])}" if tags else f"; {arch} has none")) from err
 
 
 def _build_timm(spec: TeacherSpec) -> torch.nn.Module:
     import timm
 
-    if not timm.is_model(spec.model):
-        close = timm.list_models(f"*{spec.model.split('.')[0].split('_')[0]}*")[:8]
-        raise TeacherError(f"unknown model {spec.model!r}" + (f"; similar: {', '.join(close)}" if close else "")
-                           + " (or give the path of a TorchScript file)")
+    _pretrained_cfg(spec.model)
     if spec.checkpoint is None and not spec.random_weights:
-        raise TeacherError("give --checkpoint FILE with the teacher's weights (or --random-weights for a demo); "
-                           "weights are never downloaded")
+        raise TeacherError("give --checkpoint FILE with the teacher's weights, or --pretrained for timm's weights "
+                           "from the Hugging Face hub (or --random-weights for a demo)")
     state = load_state_dict(spec.checkpoint) if spec.checkpoint else None
     with torch.random.fork_rng():  # random weights are seeded: the same model on every worker and run
         torch.manual_seed(0)
@@ -147,6 +191,102 @@ def _build_timm(spec: TeacherSpec) -> torch.nn.Module:
             torch.manual_seed(0)
             return _load(spec, timm.create_model(spec.model, pretrained=False, num_classes=num_classes), state)
     return _load(spec, probe, state)
+
+
+def _hub_files(cfg) -> list[str]:
+    """The files timm asks the hub for, in its order: the config's `hf_hub_filename`, else `model.safetensors`
+    then `pytorch_model.bin` (timm.models._hub.load_state_dict_from_hf)."""
+    filename = cfg.hf_hub_filename or "pytorch_model.bin"
+    if filename.endswith(".safetensors"):
+        return [filename]
+    try:
+        from timm.models._hub import _get_safe_alternatives
+
+        safe = list(_get_safe_alternatives(filename))
+    except ImportError:
+        safe = ["model.safetensors"] if filename == "pytorch_model.bin" else []
+    return safe + [filename]
+
+
+def resolve_hub_weights(name: str) -> HubWeights:
+    """The local file of timm's weights for `name`, from the Hugging Face hub cache (downloaded into it as
+    timm does unless HF_HUB_OFFLINE is set; HF_HOME / HF_HUB_CACHE say where the cache is). A clear error when
+    the model has no hub weights or they cannot be had."""
+    cfg = _pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise TeacherError(f"--pretrained: timm has no weights on the Hugging Face hub for {name!r}"
+                           + (f" (tag {cfg.tag})" if cfg is not None and cfg.tag else "")
+                           + "; give --checkpoint FILE")
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from timm.models._hub import hf_split
+
+    repo, revision = hf_split(cfg.hf_hub_id)
+    where = f"{repo}" + (f"@{revision}" if revision else "")
+    first_error = None
+    for filename in _hub_files(cfg):
+        try:
+            path = hf_hub_download(repo, filename, revision=revision, library_name="timm")
+        except EntryNotFoundError as err:  # this file is not there (in the cache, or on the hub): try the next
+            first_error = first_error or err
+            continue
+        except GatedRepoError as err:
+            raise TeacherError(f"--pretrained {name}: {where} is gated on the Hugging Face hub: log in "
+                               "(`hf auth login` or HF_TOKEN) with an account that has access") from err
+        except RepositoryNotFoundError as err:
+            raise TeacherError(f"--pretrained {name}: no repository {repo} on the Hugging Face hub") from err
+        except RevisionNotFoundError as err:
+            raise TeacherError(f"--pretrained {name}: {repo} has no revision {revision}") from err
+        except Exception as err:  # noqa: BLE001 - network, permissions, a broken cache: one line, not a traceback
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise TeacherError(f"--pretrained {name}: cannot fetch {where}: {type(err).__name__}"
+                               + (f": {detail}" if detail else "")) from err
+        snapshot = os.path.dirname(path[: len(path) - len(filename)])
+        return HubWeights(hub_id=repo, revision=os.path.basename(snapshot) or (revision or ""), filename=filename,
+                          path=path, tag=cfg.tag)
+    files = " or ".join(_hub_files(cfg))
+    if isinstance(first_error, LocalEntryNotFoundError):
+        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
+               else "the hub cannot be reached")
+        raise TeacherError(f"--pretrained {name}: the weights ({where}, {files}) are not in the Hugging Face cache "
+                           f"{constants.HF_HUB_CACHE} and {why}") from first_error
+    raise TeacherError(f"--pretrained {name}: {where} on the Hugging Face hub has no {files}") from first_error
+
+
+def _build_pretrained(spec: TeacherSpec) -> tuple[torch.nn.Module, HubWeights]:
+    """timm's model with its pretrained weights, loaded by timm (its checkpoint filter, its config) from the
+    very file `resolve_hub_weights` found, so the digest recorded is the digest of the weights used."""
+    import timm
+
+    if spec.checkpoint is not None or spec.random_weights:
+        raise TeacherError("--pretrained cannot be combined with --checkpoint or --random-weights")
+    weights = resolve_hub_weights(spec.model)
+    cfg = _pretrained_cfg(spec.model)
+    if spec.num_classes and cfg.num_classes and spec.num_classes != cfg.num_classes:
+        raise TeacherError(f"--num-classes {spec.num_classes}: the pretrained {spec.model} has {cfg.num_classes} "
+                           "classes (a new head would be random)")
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = timm.create_model(spec.model, pretrained=True, pretrained_cfg_overlay={"file": weights.path})
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file in the cache
+        detail = " ".join(str(err).strip().splitlines()[:2])
+        raise TeacherError(f"--pretrained {spec.model}: cannot load {weights.path}: {type(err).__name__}: "
+                           f"{detail}") from err
+    return model, weights
+
+
+def check_same_weights(spec: TeacherSpec, teacher: dict[str, Any]) -> None:
+    """On a worker: the hub weights it resolved are those the run was launched with (the identity recorded).
+    The same snapshot is the same file; another one (the hub moved on) is hashed and compared."""
+    weights = hub_weights(spec)
+    recorded = teacher.get("pretrained") or {}
+    if weights is None or (weights.revision, weights.filename) == (recorded.get("revision"), recorded.get("file")):
+        return
+    if file_sha256(weights.path) != teacher.get("checkpoint_sha256"):
+        raise TeacherError(f"the weights of {spec.model} resolved here ({weights.uri}) are not those the run was "
+                           f"launched with ({recorded.get('revision')}): run the command again")
 
 
 def _load(spec: TeacherSpec, model: torch.nn.Module, state: dict | None) -> torch.nn.Module:
@@ -184,8 +324,12 @@ def make_transform(config: dict[str, Any]):
     return create_transform(**args, is_training=False)
 
 
-def check_teacher(spec: TeacherSpec) -> dict[str, Any]:
-    """Builds the teacher once and runs it on one blank image; returns its identity (recorded in outputs)."""
+def check_teacher(spec: TeacherSpec, class_names_file: str | None = None) -> dict[str, Any]:
+    """Builds the teacher once and runs it on one blank image; returns its identity (recorded in outputs), with
+    the class names from `class_names_file` (checked against the class count), else timm's ImageNet names
+    when the head is an ImageNet one, else none."""
+    from ns_data import class_names
+
     model = build_model(spec)
     config = resolve_preprocessing(spec, model)
     size = config["input_size"]
@@ -196,18 +340,31 @@ def check_teacher(spec: TeacherSpec) -> dict[str, Any]:
         raise TeacherError(f"the teacher fails on a {size} input: {type(err).__name__}: {err}") from err
     if out.ndim != 2:
         raise TeacherError(f"the teacher returns shape {tuple(out.shape)}; expected (batch, classes) logits")
+    num_classes = int(out.shape[1])
+    weights = hub_weights(spec)
     checkpoint = spec.checkpoint or (spec.model if spec.is_torchscript else None)
-    return {
+    names, names_from = None, None
+    if class_names_file:
+        names, names_from = class_names.read_file(class_names_file, num_classes), class_names_file
+    elif not spec.is_torchscript and (names := class_names.from_timm(model)) is not None:
+        names_from = f"timm {class_names.timm_subset(model)}"
+    identity = {
         "model": spec.model,
-        "checkpoint": checkpoint,
-        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
-        "random_weights": spec.random_weights and checkpoint is None,  # seeded with 0
-        "num_classes": int(out.shape[1]),
+        "checkpoint": weights.uri if weights else checkpoint,
+        "checkpoint_sha256": file_sha256(weights.path if weights else checkpoint) if weights or checkpoint else None,
+        "random_weights": spec.random_weights and checkpoint is None and weights is None,  # seeded with 0
+        "num_classes": num_classes,
         "preprocessing": config,
         "precision": spec.precision,
         "softmax_temperature": 1.0,
         "torch": torch.__version__,
+        "class_names": names,
+        "class_names_from": names_from,
     }
+    if weights:
+        identity["pretrained"] = {"hub_id": weights.hub_id, "revision": weights.revision, "file": weights.filename,
+                                  "tag": weights.tag}
+    return identity
 
 
 def predict(model: torch.nn.Module, images: torch.Tensor, spec: TeacherSpec, topk: int, with_probs: bool

@@ -91,6 +91,12 @@ def test_label_command_and_entry_point(tmp_path):
     result = CliRunner().invoke(main, ["label", str(images), "--teacher", "test_efficientnet",
                                        "--output", str(tmp_path / "l2")])
     assert result.exit_code == 1 and "--checkpoint" in result.output and result.output.count("\n") == 1
+    (tmp_path / "names.txt").write_text("zero\none\ntwo\n")
     label_pipeline.run([str(images), "--teacher", "test_efficientnet", "--random-weights", "--output",
-                        str(tmp_path / "l3"), "--max-images", "5", "--no-progress"])
-    assert json.loads((tmp_path / "l3" / "stats.json").read_text())["labeled"] == 5
+                        str(tmp_path / "l3"), "--max-images", "5", "--no-progress", "--num-classes", "3",
+                        "--class-names", str(tmp_path / "names.txt")])
+    stats = json.loads((tmp_path / "l3" / "stats.json").read_text())
+    assert stats["labeled"] == 5 and stats["teacher"]["class_names"] == ["zero", "one", "two"]
+    usage = CliRunner().invoke(main, ["label", "--help"]).output
+    assert "--pretrained" in usage and "--class-names" in usage
+    assert "--class-names" in CliRunner().invoke(main, ["inspect", "--help"]).output

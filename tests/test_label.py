@@ -152,6 +152,7 @@ def test_labels_equal_the_model_run_directly_and_record_the_teacher(tmp_path, te
     assert meta["preprocessing"] == {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in resolve_data_config({}, model=teacher_files["model"]).items()}
     assert len(meta["checkpoint_sha256"]) == 64
+    assert meta["class_names"] is None and "pretrained" not in meta  # 10 classes: no ImageNet head, no names
     assert spread(got["confidence"]) > 0.1  # the fixture's teacher is confident enough to be interesting
 
 

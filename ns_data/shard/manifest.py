@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ns_data import contract, fs, tfrecord
+from ns_data import class_names, contract, fs, tfrecord
 from ns_data.shard.plan import ShardContext
 from ns_data.shard.writing import write_shard
 
@@ -73,17 +73,25 @@ def feature_description(num_classes: int | None, probabilities: bool) -> dict[st
             for name, (kind, meaning) in contract.RECORD_FEATURES.items() if name != "probabilities" or probabilities}
 
 
-def format_summary(manifest: dict, output: str) -> str:
+def format_summary(manifest: dict, output: str, names: list[str] | None = None) -> str:
+    """The manifest in short; classes are named by `names`, else by the names the teacher recorded."""
+    names = names if names is not None else class_names.of_teacher(manifest.get("teacher"))
     records = np.array([s["records"] for s in manifest["shards"]])
-    classes = np.array(list(manifest["classes"].values()) or [0])
+    labels = [int(k) for k in manifest["classes"]]
+    counts = np.array(list(manifest["classes"].values()) or [0])
+    smallest, largest = (int(np.argmin(counts)), int(np.argmax(counts))) if labels else (None, None)
+
+    def count_of(i: int | None) -> str:
+        return f"{counts[i]:,}" + (f" ({class_names.display(labels[i], names)})" if i is not None else "")
+
     lines = [
         f"shard: {manifest['records']:,} records of {manifest['unique_images']:,} images in "
         f"{manifest['num_shards']:,} shards, {manifest['bytes'] / 1e6:,.1f} MB"
         + (f", {manifest['megabytes_per_second']:,.1f} MB/s ({manifest['wall_seconds']:,.1f} s)"
            if manifest.get("wall_seconds") else ""),
         f"  records per shard: min {records.min():,}  max {records.max():,}",
-        f"  classes: {len(manifest['classes']):,}, records per class: min {classes.min():,}  "
-        f"max {classes.max():,}",
+        f"  classes: {len(manifest['classes']):,}, records per class: min {count_of(smallest)}  "
+        f"max {count_of(largest)}",
     ]
     if manifest["errors"]:
         lines.append(f"  errors: {manifest['errors']:,} rows ({manifest['records_lost_to_errors']:,} records) not "
@@ -96,9 +104,12 @@ def format_summary(manifest: dict, output: str) -> str:
     return "\n".join(lines)
 
 
-def inspect_records(directory: str, manifest: dict, count: int) -> Iterator[str]:
-    """A few records of the first non-empty shard, decoded: what a trainer will see."""
+def inspect_records(directory: str, manifest: dict, count: int, names: list[str] | None = None) -> Iterator[str]:
+    """A few records of the first non-empty shard, decoded: what a trainer will see. Classes are named by
+    `names`, else by the names the teacher recorded."""
     from PIL import Image
+
+    names = names if names is not None else class_names.of_teacher(manifest.get("teacher"))
 
     shard = next((s["name"] for s in manifest["shards"] if s["records"]), None)
     if shard is None or count == 0:
@@ -115,7 +126,8 @@ def inspect_records(directory: str, manifest: dict, count: int) -> Iterator[str]
                     picture = f"{img.format} {img.width}x{img.height}"
             except Exception as err:  # noqa: BLE001 - shown, not fatal
                 picture = f"undecodable ({type(err).__name__})"
-            topk = ", ".join(f"{c}:{p:.3f}" for c, p in zip(features.get("topk_classes", [])[:3],
-                                                          features.get("topk_probs", [])[:3]))
-            yield (f"  {features['id'][0].decode()}#{features['copy'][0]}  label {features['label'][0]}  "
+            topk = ", ".join(f"{class_names.display(c, names)}:{p:.3f}"
+                             for c, p in zip(features.get("topk_classes", [])[:3], features.get("topk_probs", [])[:3]))
+            yield (f"  {features['id'][0].decode()}#{features['copy'][0]}  "
+                   f"label {class_names.display(features['label'][0], names)}  "
                    f"prob {features['prob'][0]:.3f}  top {topk or '-'}  image {picture}, {len(image):,} bytes")
