@@ -23,10 +23,13 @@ chromium:
 		echo "make: apt-get install chromium failed; the browser tests will skip"
 
 # Noisy Student end to end on scikit-learn's digits: teacher -> label -> balance -> shard -> student, twice,
-# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 14 minutes on 2 CPU cores).
+# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 14 minutes on 2 CPU cores)
+# and writes $(DEMO_DIR)/report.html, the report of seed 0's outputs and runs.
 demo: $(BIN)/.installed
 	$(BIN)/python -m ns_train.demo --output $(DEMO_DIR) --seeds 0 1 2 3 4
 	$(BIN)/ns-data inspect $(DEMO_DIR)/seed-0/shards-1
+	$(BIN)/ns-data report $(DEMO_DIR)/seed-0 --ground-truth $(DEMO_DIR)/seed-0/data/unlabeled-labels.parquet \
+		--output $(DEMO_DIR)/report.html --no-progress
 
 # The data stages alone on synthetic images with a tiny random teacher (about 30 s).
 demo-synth: $(BIN)/.installed
@@ -37,6 +40,7 @@ demo-synth: $(BIN)/.installed
 		--min-confidence 0.1 --num-classes 10 --overwrite
 	$(BIN)/ns-data shard $(DEMO_DIR)-synth/selection --output $(DEMO_DIR)-synth/shards --num-shards 4 --overwrite
 	$(BIN)/ns-data inspect $(DEMO_DIR)-synth/shards
+	$(BIN)/ns-data report $(DEMO_DIR)-synth --output $(DEMO_DIR)-synth/report.html --no-progress
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
@@ -44,6 +48,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/label.py
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_DIR)-synth

@@ -49,7 +49,7 @@ def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ns-data")
 def main() -> None:
-    """Build Noisy Student pseudo-label corpora: label, balance, shard, inspect."""
+    """Build Noisy Student pseudo-label corpora: label, balance, shard; look at them: inspect, report."""
     quiet_logging()
 
 
@@ -255,6 +255,37 @@ def inspect(directory, records, class_names) -> None:
     click.echo(format_summary(manifest, directory, names))
     for line in inspect_records(directory, manifest, records, names):
         click.echo(line)
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True, metavar="DIR...")
+@click.option("--output", required=True, help="The HTML file to write (local or any Beam filesystem).")
+@click.option("--class-names", default=None,
+              help="File naming the classes (a line per class, a JSON list or {id: name}); default: the names "
+                   "the teacher recorded.")
+@click.option("--ground-truth", default=None,
+              help="Parquet with columns id and label: pseudo-label accuracy against confidence.")
+@click.option("--sample-classes", default=6, show_default=True, type=click.IntRange(min=0),
+              help="Classes in the sample grid, spread from the largest to the smallest.")
+@click.option("--samples-per-class", default=3, show_default=True, type=click.IntRange(min=0),
+              help="The most confident and as many least confident rows shown per class.")
+@click.option("--thumbnail-size", default=96, show_default=True, type=click.IntRange(16, 512),
+              help="Largest side of a sample thumbnail, in pixels.")
+@click.option("--batch-rows", default=131_072, show_default=True, type=click.IntRange(min=1),
+              help="Rows per Arrow batch read from Parquet.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress lines on stderr.")
+def report(dirs, **kwargs) -> None:
+    """Write one self-contained HTML page showing what outputs hold: pseudo labels, selections, shards, runs.
+
+    DIR... are outputs of `ns-data label`, `balance`, `shard` or `ns-train train`, or directories holding them
+    (searched two levels down). Needs matplotlib: pip install 'ns-data[report]'.
+    """
+    from ns_data.report import ReportOptions, write_report
+
+    summary = write_report(ReportOptions(dirs=tuple(dirs), **kwargs), echo=_note)
+    for line in summary.lines:
+        click.echo(line)
+    click.echo(f"report: {summary.path}")
 
 
 if __name__ == "__main__":

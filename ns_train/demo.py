@@ -4,8 +4,9 @@ the package), on CPU, through the same commands a user runs.
     python -m ns_train.demo --output demo-output [--seeds 0 1 2]
 
 Per seed, the digits are split into a labeled set, an unlabeled set (its labels are set aside, used only to
-report pseudo-label accuracy) and a held-out test set, written as a user's corpus would be: labeled and test
-images as TFRecord shards (image/encoded + label), unlabeled images as PNG files. Then:
+report pseudo-label accuracy, and written to `data/unlabeled-labels.parquet` for `ns-data report
+--ground-truth`) and a held-out test set, written as a user's corpus would be: labeled and test images as
+TFRecord shards (image/encoded + label), unlabeled images as PNG files. Then:
 
     ns-train train (teacher, labeled only) -> ns-train export -> ns-data label -> balance -> shard
     -> ns-train train (noised student, labeled + pseudo labels) -> export -> label -> balance -> shard
@@ -34,6 +35,8 @@ SIZE = 32  # the 8x8 scans, upscaled
 
 def write_split(output: str, seed: int, labeled_per_class: int, test_size: int) -> dict:
     """The seed's split, written as files; returns the paths and the unlabeled answer key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -71,6 +74,8 @@ def write_split(output: str, seed: int, labeled_per_class: int, test_size: int) 
         with open(os.path.join(files, name), "wb") as f:
             f.write(png(i))
         answers[name] = int(labels[i])
+    answer_key = os.path.join(output, "unlabeled-labels.parquet")  # for `ns-data report --ground-truth`
+    pq.write_table(pa.table({"id": list(answers), "label": pa.array(list(answers.values()), pa.int32())}), answer_key)
     return {"labeled": shards("labeled", labeled, 2), "test": shards("test", test, 2), "unlabeled": files,
             "answers": answers, "sizes": {"labeled": len(labeled), "unlabeled": len(unlabeled), "test": len(test)}}
 
