@@ -24,8 +24,10 @@ setup(
         "gcp": ["apache-beam[gcp]>=2.77.0,<3"],
         # Teacher inference (`ns-data label`); no TensorFlow anywhere near it.
         "label": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4"],
-        # The trainer (`ns-train`): the label extra's stack plus YAML configs and a progress bar.
-        "train": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60"],
+        # The trainer (`ns-train`): the label extra's stack plus YAML configs, a progress bar, and torchdata's
+        # StatefulDataLoader (a resumed run goes on from the next batch).
+        "train": ["torch>=2.1", "torchvision>=0.16", "timm>=1.0", "safetensors>=0.4", "pyyaml>=6", "tqdm>=4.60",
+                  "torchdata>=0.11"],
         # `make demo`'s real images: scikit-learn ships the handwritten digits dataset.
         "demo": ["scikit-learn>=1.3"],
         # tf.data reader of shards (`ns_data.tf_data`); never imported by label or the PyTorch reader.

@@ -22,7 +22,7 @@ def _option_for(field: dataclasses.Field):
     args = typing.get_args(hint)
     base = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
     default = field.default if field.default is not dataclasses.MISSING else None
-    help_text = f"(default: {default!r})"
+    help_text = " ".join(filter(None, [field.metadata.get("help"), f"(default: {default!r})"]))
     if base is bool:
         return click.option(f"{name}/--no-{field.name.replace('_', '-')}", field.name, default=None, help=help_text)
     if typing.get_origin(base) is tuple:
@@ -102,6 +102,9 @@ def export(run_dir, output, weights, overwrite) -> None:
 def format_results(results: dict, output: str) -> str:
     lines = [f"ns-train: step {results['step']:,} of {results['total_steps']:,}"
              + ("" if results["finished"] else " (stopped early; re-run to resume)")]
+    if "epoch_of" in results:  # runs before epochs were reported have no such keys
+        lines.append(f"  {results['epochs']:g} epochs of the {results['epoch_of']} set ({results['epoch_records']:,} "
+                     f"records, {results['steps_per_epoch']:g} steps each)")
     for key in ("eval", "eval_ema"):
         if key in results:
             r = results[key]

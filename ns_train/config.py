@@ -3,11 +3,16 @@
 Every field is a `ns-train train` option of the same name (`teacher_temperature` is `--teacher-temperature`);
 a YAML file (`--config`) sets any of them, and options given on the command line win. The resolved config is
 saved beside the outputs as `config.yaml`.
+
+Training length is counted in epochs of the unlabeled set when there is one (the paper trains the student for
+epochs of its unlabeled data, the labeled set cycling as often as it takes), of the labeled set otherwise;
+`warmup_epochs` and `decay_epochs` share that unit, and `steps` overrides `epochs`. An epoch is records /
+(batch x processes) steps, not rounded: the streams run on across epochs, so no record is dropped.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -57,12 +62,17 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     schedule: str = "exponential"  # exponential (the paper's: decay_rate every decay_epochs), cosine, constant
-    warmup_epochs: float = 0.0
-    decay_epochs: float = 2.4
+    warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup, in epochs (as --epochs)."})
+    decay_epochs: float = field(default=2.4, metadata={"help": "The exponential schedule decays every this many "
+                                                                "epochs (as --epochs)."})
     decay_rate: float = 0.97
-    epochs: float = 10.0  # over the labeled set
-    steps: int | None = None  # instead of epochs
-    ema_decay: float = 0.9998  # 0 disables the exponential moving average of weights
+    epochs: float = field(default=10.0, metadata={"help": "Epochs of the unlabeled set when there is one (the "
+                                                          "labeled set cycles), else of the labeled set."})
+    steps: int | None = field(default=None, metadata={"help": "Train this many steps; overrides --epochs."})
+    # 0 disables the exponential moving average of weights. timm's warm-up applies: the decay at step s is
+    # min(ema_decay, 1 - s^(-2/3)) (0.9 at step 30, 0.97 at 200, 0.99 at 1,000), so a short run's EMA averages
+    # its last steps, not its initial weights
+    ema_decay: float = 0.9998
     amp: bool = True  # mixed precision (bf16 autocast) on CUDA; ignored on CPU
     channels_last: bool = True
     device: str = "auto"  # auto: cuda if available (xla when torch_xla is installed and asked for), else cpu
@@ -81,6 +91,7 @@ class TrainConfig:
             "unlabeled_ratio": self.unlabeled_ratio >= 0, "teacher_temperature": self.teacher_temperature > 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "dropout": 0 <= self.dropout < 1,
             "drop_path": 0 <= self.drop_path < 1, "lr": self.lr > 0, "epochs": self.epochs > 0,
+            "warmup_epochs": self.warmup_epochs >= 0, "decay_epochs": self.decay_epochs > 0,
             "ema_decay": 0 <= self.ema_decay < 1, "crop_pct": 0 < self.crop_pct <= 1,
             "randaugment_magnitude": 0 <= self.randaugment_magnitude <= 30, "workers": self.workers >= 0,
             "log_every": self.log_every >= 1, "checkpoint_every": self.checkpoint_every >= 1,

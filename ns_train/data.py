@@ -2,12 +2,22 @@
 
 Labeled shards hold `image/encoded` and `label` (or ImageNet's `image/class/label`, with `label_offset`);
 pseudo-labeled shards come from `ns-data shard`. Training streams never end: epoch after epoch, each with a new
-shard order, records shuffled again in a buffer inside each worker. Images are decoded and transformed in the
-DataLoader workers; the unlabeled stream also turns the teacher's top-k into the soft target there.
+shard order, records shuffled again in a buffer inside each worker, so a set smaller than a batch simply cycles.
+Images are decoded and transformed in the DataLoader workers; the unlabeled stream also turns the teacher's top-k
+into the soft target there.
+
+A stream resumes exactly where it was: torchdata's `StatefulDataLoader` keeps each worker's position (epoch,
+records yielded in it) as of the last batch taken, and which worker is next. On resume a worker reads its epoch's
+records again up to its position without decoding them, and each record's augmentation draws from a seed of
+(seed, stream, epoch, worker, position), so the batches after a resume are those an uninterrupted run sees.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
+import random
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -15,8 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ns_data import tfrecord
-from ns_data.readers import ShardDataset, list_shards, shard_manifest
+from ns_data import fs, tfrecord
+from ns_data.readers import ShardDataset, example_to_record, list_shards, shard_manifest
 from ns_data.soft_labels import dense_probabilities, with_temperature
 from ns_train.config import TrainConfig
 
@@ -79,36 +89,81 @@ def soft_target(record: dict, cfg: TrainConfig) -> np.ndarray:
 
 class TrainStream(IterableDataset):
     """Endless (image tensor, target) pairs: target is the class for labeled data, the soft vector (or the
-    class, with hard labels) for pseudo-labeled data."""
+    class, with hard labels) for pseudo-labeled data. `state_dict` is this worker's position, (epoch, records
+    yielded in it); `load_state_dict` before iterating resumes there."""
 
     def __init__(self, shards: str, cfg: TrainConfig, pseudo: bool, start_epoch: int = 0):
         self.shards = list_shards(shards)
         self.cfg = cfg
         self.pseudo = pseudo
-        self.start_epoch = start_epoch
+        self.position = {"epoch": start_epoch, "record": 0}
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = dict(state)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, object]]:
         cfg = self.cfg
         transform = train_transform(cfg)
-        info = get_worker_info()
-        worker = info.id if info else 0
-        seed = cfg.seed * 1000 + (17 if self.pseudo else 0)
-        source = ShardDataset(self.shards, seed=seed)
+        stream = int(self.pseudo)
+        source = ShardDataset(self.shards, seed=cfg.seed * 1000 + 17 * stream)
         if not source.shards_for_this_worker():
             return  # more workers than shards: this one has none (the others carry the stream)
-        rng = np.random.default_rng((seed, worker, self.start_epoch))
-        epoch = self.start_epoch
+        worker = _worker_slot()
+        epoch, skip = self.position["epoch"], self.position["record"]
         while True:
             source.set_epoch(epoch)
-            for record in _buffer_shuffle(iter(source), cfg.shuffle_buffer, rng):
-                image = transform(decode_rgb(record["image"]))
+            rng = np.random.default_rng((source.seed, worker, epoch))
+            records = _buffer_shuffle(_raw_records(source.shards_for_this_worker()), cfg.shuffle_buffer, rng)
+            for index, data in enumerate(itertools.islice(records, skip, None), start=skip):
+                self.position = {"epoch": epoch, "record": index + 1}
+                record = example_to_record(tfrecord.parse_example(data))
+                with _seeded((cfg.seed, stream, epoch, worker, index)):
+                    image = transform(decode_rgb(record["image"]))
                 if not self.pseudo:
                     yield image, int(record["label"]) + cfg.label_offset
                 elif cfg.hard_labels:
                     yield image, int(record["label"])
                 else:
                     yield image, torch.from_numpy(soft_target(record, cfg))
-            epoch += 1
+            epoch, skip = epoch + 1, 0
+
+
+def _worker_slot() -> int:
+    """This DataLoader worker's place among all workers of all processes (the split ShardDataset makes)."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    dist = torch.distributed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return rank * workers + worker
+
+
+def _raw_records(paths: list[str]) -> Iterator[bytes]:
+    """The serialized records of the shards, in order: parsed only once the shuffle has picked them, so a resume
+    skips records without parsing or decoding them."""
+    for path in paths:
+        with fs.open_read(path) as f:
+            for _, data in tfrecord.read_records(f):
+                yield data
+
+
+@contextlib.contextmanager
+def _seeded(key: tuple[int, ...]):
+    """Python's, NumPy's and torch's CPU generators seeded from `key` for one record's augmentation (timm's
+    RandAugment and crops draw from the first two, flips from the third). Torch's is put back afterwards: with
+    no workers, the main process's drives dropout. Nothing else in training draws from the other two, and
+    saving NumPy's would cost more than the seeding (0.17 ms a record)."""
+    saved = torch.get_rng_state()
+    seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved)
 
 
 def _buffer_shuffle(records, size: int, rng: np.random.Generator):
@@ -137,9 +192,26 @@ class EvalSet(IterableDataset):
             yield transform(decode_rgb(record["image"])), int(record["label"]) + self.cfg.label_offset
 
 
-def loader(dataset, batch_size: int, workers: int) -> DataLoader:
+def loader(dataset: EvalSet, batch_size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available(), drop_last=isinstance(dataset, TrainStream))
+                      pin_memory=torch.cuda.is_available())
+
+
+def train_loader(stream: TrainStream, batch_size: int, workers: int, state: dict | None = None):
+    """Batches of a training stream from a torchdata StatefulDataLoader: its `state_dict()` is where the stream
+    is as of the last batch taken, and `state` (such a dict, from a run with as many workers) resumes there.
+    Its own generator draws the workers' base seed, so making it leaves the global one, which drives dropout,
+    untouched."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata 0.11 calls it; torch deprecates it
+        batches = StatefulDataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=True,
+                                     persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                                     generator=torch.Generator().manual_seed(stream.cfg.seed))
+    if state is not None:
+        batches.load_state_dict(state)
+    return batches
 
 
 def count_records(shards: str) -> int:

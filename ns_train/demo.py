@@ -119,9 +119,9 @@ def loop(output: str, seed: int, args) -> dict:
     runs = os.path.join(output, "runs")
     result = {"seed": seed, "sizes": data["sizes"]}
 
-    def train(name: str, model: str, epochs: float, *extra: str) -> float:
+    def train(name: str, model: str, steps: int, *extra: str) -> float:
         out = os.path.join(runs, name)
-        run("ns-train", "train", "--output", out, "--model", model, "--epochs", str(epochs), *common, *extra)
+        run("ns-train", "train", "--output", out, "--model", model, "--steps", str(steps), *common, *extra)
         result[name] = test_top1(out)
         return result[name]
 
@@ -137,13 +137,13 @@ def loop(output: str, seed: int, args) -> dict:
         run("ns-data", "shard", selection, "--output", shards, "--num-shards", "4", "--no-progress")
         return shards
 
-    train("teacher", args.teacher_model, args.teacher_epochs)
+    train("teacher", args.teacher_model, args.teacher_steps)
     shards1 = pseudo_label("teacher", "1")
     student = ["--unlabeled", shards1, "--unlabeled-ratio", "2"]
-    train("student_1", args.student_model, args.student_epochs, *student)
-    train("student_1_no_noise", args.student_model, args.student_epochs, *student, "--no-noise")
+    train("student_1", args.student_model, args.student_steps, *student)
+    train("student_1_no_noise", args.student_model, args.student_steps, *student, "--no-noise")
     shards2 = pseudo_label("student_1", "2")
-    train("student_2", args.student_model, args.student_epochs, "--unlabeled", shards2, "--unlabeled-ratio", "2")
+    train("student_2", args.student_model, args.student_steps, "--unlabeled", shards2, "--unlabeled-ratio", "2")
     return result
 
 
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--teacher-model", default="resnet10t")
     parser.add_argument("--student-model", default="resnet10t")
-    parser.add_argument("--teacher-epochs", type=float, default=30)
-    parser.add_argument("--student-epochs", type=float, default=30)
+    parser.add_argument("--teacher-steps", type=int, default=120)
+    parser.add_argument("--student-steps", type=int, default=120)
     parser.add_argument("--magnitude", type=int, default=6)
     args = parser.parse_args(argv)
     from ns_data.cli import quiet_logging

@@ -4,10 +4,10 @@ Each step takes a labeled batch and an unlabeled batch `unlabeled_ratio` times l
 cross entropy (label smoothing) plus `unlabeled_ratio` times the unlabeled one, against the teacher's soft
 targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under torchrun (DDP), and on TPU
 through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
-`config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it), `metrics.jsonl`,
-and `results.json` (final evaluation), written last: it marks the run finished. A run directory follows the
-output policy of every ns-data stage (ns_data.outputs): a re-run with the same config resumes an interrupted
-run or has nothing to do; another config needs --overwrite.
+`config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it, down to the next
+batch of each data stream), `metrics.jsonl`, and `results.json` (final evaluation), written last: it marks the
+run finished. A run directory follows the output policy of every ns-data stage (ns_data.outputs): a re-run with
+the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,8 @@ from ns_data.outputs import COMPLETE, StageOutput
 from ns_data.readers import list_shards, shard_manifest
 from ns_data.stage import StageError
 from ns_train.config import ConfigError, TrainConfig
-from ns_train.data import EvalSet, Normalize, TrainStream, count_records, eval_preprocessing, loader
+from ns_train.data import (EvalSet, Normalize, TrainStream, count_records, eval_preprocessing, loader,
+                           train_loader)
 
 log = logging.getLogger("ns_train")
 CHECKPOINT = "checkpoint.pt"
@@ -66,11 +67,11 @@ def total_loss(cfg: TrainConfig, labeled_logits, labels, unlabeled_logits=None, 
 # ------------------------------------------------------------------------------------------- schedule
 
 
-def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> float:
+def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: float, total_steps: int) -> float:
     """Linear warmup, then the paper's staircase exponential decay, a cosine, or nothing."""
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
-        return (step + 1) / warmup
+        return min(1.0, (step + 1) / warmup)  # a warmup of 2.4 steps: 1/2.4, 2/2.4, then 1
     if cfg.schedule == "exponential":
         return cfg.decay_rate ** math.floor((step - warmup) / max(1.0, cfg.decay_epochs * steps_per_epoch))
     if cfg.schedule == "cosine":
@@ -215,13 +216,41 @@ class _Metrics:
             self.file.close()
 
 
-def plan_steps(cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
-    """(steps per epoch of the labeled set, total steps); each step takes batch_size labeled images per process."""
-    records = count_records(cfg.labeled)
-    if records < cfg.batch_size * world:
-        raise ConfigError(f"the labeled set has {records} records, fewer than one step's {cfg.batch_size * world}")
-    per_epoch = max(1, records // (cfg.batch_size * world))
-    return per_epoch, cfg.steps or max(1, round(cfg.epochs * per_epoch))
+@dataclass(frozen=True)
+class Plan:
+    """A run's length: `total_steps`, in epochs of the `epoch_of` set (`records[epoch_of]` records), each
+    `steps_per_epoch` steps: records / images per step, not rounded, as the streams run on across epochs."""
+    total_steps: int
+    steps_per_epoch: float
+    epoch_of: str  # "unlabeled" or "labeled"
+    records: dict[str, int]  # per stream
+
+    def describe(self, cfg: TrainConfig) -> str:
+        epochs = cfg.epochs if cfg.steps is None else self.total_steps / self.steps_per_epoch
+        return (f"{self.total_steps:,} steps: {epochs:g} epochs of the {self.epoch_of} set "
+                f"({self.records[self.epoch_of]:,} records, {self.steps_per_epoch:g} steps each)")
+
+
+def plan_steps(cfg: TrainConfig, world: int = 1) -> Plan:
+    """Epochs count the unlabeled set when a step takes unlabeled images (the labeled set cycles, however small),
+    else the labeled set; `steps` overrides them. Each set needs a record, and a shard per process."""
+    records = {}
+    for name, shards, batch in (("labeled", cfg.labeled, cfg.batch_size),
+                                ("unlabeled", cfg.unlabeled, cfg.unlabeled_batch_size)):
+        if not shards or not batch:
+            continue
+        count = len(list_shards(shards))
+        if count < world:
+            raise ConfigError(f"the {name} set has {count} shards, fewer than the {world} processes that each "
+                              "read whole shards")
+        records[name] = count_records(shards)
+        if not records[name]:
+            raise ConfigError(f"the {name} set has no records")
+    epoch_of = "unlabeled" if "unlabeled" in records else "labeled"
+    batch = cfg.unlabeled_batch_size if epoch_of == "unlabeled" else cfg.batch_size
+    per_epoch = records[epoch_of] / (batch * world)
+    total = cfg.steps or max(1, math.ceil(round(cfg.epochs * per_epoch, 6)))  # round: 0.7 x 30 is 21.000000000000004
+    return Plan(total, per_epoch, epoch_of, records)
 
 
 def run_output(cfg: TrainConfig, output: str) -> StageOutput:
@@ -256,9 +285,10 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     main_process = rank == 0
     torch.manual_seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)  # timm's RandAugment draws from Python's random (seeded per worker by torch)
+    random.seed(cfg.seed + rank)  # augmentation seeds its own generators, record by record (ns_train.data)
     device = pick_device(cfg)
-    per_epoch, total_steps = plan_steps(cfg, world)  # every input and the model checked before the output
+    plan = plan_steps(cfg, world)  # every input and the model checked before the output
+    per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     for shards in (cfg.unlabeled, cfg.val):
         if shards:
             list_shards(shards)
@@ -282,7 +312,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
-    step = 0
+    step, data = 0, None
     path = run.final(CHECKPOINT)
     if os.path.exists(path):  # only when resuming: a new run starts from an empty directory
         state = load_checkpoint(path)
@@ -291,10 +321,22 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
         schedule.load_state_dict(state["schedule"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"])
         step = state["step"]
+        if "processes" not in state:
+            raise StageError(f"{path} was written by an older ns-train, without its data streams' positions: "
+                             "start the run again with --overwrite")
+        processes = state["processes"]  # each rank's generator (dropout) and data streams' positions
+        if rank < len(processes):
+            torch.set_rng_state(processes[rank]["rng"])
+        if (state["workers"], len(processes)) == (cfg.workers, world):
+            data = processes[rank]["data"]
+        elif main_process:
+            echo(f"warning: this run read its data with {state['workers']} workers in {len(processes)} processes; "
+                 f"with {cfg.workers} in {world}, its streams start again at their epoch's start")
         if main_process:
             echo(f"resuming {output} at step {step} of {total_steps}")
+    elif main_process:
+        echo(f"training {plan.describe(cfg)}")
     if main_process:
         fs.write_atomic(run.final(CONFIG), cfg.to_yaml().encode())
 
@@ -302,11 +344,14 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     if world > 1 and device.type != "xla":
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    epoch = step // per_epoch
-    labeled = iter(loader(TrainStream(cfg.labeled, cfg, pseudo=False, start_epoch=epoch), cfg.batch_size,
-                          cfg.workers))
-    unlabeled = iter(loader(TrainStream(cfg.unlabeled, cfg, pseudo=True, start_epoch=epoch),
-                            cfg.unlabeled_batch_size, cfg.workers)) if cfg.unlabeled_batch_size else None
+    loaders = {}  # each stream from the checkpoint's position, or (no usable position) from its epoch's start
+    for name, batch in (("labeled", cfg.batch_size), ("unlabeled", cfg.unlabeled_batch_size)):
+        if name in plan.records:
+            stream = TrainStream(getattr(cfg, name), cfg, pseudo=name == "unlabeled",
+                                 start_epoch=step * batch * world // plan.records[name])
+            loaders[name] = train_loader(stream, batch, cfg.workers, data[name] if data else None)
+    labeled = iter(loaders["labeled"])
+    unlabeled = iter(loaders["unlabeled"]) if "unlabeled" in loaders else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
                 else contextlib.nullcontext())
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -321,12 +366,19 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     started, window_images, window_start = step, 0, time.perf_counter()
 
     def checkpoint() -> None:
+        mine = {"rng": torch.get_rng_state(), "data": {name: b.state_dict() for name, b in loaders.items()}}
+        processes = [mine]
+        if world > 1:  # every rank's state goes into rank 0's checkpoint
+            processes = [None] * world
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                torch.distributed.all_gather_object(processes, mine)
         if main_process:
             save_checkpoint(path, {
                 "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
                 "model_name": cfg.model, "num_classes": cfg.num_classes,
-                "preprocessing": eval_preprocessing(cfg), "rng": torch.get_rng_state()}, run.tmp(CHECKPOINT))
+                "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
+                run.tmp(CHECKPOINT))
 
     while step < total_steps:
         images, labels = next(labeled)
@@ -371,7 +423,9 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             break
     if bar is not None:
         bar.close()
-    results: dict[str, Any] = {"step": step, "total_steps": total_steps, "finished": step >= total_steps}
+    results: dict[str, Any] = {"step": step, "total_steps": total_steps, "finished": step >= total_steps,
+                               "epoch_of": plan.epoch_of, "epoch_records": plan.records[plan.epoch_of],
+                               "steps_per_epoch": per_epoch, "epochs": round(step / per_epoch, 3)}
     if step >= total_steps and main_process:  # the last step wrote the last checkpoint
         if cfg.val:
             results["eval"] = evaluate(model, cfg.val, cfg, device)

@@ -115,3 +115,16 @@ def test_train_overwrite_replaces_a_run_of_another_config(setup, tmp_path):
     other = CliRunner().invoke(main, ["train", "--output", run, "--labeled", setup["labeled"], *TINY, "--steps", "3",
                                       "--overwrite"])
     assert other.exit_code == 0 and "step 3 of 3" in other.output, other.output
+
+
+def test_the_epochs_unit_is_in_the_help_and_the_plan_is_printed(setup, tmp_path):
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "--epochs FLOAT Epochs of the unlabeled set when there is one (the labeled set cycles), else of the " \
+           "labeled set. (default: 10.0)" in help_text
+    assert "--warmup-epochs FLOAT Linear warmup, in epochs (as --epochs)." in help_text
+    args = [arg for arg in TINY if arg not in ("--steps", "2")]
+    result = CliRunner().invoke(main, ["train", "--output", str(tmp_path / "run"), "--labeled", setup["labeled"],
+                                       *args, "--epochs", "1.5", "--batch-size", "3"])  # 8 records, 3 a step
+    assert result.exit_code == 0, result.output
+    assert "training 4 steps: 1.5 epochs of the labeled set (8 records, 2.66667 steps each)" in result.output
+    assert "  1.5 epochs of the labeled set (8 records, 2.66667 steps each)" in result.output
