@@ -23,7 +23,7 @@ chromium:
 		echo "make: apt-get install chromium failed; the browser tests will skip"
 
 # Noisy Student end to end on scikit-learn's digits: teacher -> label -> balance -> shard -> student, twice,
-# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 14 minutes on 2 CPU cores)
+# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 16 minutes on 2 CPU cores)
 # and writes $(DEMO_DIR)/report.html, the report of seed 0's outputs and runs.
 demo: $(BIN)/.installed
 	$(BIN)/python -m ns_train.demo --output $(DEMO_DIR) --seeds 0 1 2 3 4

@@ -82,7 +82,7 @@ def format_summary(manifest: dict, output: str, names: list[str] | None = None) 
     smallest, largest = (int(np.argmin(counts)), int(np.argmax(counts))) if labels else (None, None)
 
     def count_of(i: int | None) -> str:
-        return f"{counts[i]:,}" + (f" ({class_names.display(labels[i], names)})" if i is not None else "")
+        return f"{counts[i]:,}" + (f" (class {class_names.display(labels[i], names)})" if i is not None else "")
 
     lines = [
         f"shard: {manifest['records']:,} records of {manifest['unique_images']:,} images in "
