@@ -93,20 +93,31 @@ class ShardDataset(IterableDataset):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def worker_slot(self) -> tuple[int, int]:
+        """(this DataLoader worker's place among the workers of all ranks, how many there are): how shards split."""
+        rank, world = self._distributed()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return rank * workers + worker, world * workers
+
     def shards_for_this_worker(self) -> list[str]:
         order = list(self.shards)
         if self.shuffle_shards:
             order = [order[i] for i in np.random.default_rng((self.seed, self.epoch)).permutation(len(order))]
-        rank, world = self._distributed()
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return order[rank * workers + worker:: world * workers]
+        slot, slots = self.worker_slot()
+        return order[slot::slots]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def serialized(self) -> Iterator[bytes]:
+        """This worker's records of the epoch as serialized tf.Examples, in order: parsed by the caller when
+        needed (a resumed trainer skips records without parsing them)."""
         for path in self.shards_for_this_worker():
             with fs.open_read(path) as f:
                 for _, data in tfrecord.read_records(f):
-                    record = example_to_record(tfrecord.parse_example(data))
-                    if self.decode is not None:
-                        record["image"] = self.decode(record["image"])
-                    yield record
+                    yield data
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for data in self.serialized():
+            record = example_to_record(tfrecord.parse_example(data))
+            if self.decode is not None:
+                record["image"] = self.decode(record["image"])
+            yield record

@@ -23,9 +23,9 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from ns_data import fs, tfrecord
+from ns_data import tfrecord
 from ns_data.readers import ShardDataset, example_to_record, list_shards, shard_manifest
 from ns_data.soft_labels import dense_probabilities, with_temperature
 from ns_train.config import TrainConfig
@@ -111,12 +111,12 @@ class TrainStream(IterableDataset):
         source = ShardDataset(self.shards, seed=cfg.seed * 1000 + 17 * stream)
         if not source.shards_for_this_worker():
             return  # more workers than shards: this one has none (the others carry the stream)
-        worker = _worker_slot()
+        worker = source.worker_slot()[0]
         epoch, skip = self.position["epoch"], self.position["record"]
         while True:
             source.set_epoch(epoch)
             rng = np.random.default_rng((source.seed, worker, epoch))
-            records = _buffer_shuffle(_raw_records(source.shards_for_this_worker()), cfg.shuffle_buffer, rng)
+            records = _buffer_shuffle(source.serialized(), cfg.shuffle_buffer, rng)
             for index, data in enumerate(itertools.islice(records, skip, None), start=skip):
                 self.position = {"epoch": epoch, "record": index + 1}
                 record = example_to_record(tfrecord.parse_example(data))
@@ -129,24 +129,6 @@ class TrainStream(IterableDataset):
                 else:
                     yield image, torch.from_numpy(soft_target(record, cfg))
             epoch, skip = epoch + 1, 0
-
-
-def _worker_slot() -> int:
-    """This DataLoader worker's place among all workers of all processes (the split ShardDataset makes)."""
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    dist = torch.distributed
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return rank * workers + worker
-
-
-def _raw_records(paths: list[str]) -> Iterator[bytes]:
-    """The serialized records of the shards, in order: parsed only once the shuffle has picked them, so a resume
-    skips records without parsing or decoding them."""
-    for path in paths:
-        with fs.open_read(path) as f:
-            for _, data in tfrecord.read_records(f):
-                yield data
 
 
 @contextlib.contextmanager
