@@ -22,13 +22,14 @@ chromium:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
 		echo "make: apt-get install chromium failed; the browser tests will skip"
 
-# Noisy Student end to end on scikit-learn's digits: teacher -> label -> balance -> shard -> student, twice,
-# plus the no-noise ablation, over 5 seeds; prints the test accuracy table (about 16 minutes on 2 CPU cores)
-# and writes $(DEMO_DIR)/report.html, the report of seed 0's outputs and runs.
+# Noisy Student end to end on scikit-learn's digits: the digits written as a user's corpus (ns_train/digits.py),
+# then configs/digits.yaml run by `ns-train loop` (teacher -> label -> balance -> shard -> student, twice, plus
+# the no-noise ablation, for 5 seeds). Prints the test accuracy table, writes $(DEMO_DIR)/results.png and
+# $(DEMO_DIR)/report.html (seed 0's outputs and runs). Re-running continues where it stopped.
 demo: $(BIN)/.installed
-	$(BIN)/python -m ns_train.demo --output $(DEMO_DIR) --seeds 0 1 2 3 4
-	$(BIN)/ns-data inspect $(DEMO_DIR)/seed-0/shards-1
-	$(BIN)/ns-data report $(DEMO_DIR)/seed-0 --ground-truth $(DEMO_DIR)/seed-0/data/unlabeled-labels.parquet \
+	$(BIN)/python -m ns_train.digits --output $(DEMO_DIR)/data --seeds 0 1 2 3 4 --labeled-per-class 3
+	$(BIN)/ns-train loop configs/digits.yaml --output $(DEMO_DIR)
+	$(BIN)/ns-data report $(DEMO_DIR)/seed-0 --ground-truth $(DEMO_DIR)/data/seed-0/unlabeled-labels.parquet \
 		--output $(DEMO_DIR)/report.html --no-progress
 
 # The data stages alone on synthetic images with a tiny random teacher (about 30 s).

@@ -1,5 +1,5 @@
 """The `ns-train` command line: `train` (one option per config field, over an optional YAML file), `eval`,
-`export`. Every user error (bad config, missing shards, no run, an output in the way) is one line, `Error: ...`."""
+`export`, and `loop` (whole Noisy Student iterations from one YAML file). Every user error (bad config, missing shards, no run, an output in the way) is one line, `Error: ...`."""
 from __future__ import annotations
 
 import dataclasses
@@ -97,6 +97,19 @@ def export(run_dir, output, weights, overwrite) -> None:
     identity = export_teacher(run_dir, output, weights, overwrite)
     click.echo(f"exported {identity['model']} ({identity['num_classes']} classes, {weights} weights) to {output}\n"
                f"next: ns-data label IMAGES... --teacher {output} --output LABELS")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--output", default=None, type=click.Path(file_okay=False),
+              help="Replaces the config's `output` (relative to the working directory).")
+def loop(config, output) -> None:
+    """Noisy Student's iterations from one YAML file: label -> balance -> shard -> train -> export per
+    iteration. Re-run the same command after a crash: complete steps are skipped, an interrupted one resumes."""
+    from ns_train.loop import run_loop
+
+    summary = run_loop(config, output, echo=lambda m: click.echo(m, err=True))
+    click.echo(summary["table"] + f"\nresults: {', '.join(summary['files'])}")
 
 
 def format_results(results: dict, output: str) -> str:
