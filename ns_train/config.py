@@ -56,6 +56,7 @@ class TrainConfig:
     randaugment_magnitude: int = 9  # timm's scale, 0..10 (the paper's 27 on a 0..30 scale is 9 here)
     dropout: float = 0.5  # before the classifier
     drop_path: float = 0.2  # stochastic depth (timm drop_path_rate)
+    random_erasing: float = 0.0  # probability of erasing a random rectangle of a training image (cutout)
     # optimization
     optimizer: str = "rmsprop"  # rmsprop (TF-style, the paper's), sgd (nesterov), adamw
     lr: float = 0.016  # peak learning rate
@@ -90,7 +91,8 @@ class TrainConfig:
             "num_classes": self.num_classes >= 1, "image_size": self.image_size >= 8, "batch_size": self.batch_size >= 1,
             "unlabeled_ratio": self.unlabeled_ratio >= 0, "teacher_temperature": self.teacher_temperature > 0,
             "label_smoothing": 0 <= self.label_smoothing < 1, "dropout": 0 <= self.dropout < 1,
-            "drop_path": 0 <= self.drop_path < 1, "lr": self.lr > 0, "epochs": self.epochs > 0,
+            "drop_path": 0 <= self.drop_path < 1, "random_erasing": 0 <= self.random_erasing <= 1,
+            "lr": self.lr > 0, "epochs": self.epochs > 0,
             "warmup_epochs": self.warmup_epochs >= 0, "decay_epochs": self.decay_epochs > 0,
             "ema_decay": 0 <= self.ema_decay < 1, "crop_pct": 0 < self.crop_pct <= 1,
             "randaugment_magnitude": 0 <= self.randaugment_magnitude <= 30, "workers": self.workers >= 0,

@@ -51,16 +51,23 @@ def eval_transform(cfg: TrainConfig, uint8: bool = False):
 
 
 def train_transform(cfg: TrainConfig):
-    """Input noise: timm's RandAugment with random-resized crops and flips; none (the eval transform) when
-    noise is off, as in the paper's ablation. Images leave the workers as uint8 tensors (a quarter of the
-    bytes to pass between processes) and are normalized on the batch by `Normalize`."""
+    """Input noise: timm's RandAugment with random-resized crops and flips, then random erasing (a rectangle
+    set to the mean colour, as timm's) if asked for; none (the eval transform) when noise is off, as in the
+    paper's ablation. Images leave the workers as uint8 tensors (a quarter of the bytes to pass between
+    processes) and are normalized on the batch by `Normalize`."""
     from timm.data import create_transform
+    from torchvision import transforms
 
     if not cfg.noise:
         return eval_transform(cfg, uint8=True)
-    return create_transform((3, cfg.image_size, cfg.image_size), is_training=True, scale=cfg.crop_scale,
-                            hflip=cfg.hflip, auto_augment=f"rand-m{cfg.randaugment_magnitude}-n{cfg.randaugment_ops}",
-                            interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, use_prefetcher=True)
+    randaugment = f"rand-m{cfg.randaugment_magnitude}-n{cfg.randaugment_ops}"
+    augment = create_transform((3, cfg.image_size, cfg.image_size), is_training=True, scale=cfg.crop_scale,
+                               hflip=cfg.hflip, auto_augment=randaugment, interpolation=cfg.interpolation,
+                               mean=cfg.mean, std=cfg.std, use_prefetcher=True)
+    if not cfg.random_erasing:
+        return augment
+    mean = tuple(round(255 * m) for m in cfg.mean)
+    return transforms.Compose([augment, transforms.RandomErasing(cfg.random_erasing, value=mean)])
 
 
 class Normalize:

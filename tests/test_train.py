@@ -221,6 +221,21 @@ def test_noise_only_on_the_training_student(data):
     assert Normalize(noisy, torch.device("cpu"))(raw[None])[0] == pytest.approx(eval_transform(noisy)(image), abs=1e-5)
 
 
+def test_random_erasing_only_with_noise(data):
+    torch.manual_seed(0)
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    cfg = config(data, random_erasing=1.0, crop_scale=(1.0, 1.0), randaugment_magnitude=0)
+    erased = train_transform(cfg)(image)
+    assert erased.dtype == torch.uint8
+    assert (erased == torch.tensor([124, 116, 104]).view(3, 1, 1)).all(0).any()  # a rectangle of the mean colour
+    assert "RandomErasing" not in repr(train_transform(dataclasses.replace(cfg, random_erasing=0.0)))
+    quiet = dataclasses.replace(cfg, noise=False)
+    assert repr(train_transform(quiet)) == repr(eval_transform(quiet, uint8=True))
+    assert (train_transform(quiet)(image) == 255).all()
+    with pytest.raises(ConfigError, match="random_erasing=1.5"):
+        config(data, random_erasing=1.5)
+
+
 def test_kill_and_resume_continue_the_same_schedule(data, tmp_path):
     cfg = config(data, steps=8, checkpoint_every=2, schedule="exponential", decay_epochs=0.5, decay_rate=0.5)
     whole = tmp_path / "whole"
