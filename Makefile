@@ -27,7 +27,7 @@ chromium:
 # the no-noise ablation, for 5 seeds). Prints the test accuracy table, writes $(DEMO_DIR)/results.png and
 # $(DEMO_DIR)/report.html (seed 0's outputs and runs). Re-running continues where it stopped.
 demo: $(BIN)/.installed
-	$(BIN)/python -m ns_train.digits --output $(DEMO_DIR)/data --seeds 0 1 2 3 4 --labeled-per-class 3
+	$(BIN)/python -m ns_train.digits --output $(DEMO_DIR)/data --seeds 0 1 2 3 4 --labeled-per-class 2
 	$(BIN)/ns-train loop configs/digits.yaml --output $(DEMO_DIR)
 	$(BIN)/ns-data report $(DEMO_DIR)/seed-0 --ground-truth $(DEMO_DIR)/data/seed-0/unlabeled-labels.parquet \
 		--output $(DEMO_DIR)/report.html --no-progress

@@ -94,34 +94,40 @@ def plot(done: dict, path: str) -> bool:
     iterations = list(next(iter(done.values()))["pseudo_labels"])
     fig, axes = plt.subplots(1, 2 if iterations else 1, figsize=(12 if iterations else 6.5, 4.2), squeeze=False)
     ax = axes[0][0]
+    offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+    for offset, seed in zip(offsets, seeds):  # a run's models joined: who beats whom within a seed
+        points = [(x + offset, done[seed]["top1"][m]) for x, m in enumerate(models) if done[seed]["top1"][m] is not None]
+        ax.plot(*zip(*points), color="tab:blue", alpha=0.25, linewidth=0.8, marker="o", markersize=4)
     for x, model in enumerate(models):
-        values = [done[s]["top1"][model] for s in seeds if done[s]["top1"][model] is not None]
-        offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
-        ax.scatter([x + o for o in offsets], values, s=18, color="tab:blue", alpha=0.6, zorder=2)
-        mean = statistics.mean(values)
+        mean = statistics.mean(done[s]["top1"][model] for s in seeds if done[s]["top1"][model] is not None)
         ax.hlines(mean, x - 0.3, x + 0.3, color="black", zorder=3)
         ax.annotate(f"{mean:.3f}", (x + 0.32, mean), va="center", fontsize=8)
     ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test top-1")
-    ax.set_title(f"test top-1 per model: {len(seeds)} run(s) (dots), mean (line)", fontsize=9)
+    ax.set_title(f"test top-1: {len(seeds)} run(s) (a line per run), mean (black)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if iterations:
         ax = axes[0][1]
-        for it in iterations:
+        counts = ax.twinx()
+        width = 0.8 / len(iterations) / 10
+        for i, it in enumerate(iterations):
             rows = np.sum([done[s]["pseudo_labels"][it]["rows"] for s in seeds], axis=0)
             correct = np.sum([done[s]["pseudo_labels"][it]["correct"] for s in seeds], axis=0)
             centers = (np.arange(len(rows)) + 0.5) / len(rows)
             seen = rows > 0
-            ax.plot(centers[seen], correct[seen] / rows[seen], marker="o", label=f"{it} pseudo labels")
-            for c, r, a in zip(centers[seen], rows[seen], (correct / np.maximum(rows, 1))[seen]):
-                ax.annotate(str(int(r)), (c, a), textcoords="offset points", xytext=(0, 5), fontsize=6,
-                            ha="center")
+            line, = ax.plot(centers[seen], correct[seen] / rows[seen], marker="o", label=f"{it} pseudo labels",
+                            zorder=3)
+            counts.bar(centers + (i - (len(iterations) - 1) / 2) * width, rows, width=width, color=line.get_color(),
+                       alpha=0.2)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
         ax.set_xlim(0, 1)
-        ax.set_xlabel("teacher confidence (bins; the number is the rows in the bin)")
+        ax.set_zorder(counts.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        counts.set_ylabel("rows per bin (bars)", fontsize=8)
+        ax.set_xlabel("teacher confidence")
         ax.set_ylabel("pseudo-label accuracy")
         ax.set_title("pseudo-label accuracy against confidence, all runs pooled", fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path + ".tmp"
@@ -136,7 +142,7 @@ def write(plan, done: dict, output: str) -> dict:
     table = format_table(done, plan.comparisons)
     fs.write_json(os.path.join(output, RESULTS_JSON),
                   {"config": os.path.abspath(plan.config.path), "runs": {str(s): r for s, r in done.items()},
-                   "comparisons": plan.comparisons})
+                   "models": list(next(iter(done.values()))["top1"]), "comparisons": plan.comparisons})
     fs.write_atomic(os.path.join(output, RESULTS_TXT), (table + "\n").encode())
     files = [os.path.join(output, RESULTS_JSON), os.path.join(output, RESULTS_TXT)]
     if plot(done, os.path.join(output, RESULTS_PNG)):
