@@ -189,3 +189,27 @@ def test_training_under_torchrun(digits, tmp_path):
     teacher = json.loads((tmp_path / "out" / "seed-0" / "teacher" / "results.json").read_text())
     assert teacher["finished"] and teacher["steps_per_epoch"] == 20 / (8 * 2)  # 20 labeled, batch 8, 2 processes
     assert (tmp_path / "out" / "seed-0" / "iter-1" / "student.safetensors").exists()
+
+
+def test_a_teacher_given_as_an_exported_file(digits, tmp_path):
+    """`teacher: {model: FILE}` labels with that file: a loop started from the first loop's iteration-1 student
+    writes the same pseudo labels as that loop's iteration 2, and its table has no teacher row to compare."""
+    import pyarrow.parquet as pq
+
+    first = write_config(tmp_path / "first.yaml", config(digits, teacher={"train": {"steps": 2}}, iterations=[
+        {"train": {"steps": 1}}, {"train": {"steps": 1}}]))
+    assert CliRunner().invoke(ns_train, ["loop", first, "--output", str(tmp_path / "first")]).exit_code == 0
+    student = tmp_path / "first" / "seed-0" / "iter-1" / "student.safetensors"
+    second = write_config(tmp_path / "second.yaml", config(digits, teacher={"model": str(student)},
+                                                           iterations=[{"train": {"steps": 1}}]))
+    result = CliRunner().invoke(ns_train, ["loop", second, "--output", str(tmp_path / "second")])
+    assert result.exit_code == 0, result.output
+
+    want = pq.read_table(sorted((tmp_path / "first/seed-0/iter-2/labels").glob("labels-*.parquet"))).to_pandas()
+    got = pq.read_table(sorted((tmp_path / "second/seed-0/iter-1/labels").glob("labels-*.parquet"))).to_pandas()
+    columns = ["id", "label", "confidence"]
+    assert got[columns].sort_values("id").reset_index(drop=True).equals(
+        want[columns].sort_values("id").reset_index(drop=True))
+    assert not (tmp_path / "second" / "seed-0" / "teacher").exists()
+    runs = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert list(runs["runs"]["0"]["top1"]) == ["iter-1/student"] and runs["comparisons"] == []
