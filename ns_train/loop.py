@@ -308,7 +308,7 @@ def plan(cfg: LoopConfig) -> Plan:
 
         if "train" in cfg.teacher:
             train_step("teacher", "teacher: train", cfg.train | _mapping(cfg.teacher["train"], "teacher.train"), None)
-            teacher_args, teacher_name = ["--teacher", export_step("teacher", "teacher: export")], "teacher"
+            teacher_args = ["--teacher", export_step("teacher", "teacher: export")]
         else:
             model = _expand(cfg.teacher["model"], cfg, seed, "teacher.model")
             teacher_args = ["--teacher", model]
@@ -316,7 +316,6 @@ def plan(cfg: LoopConfig) -> Plan:
                 teacher_args += ["--checkpoint", _expand(cfg.teacher["checkpoint"], cfg, seed, "teacher.checkpoint")]
             if cfg.teacher.get("pretrained"):
                 teacher_args.append("--pretrained")
-            teacher_name = None
         for i, iteration in enumerate(cfg.iterations, 1):
             it = f"iter-{i}"
             out = {kind: os.path.join(root, it, kind) for kind in ("labels", "selection", "shards")}
@@ -329,18 +328,23 @@ def plan(cfg: LoopConfig) -> Plan:
             labels[it] = out["labels"]
             student = cfg.train | iteration.train
             train_step(f"{it}/student", f"iteration {i}: train student", student, out["shards"])
-            first_run = seed == cfg.runs()[0][0]
-            if teacher_name and first_run:
-                result.comparisons.append((f"{it}/student", teacher_name))
             for name, ablation in iteration.ablations.items():
                 train_step(f"{it}/{name}", f"iteration {i}: train ablation {name}", student | ablation, out["shards"])
-                if first_run:
-                    result.comparisons.append((f"{it}/student", f"{it}/{name}"))
-            teacher_args, teacher_name = ["--teacher", export_step(f"{it}/student", f"iteration {i}: export")], \
-                f"{it}/student"
+            teacher_args = ["--teacher", export_step(f"{it}/student", f"iteration {i}: export")]
         result.steps[seed], result.models[seed], result.labels[seed] = steps, models, labels
         result.ground_truth[seed] = data.get("ground_truth")
+    result.comparisons = comparisons(cfg)
     return result
+
+
+def comparisons(cfg: LoopConfig) -> list[tuple[str, str]]:
+    """Each student against the model that taught it (when the loop trained it) and against its ablations."""
+    pairs, teacher = [], "teacher" if "train" in cfg.teacher else None
+    for i, iteration in enumerate(cfg.iterations, 1):
+        student = f"iter-{i}/student"
+        pairs += ([(student, teacher)] if teacher else []) + [(student, f"iter-{i}/{n}") for n in iteration.ablations]
+        teacher = student
+    return pairs
 
 
 # ------------------------------------------------------------------------------------------- running
