@@ -213,3 +213,27 @@ def test_a_teacher_given_as_an_exported_file(digits, tmp_path):
     assert not (tmp_path / "second" / "seed-0" / "teacher").exists()
     runs = json.loads((tmp_path / "second" / "results.json").read_text())
     assert list(runs["runs"]["0"]["top1"]) == ["iter-1/student"] and runs["comparisons"] == []
+
+
+def test_a_corpus_with_broken_files_from_another_directory(digits, tmp_path):
+    """Run from another working directory with a relative config path, over unlabeled images two of which are
+    broken: label records them as errors, the loop goes on, and the pseudo labels of the rest are scored."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(digits / "seed-0" / "unlabeled", corpus)
+    good = sorted(corpus.iterdir())
+    (corpus / "truncated.png").write_bytes(good[0].read_bytes()[:40])
+    (corpus / "empty.png").write_bytes(b"")
+    values = config(digits, teacher={"train": {"steps": 2}}, iterations=[{"train": {"steps": 1}}])
+    values["data"]["unlabeled"] = ["corpus"]  # relative to the config file
+    write_config(tmp_path / "loop.yaml", values)
+    (tmp_path / "elsewhere").mkdir()
+    done = subprocess.run([sys.executable, "-m", "ns_train.cli", "loop", "../loop.yaml"], cwd=tmp_path / "elsewhere",
+                          capture_output=True, text=True, timeout=900, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads((tmp_path / "out" / "seed-0" / "iter-1" / "labels" / "stats.json").read_text())
+    assert stats["errors"] == 2 and stats["labeled"] == len(good)
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert sum(runs["0"]["pseudo_labels"]["iter-1"]["rows"]) == len(good)
+    assert (tmp_path / "out" / "seed-0" / "iter-1" / "student.safetensors").exists()
