@@ -2,15 +2,18 @@
 
 Passes over the input (each reads only the columns it needs, in Arrow record batches):
 
-1. scan: validate id/label/confidence, hash ids, count candidates per (class, confidence bin), and send the
-   hashes of valid rows to buckets to find repeated ids;
+1. scan: validate id/label/confidence, hash ids, count candidates per (class, confidence bin), send the
+   hashes of valid rows to buckets to find repeated ids, and keep the candidates' keys (row, order key, id
+   hash) in a file of the temp dir, which the later passes read instead of the input;
 2. duplicates (only when an id repeats): decide which copy of a repeated id is kept;
 3. refine (only for bins that hold kept rows and exceed `unit_rows`): finer counts, so no sort unit is large;
 4. route: send the keys of rows that can be kept to their sort unit; each unit is sorted and ranked;
 5. write: join the ranks back to the full rows per row group, write selection and error files;
 6. finalize: move the files in place and write stats.json last.
 
-Only small key arrays cross a shuffle; pass-through columns are read from the input where they are written.
+Only small key arrays cross a shuffle, and on the local runner they go through spill files (ns_data.spill), so
+memory is bounded by the options, not by the rows; pass-through columns are read from the input where they are
+written.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from ns_data import contract, fs
+from ns_data import contract, fs, spill
 from ns_data import selection as sel
 from ns_data.hashing import hash_ids
 from ns_data.memory import release_freed_memory
@@ -38,6 +41,9 @@ from ns_data.runner import SumCounts, after_all
 from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.balance"
+# On the local runner, a worker process per this many rows at most: starting one costs about as much time as
+# balancing a million rows (docs/benchmarks.md).
+ROWS_PER_WORKER = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class BalanceOptions:
     batch_rows: int = 131_072
     unit_rows: int = 262_144
     dedup_bucket_rows: int = 4_000_000
+    shuffle: str = "auto"
     progress: bool = False
 
     def validate(self) -> "BalanceOptions":
@@ -70,6 +77,8 @@ class BalanceOptions:
             raise OptionsError(f"--seed must be in [0, 2**64), got {self.seed}")
         if self.num_classes is not None and not 1 <= self.num_classes <= sel.MAX_LABEL + 1:
             raise OptionsError(f"--num-classes must be in [1, 2**31], got {self.num_classes}")
+        if self.shuffle not in spill.SHUFFLES:
+            raise OptionsError(f"--shuffle must be one of {', '.join(spill.SHUFFLES)}, got {self.shuffle!r}")
         for name in ("batch_rows", "unit_rows", "dedup_bucket_rows"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"--{name.replace('_', '-')} must be at least 1")
@@ -90,16 +99,25 @@ class RunContext:
     schema: pa.Schema
     output: StageOutput
     run_id: str
+    spill: bool  # keys cross the shuffles through spill files in the temp dir (ns_data.spill)
 
     @property
     def total_rows(self) -> int:
         return sum(u.num_rows for u in self.units)
 
     def progress(self, stage: str) -> Progress:
-        return Progress(self.run_id, stage, self.total_rows, self.options.progress)
+        return Progress(self.run_id, stage, self.total_rows, self.options.progress, shared_dir=self.output.tmp_dir)
 
     def dedup_buckets(self) -> int:
         return max(1, -(-self.total_rows // self.options.dedup_bucket_rows))
+
+    def keys_path(self, unit: WorkUnit) -> str:
+        """The scan's file of a unit's candidate keys."""
+        return self.output.tmp(f"spill/keys-{unit.index:06d}.arrow")
+
+    def sender(self, task: str) -> spill.Sender:
+        """Where one task's keys go: its own spill file (named after the task), or Beam's shuffle."""
+        return spill.Sender(self.output.tmp(f"spill/{task}.arrow") if self.spill else None)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -120,6 +138,24 @@ def _unit_losers(losers: dict, unit: WorkUnit) -> np.ndarray:
     pos = losers["positions"]
     lo, hi = np.searchsorted(pos, [unit.index << 32, (unit.index + 1) << 32])
     return (pos[lo:hi] - (unit.index << 32)).astype(np.int64)
+
+
+def _candidates(ctx: RunContext, unit: WorkUnit, losers: dict, stage: str):
+    """(rows, order keys, id hashes) of a unit's candidates, batch by batch, from the scan's file; without the
+    copies of repeated ids that lost."""
+    if not unit.num_rows:  # an empty row group: the scan wrote no file
+        return
+    progress = ctx.progress(stage)
+    loser_rows = _unit_losers(losers, unit)
+    reader = spill.open_file(ctx.keys_path(unit))
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        rows, s, hashes = (batch.column(c).to_numpy() for c in ("row", "key", "hash"))
+        if len(loser_rows):
+            won = ~np.isin(rows, loser_rows)
+            rows, s, hashes = rows[won], s[won], hashes[won]
+        yield rows, s, hashes
+    progress.add(unit.num_rows)
 
 
 def _key_batches(ctx: RunContext, unit: WorkUnit, losers: dict | None, stage: str, columns=None):
@@ -176,21 +212,34 @@ class ScanFn(_TrimmingDoFn):
     def process(self, unit: WorkUnit):
         opts = self.ctx.options
         buckets = np.uint64(self.ctx.dedup_buckets())
-        for _, _, kb in _key_batches(self.ctx, unit, None, "scan"):
+        keys = spill.Sender(self.ctx.keys_path(unit))
+        unit_hashes = []
+        for start, _, kb in _key_batches(self.ctx, unit, None, "scan"):
             self.rows.inc(len(kb.reason))
             valid = kb.reason == 0
             hashes = hash_ids(kb.ids.filter(pa.array(valid)), opts.seed)
-            for b, (part,) in split_by(hashes % buckets, hashes):
-                yield beam.pvalue.TaggedOutput(self.HASHES, (int(b), part))
+            unit_hashes.append(hashes)
             cand = sel.is_candidate(kb, opts.min_confidence)
             s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
+            row_hash = np.zeros(len(valid), np.uint64)
+            row_hash[valid] = hashes
+            keys.send(0, pa.record_batch({"row": (start + np.flatnonzero(cand)).astype(np.uint32), "key": s,
+                                          "hash": row_hash[cand]}))
             yield sel.sum_counts(sel.level1_keys(s))
+        keys.close()
+        # The unit's hashes go to their buckets at once: one batch per bucket, whatever the batch size.
+        sender = self.ctx.sender(f"scan-{unit.index:06d}")
+        hashes = np.concatenate(unit_hashes) if unit_hashes else np.zeros(0, np.uint64)
+        for b, (part,) in split_by(hashes % buckets, hashes):
+            sender.send(int(b), pa.record_batch({"hash": part}))
+        for bucket, part in sender.finish():
+            yield beam.pvalue.TaggedOutput(self.HASHES, (bucket, part))
 
 
 def repeated_hashes(bucket_and_parts) -> list[np.ndarray]:
     """Hashes that occur more than once in one bucket (repeated ids, and the rare hash collision)."""
     _, parts = bucket_and_parts
-    hashes = np.sort(np.concatenate(list(parts)))
+    hashes = np.sort(spill.column(spill.receive(parts), "hash", np.uint64))
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     return [repeated] if len(repeated) else []
 
@@ -275,19 +324,12 @@ class RefineFn(beam.DoFn):
         refined = parent.refined_keys
         if not len(refined):
             return
-        opts = self.ctx.options
-        for _, _, kb in _key_batches(self.ctx, unit, losers, f"refine-{self.depth + 1}"):
-            cand = np.flatnonzero(sel.is_candidate(kb, opts.min_confidence))
-            s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
+        for _, s, hashes in _candidates(self.ctx, unit, losers, f"refine-{self.depth + 1}"):
             probe = sel.level1_keys(s) if self.depth == 1 else s
             inside = np.isin(probe, refined)
             if not inside.any():
                 continue
-            if self.depth == 1:
-                keys = s[inside]
-            else:
-                hashes = hash_ids(kb.ids.take(pa.array(cand[inside])), opts.seed)
-                keys = sel.level3_keys(refined, s[inside], hashes)
+            keys = s[inside] if self.depth == 1 else sel.level3_keys(refined, s[inside], hashes[inside])
             yield sel.sum_counts(keys)
 
 
@@ -301,30 +343,33 @@ class RouteFn(_TrimmingDoFn):
         self.ctx = ctx
 
     def process(self, unit: WorkUnit, plan: sel.Plan, repeated: np.ndarray, losers: dict):
-        opts = self.ctx.options
-        for start, _, kb in _key_batches(self.ctx, unit, losers, "route"):
-            cand = np.flatnonzero(sel.is_candidate(kb, opts.min_confidence))
-            ids = kb.ids.take(pa.array(cand))
-            hashes = hash_ids(ids, opts.seed)
-            s = sel.order_keys(kb.labels[cand], kb.confidence[cand])
+        sender = self.ctx.sender(f"route-{unit.index:06d}")
+        # The unit's candidates at once (20 bytes a row): one batch per sort unit, whatever the batch size.
+        parts = list(_candidates(self.ctx, unit, losers, "route"))
+        if parts:
+            rows, s, hashes = (np.concatenate([p[i] for p in parts]) for i in range(3))
             group = sel.assign_groups(plan, s, hashes)
             kept = np.flatnonzero(group >= 0)
-            if not len(kept):
-                continue
-            group, s, hashes = group[kept], s[kept], hashes[kept]
+            group, s, hashes, rows = group[kept], s[kept], hashes[kept], rows[kept]
             inv = (s & np.uint64(0xFFFFFFFF)).astype(np.uint32)
             sort_unit = plan.group_unit[group]
-            rows = (start + cand[kept]).astype(np.uint32)
-            # Ids are needed only to order rows whose hashes collide (the repeated set holds all such hashes);
-            # the row's index in `kept_ids` goes along, -1 for the (almost always all) others.
+            # Ids are needed only to order rows whose hashes collide (the repeated set holds all such hashes):
+            # then the unit's ids are read, and the row's index in `kept_ids` goes along (-1 for the others).
             collide = np.isin(hashes, repeated) if len(repeated) else np.zeros(len(kept), bool)
             tie_index = np.where(collide, np.arange(len(kept)), -1)
-            kept_ids = ids.take(pa.array(kept))
+            if collide.any():
+                unit_ids = pa.concat_arrays([b.column("id") for _, b in iter_batches(
+                    unit, ["id"], self.ctx.options.batch_rows)])
+                kept_ids = unit_ids.take(pa.array(rows))
             for u, (r, g, c, h, t) in split_by(sort_unit, rows, group, inv, hashes, tie_index):
-                tie_ids = None
                 if (t >= 0).any():
                     tie_ids = pc.if_else(pa.array(t >= 0), kept_ids.take(pa.array(np.maximum(t, 0))), "")
-                yield int(u), (unit.index, r, plan.unit_keys(u, g, c), h, tie_ids)
+                else:
+                    tie_ids = pa.nulls(len(t), pa.string())
+                sender.send(int(u), pa.record_batch(
+                    {"row": r, "key": plan.unit_keys(u, g, c), "hash": h, "tie_id": tie_ids}))
+        for u, part in sender.finish():
+            yield u, (unit.index, part)
 
 
 class RankFn(_TrimmingDoFn):
@@ -332,14 +377,20 @@ class RankFn(_TrimmingDoFn):
 
     MIN_CONF = "min_conf"
 
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
     def process(self, unit_and_parts, plan: sel.Plan):
         unit, parts = unit_and_parts
         parts = list(parts)
-        pos = np.concatenate([(np.int64(p[0]) << np.int64(32)) + p[1] for p in parts])
-        keys, hashes = (np.concatenate([p[i] for p in parts]) for i in (2, 3))
-        tie_ids = None
-        if any(p[4] is not None for p in parts):
-            tie_ids = pa.concat_arrays([p[4] if p[4] is not None else pa.array([""] * len(p[1])) for p in parts])
+        batches = spill.receive(part for _, part in parts)
+        pos = np.concatenate([np.zeros(0, np.int64)] + [
+            (np.int64(wu) << np.int64(32)) + b.column("row").to_numpy().astype(np.int64)
+            for (wu, _), b in zip(parts, batches)])
+        keys = spill.column(batches, "key", np.uint32)
+        hashes = spill.column(batches, "hash", np.uint64)
+        tie_ids = pa.concat_arrays([b.column("tie_id") for b in batches]) if batches else None
+        tie_ids = None if tie_ids is None or tie_ids.null_count == len(tie_ids) else tie_ids.fill_null("")
         order, group, rank = sel.rank_unit(plan, unit, keys, hashes, tie_ids)
         keep = rank < plan.per_class
         order, group, rank = order[keep], group[keep], rank[keep]
@@ -351,8 +402,10 @@ class RankFn(_TrimmingDoFn):
             yield beam.pvalue.TaggedOutput(self.MIN_CONF, (int(label), float(c)))
         # Per work unit, one uint64 per row: row index << 32 | rank (sorting it sorts by row).
         packed = ((pos & 0xFFFFFFFF).astype(np.uint64) << np.uint64(32)) | rank.astype(np.uint64)
+        sender = self.ctx.sender(f"rank-{unit:06d}")
         for wu, (rows,) in split_by(pos >> np.int64(32), packed):
-            yield int(wu), rows
+            sender.send(int(wu), pa.record_batch({"packed": rows}))
+        yield from sender.finish()
 
 
 # ------------------------------------------------------------------------------------------- pass 5
@@ -372,7 +425,7 @@ class WriteFn(_TrimmingDoFn):
     def process(self, keyed, plan: sel.Plan, losers: dict):
         _, joined = keyed
         unit = joined["unit"][0]
-        packed = np.sort(np.concatenate([np.zeros(0, np.uint64), *joined["ranks"]]))
+        packed = np.sort(spill.column(spill.receive(joined["ranks"]), "packed", np.uint64))
         rows = (packed >> np.uint64(32)).astype(np.int64)
         rank = (packed & np.uint64(0xFFFFFFFF)).astype(np.int32)
 
@@ -528,7 +581,7 @@ class Balance(beam.PTransform):
             units
             | "Route" >> beam.ParDo(RouteFn(ctx), as_single(plan), as_single(repeated), as_single(losers))
             | "GroupSortUnits" >> beam.GroupByKey()
-            | "Rank" >> beam.ParDo(RankFn(), as_single(plan)).with_outputs(RankFn.MIN_CONF, main="ranks"))
+            | "Rank" >> beam.ParDo(RankFn(ctx), as_single(plan)).with_outputs(RankFn.MIN_CONF, main="ranks"))
         written = (
             {"unit": units | "KeyUnits" >> beam.Map(lambda u: (u.index, u)), "ranks": ranked["ranks"]}
             | "JoinRanks" >> beam.CoGroupByKey()
@@ -539,7 +592,7 @@ class Balance(beam.PTransform):
                          as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF]))
 
 
-def prepare(opts: BalanceOptions, echo=print) -> RunContext | None:
+def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunContext | None:
     """Everything checked before the run: options, inputs and their schema, the output's state.
     None when the output is already complete for these inputs and options."""
     opts.validate()
@@ -552,19 +605,20 @@ def prepare(opts: BalanceOptions, echo=print) -> RunContext | None:
     state = output.begin(opts.overwrite)
     if state == COMPLETE:
         return None
-    if state == RESUME:  # the ranking passes keep nothing on disk: an interrupted run starts over
+    if state == RESUME:  # the passes keep no finished work: an interrupted run starts over
         echo(f"balance: restarting the interrupted run in {opts.output}")
         output.begin(overwrite=True)
-    return RunContext(options=opts, units=tuple(units), schema=schema, output=output, run_id=uuid.uuid4().hex[:12])
+    return RunContext(options=opts, units=tuple(units), schema=schema, output=output, run_id=uuid.uuid4().hex[:12],
+                      spill=spill.use_files(opts.shuffle, local_runner, opts.output))
 
 
 def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
     """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete)."""
-    from ns_data.runner import run_stage
+    from ns_data.runner import is_local, run_stage
 
-    ctx = prepare(opts, echo)
+    ctx = prepare(opts, echo, is_local(beam_args))
     if ctx is None:
         echo(already_complete(opts.output))
     else:
-        run_stage("Balance", ctx.units, Balance(ctx), beam_args)
+        run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=-(-ctx.total_rows // ROWS_PER_WORKER))
     return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

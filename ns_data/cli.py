@@ -11,7 +11,7 @@ class _DropNoise(logging.Filter):
     """Beam warns about optional GCP client libraries on import, and RunInference about memory measurements
     it cannot take; neither concerns the user."""
 
-    NOISE = ("apitools not found", "Resource module is not available")
+    NOISE = ("apitools not found", "Resource module is not available", "No semi_persistent_directory found")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in self.NOISE)
@@ -181,6 +181,10 @@ def label(args, **kwargs) -> None:
 @click.option("--batch-rows", default=131_072, show_default=True, type=int, help="Rows per Arrow batch.")
 @click.option("--unit-rows", default=262_144, show_default=True, type=int,
               help="Rows per sort unit: bounds a worker's memory for ranking.")
+@click.option("--shuffle", default="auto", show_default=True, type=click.Choice(["auto", "beam", "files"]),
+              help="How the sort keys reach their sort unit: through Beam's shuffle, or through spill files in the "
+                   "output's temp dir with only references shuffled (auto: files on the local runner with a "
+                   "local --output, as its shuffle is held in memory; beam elsewhere).")
 @click.option("--progress/--no-progress", default=None,
               help="Print progress lines (default: on with the local runner).")
 def balance(args, **kwargs) -> None:

@@ -131,7 +131,8 @@ class LabelContext:
     started: float
 
     def progress(self) -> Progress:
-        return Progress(self.run_id, "label", self.images_to_read, self.options.progress, unit="images")
+        return Progress(self.run_id, "label", self.images_to_read, self.options.progress, unit="images",
+                        shared_dir=self.output.tmp_dir)
 
     def schema(self) -> pa.Schema:
         return contract.pseudo_label_schema(self.options.probs, {contract.TEACHER: self.teacher,
@@ -369,7 +370,7 @@ def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print
         ctx, pending = prepared
         if ctx.resumed_units:
             echo(resuming(opts.output, "label") + f": {ctx.resumed_units:,} of {ctx.units:,} units already done")
-        run_stage("Label", pending, Label(ctx), beam_args)
+        run_stage("Label", pending, Label(ctx), beam_args, local_workers=1)  # torch and decoding use every core
     return fs.read_json(fs.join(opts.output, contract.LABELS.marker)), prepared is not None
 
 

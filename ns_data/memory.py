@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import pyarrow as pa
+
 try:
     _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
 except (OSError, AttributeError):
@@ -16,5 +18,6 @@ except (OSError, AttributeError):
 
 
 def release_freed_memory() -> None:
+    pa.default_memory_pool().release_unused()  # Arrow's own allocator (mimalloc or jemalloc) keeps freed pages too
     if _malloc_trim is not None:
         _malloc_trim(0)

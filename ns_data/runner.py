@@ -1,20 +1,40 @@
-"""Running a stage's pipeline: the options (Beam's own flags pass through; the in-process runner is the default),
-the counters its steps add up, and the step that runs once all work is done."""
+"""Running a stage's pipeline: the options (Beam's own flags pass through; the local runner is the default),
+the counters its steps add up, and the step that runs once all work is done.
+
+The local runner is Beam's FnApiRunner (Beam's DirectRunner would first try to download the Prism runner). By
+default balance and shard run one worker process per core (`--direct_running_mode multi_processing
+--direct_num_workers N`, N = the cores this process may use), label one process (its model and decoding threads
+use every core); `--direct_num_workers N` sets the number, 1 runs everything in this process. The stages' outputs
+do not depend on the number of workers.
+"""
 from __future__ import annotations
 
+import os
+
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
-# Beam's DirectRunner first tries to download the Prism runner; FnApiRunner runs in this process, offline.
 LOCAL_RUNNER = "FnApiRunner"
 
 
-def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
+def local_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pipeline_options(beam_args: list[str] | None, local_workers: int | None = None) -> PipelineOptions:
+    """Beam's options from the command line; on the local runner, `local_workers` processes (default: one per
+    core) unless the command line says otherwise."""
     options = PipelineOptions(list(beam_args or []))
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER
+    direct = options.view_as(DirectOptions)
+    given = {a.split("=")[0].lstrip("-") for a in beam_args or []}
+    if "direct_num_workers" not in given:
+        direct.direct_num_workers = local_workers or local_cores()
+    if "direct_running_mode" not in given:
+        direct.direct_running_mode = "multi_processing" if direct.direct_num_workers != 1 else "in_memory"
     return options
 
 
@@ -23,14 +43,15 @@ def is_local(beam_args: list[str] | None) -> bool:
     return runner.split(".")[-1] in StandardOptions.LOCAL_RUNNERS
 
 
-def make_pipeline(beam_args: list[str] | None) -> beam.Pipeline:
-    return beam.Pipeline(options=pipeline_options(beam_args))
-
-
-def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None) -> None:
-    """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform."""
-    with make_pipeline(beam_args) as pipeline:
-        spread = pipeline | "WorkUnits" >> beam.Create(list(units)) | "SpreadUnits" >> beam.Reshuffle()
+def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None,
+              local_workers: int | None = None) -> None:
+    """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform. On the local
+    runner one worker process per core starts, but no more than `local_workers` (the stage's estimate of what
+    pays for their start, a second or two each) and than there are units, unless the command line says."""
+    units = list(units)
+    local_workers = max(1, min(local_workers or local_cores(), len(units)))
+    with beam.Pipeline(options=pipeline_options(beam_args, local_workers)) as pipeline:
+        spread = pipeline | "WorkUnits" >> beam.Create(units) | "SpreadUnits" >> beam.Reshuffle()
         _ = spread | name >> stage
 
 

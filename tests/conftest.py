@@ -72,6 +72,16 @@ def balance(inputs, output, **options) -> tuple[dict, pd.DataFrame, pd.DataFrame
     return stats, selection, errors
 
 
+@pytest.fixture(autouse=True)
+def one_local_worker(monkeypatch):
+    """The local runner in this process unless a test asks for workers (each worker process takes a second or
+    two to start, longer than most tests' pipelines run); tests of several workers pass --direct_num_workers
+    or patch `local_cores` back."""
+    from ns_data import runner
+
+    monkeypatch.setattr(runner, "local_cores", lambda: 1)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import glob
 import json
 import os
 
@@ -12,9 +12,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from ns_data import balance as balance_module
+from ns_data import runner
 from ns_data.balance import Balance, BalanceOptions, OptionsError, prepare, run_balance
 from ns_data.stage import InputError, OutputExists
 from tests.conftest import balance, random_table, read_output, write_parts
@@ -305,11 +308,44 @@ def test_directory_glob_and_file_inputs_are_the_same_rows(tmp_path, rng):
     assert a["input_rows"] == b["input_rows"] == 600
 
 
-def test_same_selection_with_two_worker_threads(tmp_path, rng):
+def _output_bytes(output) -> dict:
+    """Every file of an output, byte for byte; stats.json without the options (they name the run's settings)."""
+    files = {}
+    for path in sorted(glob.glob(os.path.join(str(output), "*"))):
+        data = open(path, "rb").read()
+        if path.endswith("stats.json"):
+            data = {k: v for k, v in json.loads(data).items() if k not in ("options", "fingerprint")}
+        files[os.path.basename(path)] = data
+    return files
+
+
+def test_same_bytes_with_one_or_two_worker_processes_and_either_shuffle(tmp_path, rng, monkeypatch):
     table = random_table(rng, 5000, 8)
-    paths = write_parts(table, tmp_path / "in", files=4, row_group_rows=300)
-    opts = BalanceOptions(inputs=tuple(paths), output=str(tmp_path / "out"), per_class=200, unit_rows=64,
-                          batch_rows=128)
-    run_balance(opts, ["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"])
-    want, _ = reference(table, 200)
-    assert_same(read_output(tmp_path / "out", "selection"), want)
+    repeated = table.slice(0, 300).set_column(4, "confidence", pa.array(rng.random(300).astype(np.float32)))
+    table = pa.concat_tables([table, repeated])  # 300 ids twice: duplicates, decided across files
+    paths = write_parts(table, tmp_path / "in", files=4, row_group_rows=300, order=rng.permutation(table.num_rows))
+    opts = dict(inputs=tuple(paths), per_class=400, unit_rows=64, batch_rows=128, dedup_bucket_rows=1000)
+    monkeypatch.setattr(runner, "local_cores", lambda: 2)  # the default: one worker process per core...
+    monkeypatch.setattr(balance_module, "ROWS_PER_WORKER", 1000)  # ...when the input is large enough
+    assert runner.pipeline_options([], 2).view_as(DirectOptions).direct_running_mode == "multi_processing"
+    outputs = {}
+    for name, shuffle, args in [("default", "auto", []), ("one", "auto", ["--direct_num_workers", "1"]),
+                                ("beam", "beam", ["--direct_num_workers=2"])]:
+        out = tmp_path / name
+        stats, wrote = run_balance(BalanceOptions(output=str(out), shuffle=shuffle, **opts), args)
+        assert wrote and not os.path.exists(out / ".tmp-balance")  # spill files go with the temp dir
+        outputs[name] = _output_bytes(out)
+    assert stats["rejected_by_reason"] == {"duplicate_id": 300}
+    assert outputs["default"] == outputs["one"] == outputs["beam"]
+    want, _ = reference(table, 400)
+    assert_same(read_output(tmp_path / "default", "selection"), want)
+
+
+def test_local_workers_default_to_the_cores_and_at_most_the_units(monkeypatch):
+    monkeypatch.setattr(runner, "local_cores", lambda: 8)
+    direct = runner.pipeline_options([]).view_as(DirectOptions)
+    assert (direct.direct_num_workers, direct.direct_running_mode) == (8, "multi_processing")
+    direct = runner.pipeline_options(["--direct_num_workers=1"]).view_as(DirectOptions)
+    assert (direct.direct_num_workers, direct.direct_running_mode) == (1, "in_memory")
+    direct = runner.pipeline_options(["--direct_running_mode", "multi_threading"], 3).view_as(DirectOptions)
+    assert (direct.direct_num_workers, direct.direct_running_mode) == (3, "multi_threading")

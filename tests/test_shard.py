@@ -251,7 +251,9 @@ def test_killed_run_is_finished_by_the_next_one(corpus, sharded, tmp_path):
     out = tmp_path / "shards"
     args = [corpus["selection"], "--output", str(out), "--num-shards", "7", "--num-classes", str(CLASSES),
             "--no-progress"]
-    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE,
+    # In-process (one worker): the slowed-down write is patched in this process only.
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args, "--direct_num_workers", "1"],
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while len(glob.glob(str(out / "train-*.tfrecord"))) < 2 and child.poll() is None and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from ns_data.outputs import COMPLETE, RESUME, StageOutput, resuming
 from ns_data.progress import Progress
 from ns_data.reading import WorkUnit, inspect_inputs, open_parquet
 from ns_data.sources import read_back
+from ns_data.spill import use_files
 from ns_data.stage import InputError, OptionsError
 
 if TYPE_CHECKING:
@@ -70,7 +71,8 @@ class ShardContext:
         return self.output.tmp(SPILL)
 
     def progress(self) -> Progress:
-        return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images")
+        return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images",
+                        shared_dir=self.output.tmp_dir)
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -204,7 +206,7 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
         raise InputError(f"the selection has no rows to write ({total_rows:,} rows, none valid)")
     record_bytes = check_sample(sample, read_settings) + 4 * (num_classes or 0) * opts.probabilities + 200
     num_shards = resolve_num_shards(opts, total_records, record_bytes)
-    spill = opts.shuffle == "files" or (opts.shuffle == "auto" and local_runner and fs.is_local(opts.output))
+    spill = use_files(opts.shuffle, local_runner, opts.output)
     if spill and not fs.is_local(opts.output):
         raise OptionsError("--shuffle files needs a local --output (spill files are read back at random)")
     fingerprint = fs.fingerprint([(path, fs.size(path)) for path in files], opts.placement(num_shards, num_classes))
