@@ -9,7 +9,7 @@ DEMO_DIR ?= demo-output
 $(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,label,tf,train,demo,report]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,label,tf,train,demo,report,gcp]'
 	touch $@
 
 test: $(BIN)/.installed chromium

@@ -612,13 +612,16 @@ def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunC
                       spill=spill.use_files(opts.shuffle, local_runner, opts.output))
 
 
-def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
-    """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete)."""
+def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:
+    """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete); stats are
+    None when the run only launched the job (a dry run, a template, --no_wait_until_finish)."""
     from ns_data.runner import is_local, run_stage
 
     ctx = prepare(opts, echo, is_local(beam_args))
     if ctx is None:
         echo(already_complete(opts.output))
     else:
-        run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=-(-ctx.total_rows // ROWS_PER_WORKER))
+        workers = -(-ctx.total_rows // ROWS_PER_WORKER)
+        if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers):
+            return None, True
     return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

@@ -108,6 +108,13 @@ def _note(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _summary(format_summary, marker: dict | None, output: str) -> None:
+    """A stage's summary, or (the job was only launched: a dry run, a template) where its output will be."""
+    from ns_data.runner import launched
+
+    click.echo(launched(output) if marker is None else format_summary(marker, output))
+
+
 def _floats(text: str | None) -> tuple[float, ...] | None:
     return None if text is None else tuple(float(v) for v in text.replace(",", " ").split())
 
@@ -163,7 +170,7 @@ def label(args, **kwargs) -> None:
     kwargs["mean"], kwargs["std"] = _floats(kwargs["mean"]), _floats(kwargs["std"])
     opts = LabelOptions(inputs=tuple(inputs), **kwargs)
     stats, _ = run_label(opts, beam_args, echo=_note)
-    click.echo(format_summary(stats, opts.output))
+    _summary(format_summary, stats, opts.output)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -201,7 +208,7 @@ def balance(args, **kwargs) -> None:
     kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
     opts = BalanceOptions(inputs=tuple(inputs), **kwargs)
     stats, _ = run_balance(opts, beam_args, echo=_note)
-    click.echo(format_summary(stats, opts.output))
+    _summary(format_summary, stats, opts.output)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -238,7 +245,7 @@ def shard(args, **kwargs) -> None:
         kwargs["max_shard_bytes"] = parse_size(kwargs["max_shard_bytes"])
     opts = ShardOptions(inputs=tuple(inputs), **kwargs)
     manifest, _ = run_shard(opts, beam_args, echo=_note)
-    click.echo(format_summary(manifest, opts.output))
+    _summary(format_summary, manifest, opts.output)
 
 
 @main.command()

@@ -358,8 +358,9 @@ def prepare(opts: LabelOptions) -> tuple[LabelContext, list[ImageUnit]] | None:
     return ctx, pending
 
 
-def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
-    """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete)."""
+def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:
+    """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete); stats are
+    None when the run only launched the job (a dry run, a template, --no_wait_until_finish)."""
     from ns_data.outputs import already_complete, resuming
     from ns_data.runner import run_stage
 
@@ -370,7 +371,8 @@ def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print
         ctx, pending = prepared
         if ctx.resumed_units:
             echo(resuming(opts.output, "label") + f": {ctx.resumed_units:,} of {ctx.units:,} units already done")
-        run_stage("Label", pending, Label(ctx), beam_args, local_workers=1)  # torch and decoding use every core
+        if not run_stage("Label", pending, Label(ctx), beam_args, local_workers=1):  # torch, decoding: every core
+            return None, True
     return fs.read_json(fs.join(opts.output, contract.LABELS.marker)), prepared is not None
 
 

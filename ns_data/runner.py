@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions, TestOptions)
 from apache_beam.transforms.window import GlobalWindows
 
 LOCAL_RUNNER = "FnApiRunner"
@@ -43,16 +44,33 @@ def is_local(beam_args: list[str] | None) -> bool:
     return runner.split(".")[-1] in StandardOptions.LOCAL_RUNNERS
 
 
+def launch_only(options: PipelineOptions) -> bool:
+    """Whether the run only builds or submits the job (a dry run, a template, --no_wait_until_finish)."""
+    return bool(options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location
+                or options.view_as(StandardOptions).no_wait_until_finish)
+
+
+def launched(output: str) -> str:
+    return f"job launched; {output} is complete when the job has written its marker"
+
+
 def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None,
-              local_workers: int | None = None) -> None:
-    """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform. On the local
-    runner one worker process per core starts, but no more than `local_workers` (the stage's estimate of what
-    pays for their start, a second or two each) and than there are units, unless the command line says."""
+              local_workers: int | None = None) -> bool:
+    """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform; True once it
+    has run to completion, False when the run only launched it (launch_only). On the local runner one worker
+    process per core starts, but no more than `local_workers` (the stage's estimate of what pays for their
+    start, a second or two each) and than there are units, unless the command line says."""
     units = list(units)
     local_workers = max(1, min(local_workers or local_cores(), len(units)))
-    with beam.Pipeline(options=pipeline_options(beam_args, local_workers)) as pipeline:
-        spread = pipeline | "WorkUnits" >> beam.Create(units) | "SpreadUnits" >> beam.Reshuffle()
-        _ = spread | name >> stage
+    options = pipeline_options(beam_args, local_workers)
+    pipeline = beam.Pipeline(options=options)
+    spread = pipeline | "WorkUnits" >> beam.Create(units) | "SpreadUnits" >> beam.Reshuffle()
+    _ = spread | name >> stage
+    result = pipeline.run()
+    if launch_only(options):
+        return False
+    result.wait_until_finish()
+    return True
 
 
 def add_counts(total: dict, counts: dict) -> dict:

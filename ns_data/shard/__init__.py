@@ -88,11 +88,14 @@ class ShardOptions:
                 "seed": self.seed}
 
 
-def run_shard(opts: ShardOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict, bool]:
-    """Runs the pipeline; returns (the manifest, whether this run wrote it): False when already complete."""
+def run_shard(opts: ShardOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:
+    """Runs the pipeline; returns (the manifest, whether this run wrote it: False when already complete); the
+    manifest is None when the run only launched the job (a dry run, a template, --no_wait_until_finish)."""
     ctx = prepare(opts, echo, local_runner=is_local(beam_args))
     if ctx is None:
         echo(already_complete(opts.output))
     else:
-        run_stage("Shard", ctx.units, Shard(ctx), beam_args, local_workers=-(-ctx.valid_rows // IMAGES_PER_WORKER))
+        workers = -(-ctx.valid_rows // IMAGES_PER_WORKER)
+        if not run_stage("Shard", ctx.units, Shard(ctx), beam_args, local_workers=workers):
+            return None, True
     return SHARDS.check_complete(opts.output), ctx is not None
