@@ -60,6 +60,16 @@ def test_rank_unit_orders_colliding_hashes_by_id():
     assert order.tolist() == [1, 2, 0] and rank.tolist() == [0, 1, 2]
 
 
+def test_rank_unit_orders_hashes_equal_in_their_top_bits_by_the_whole_hash():
+    plan = sel.finish_plan([sel.level1(*sel.sum_counts(np.zeros(4, np.uint64)), 10, 10),
+                            sel.Level.empty(), sel.Level.empty()], 10, 10, True)
+    hashes = np.array([(5 << 32) | 9, (5 << 32) | 3, (4 << 32) | 7, (1 << 63) | 1], np.uint64)
+    order, _, rank = sel.rank_unit(plan, 0, np.array([0, 0, 0, 0], np.uint32), hashes, None)
+    assert order.tolist() == [2, 1, 0, 3] and rank.tolist() == [0, 1, 2, 3]
+    order, _, _ = sel.rank_unit(plan, 0, np.array([1, 0, 0, 0], np.uint32), hashes, None)
+    assert order.tolist() == [2, 1, 3, 0]  # the unit key first
+
+
 def test_copies_spread_the_remainder_over_the_first_rows():
     rank = np.arange(3)
     assert sel.copies_for(rank, np.full(3, 3), 10, True).tolist() == [4, 3, 3]
