@@ -16,6 +16,7 @@ marginal rate between N and 2N images, (bytes(2N) - bytes(N)) / (wall(2N) - wall
 start-up costs. The page cache is warm for all (the machine is shared; caches are not dropped).
 
     .venv/bin/python benchmarks/shard.py        # about 8 minutes on 2 cores
+    .venv/bin/python benchmarks/shard.py --memory-records 1000000   # peak memory at a million records
 """
 from __future__ import annotations
 
@@ -79,6 +80,62 @@ def corpus(n: int) -> dict[str, Path]:
     return {"files": base / "sel-files", "tar": base / "sel-tar"}
 
 
+def tiny_corpus(records: int) -> Path:
+    """For the memory check: `records` / 2 copies of one small JPEG in 8 tars, each selected with 2 copies."""
+    from PIL import Image
+
+    n = records // 2
+    base = DATA / f"shard-tiny-{records}"
+    if (base / "done").exists():
+        return base / "sel"
+    base.mkdir(parents=True, exist_ok=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 24), (120, 60, 30)).save(jpeg, "JPEG")
+    data = jpeg.getvalue()
+    ids, sources, offsets = [], [], []
+    for c, chunk in enumerate(np.array_split(np.arange(n), CONTAINERS)):
+        tar_path = base / f"part-{c:02d}.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for i in chunk:
+                info = tarfile.TarInfo(f"{i:07d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                ids.append(f"{tar_path.name}/{m.name}")
+                sources.append(str(tar_path))
+                offsets.append(m.offset_data)
+    rng = np.random.default_rng(0)
+    sel = base / "sel"
+    sel.mkdir(exist_ok=True)
+    pq.write_table(pa.table({
+        "id": ids, "source": sources, "offset": pa.array(offsets, pa.int64()),
+        "label": pa.array(rng.integers(0, 100, n), pa.int32()),
+        "confidence": pa.array(rng.uniform(0.3, 1, n), pa.float32()),
+        "rank": pa.array(np.zeros(n), pa.int32()), "copies": pa.array(np.full(n, 2, np.int32))}),
+        sel / "selection-00000.parquet", row_group_size=50_000)
+    (sel / "stats.json").write_text('{"stage": "balance"}')
+    (base / "done").write_text("")
+    return sel
+
+
+def memory_check(records: int, workers: list[int]) -> dict:
+    """Peak RSS of the whole process tree of `ns-data shard` over `records` records, per number of workers."""
+    sel = tiny_corpus(records)
+    out = DATA / "shard-out"
+    result = {}
+    for w in workers:
+        o = out / f"tiny-{records}-{w}w"
+        run = measure(f"ns-data {w}w", records, [str(BIN / "ns-data"), "shard", str(sel), "--output", str(o),
+                                                  "--num-shards", "64", "--num-classes", "100", "--overwrite",
+                                                  "--no-progress", "--direct_num_workers", str(w)],
+                      out / f"tiny-{records}-{w}w.log", 12000, 3600)
+        result[f"{w}w"] = {"wall_s": round(run.wall_s, 1), "cpu_s": round(run.cpu_s, 1),
+                           "peak_tree_rss_mb": round(max(run.peak_rss_mb, run.polled_tree_rss_mb)),
+                           "status": run.status}
+    return result
+
+
 def child_copy(selection: str, output: str) -> None:
     """(b) the ceiling: read each selected image in source order, append its bytes once per copy."""
     from ns_data.sources import read_back
@@ -103,7 +160,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-records", type=int, default=0,
+                        help="instead: peak memory of `ns-data shard` over this many records of tiny images "
+                             "(e.g. 1000000), with 1 and 2 worker processes")
     args = parser.parse_args(argv)
+    if args.memory_records:
+        result = memory_check(args.memory_records, [1, 2])
+        save_results(RESULTS.with_name("shard-memory.json"), result)
+        return 0
     sizes = (args.images, 2 * args.images)
     out = DATA / "shard-out"
     results = {"images": list(sizes), "layouts": {}}
@@ -129,7 +193,8 @@ def main(argv=None) -> int:
                 "image_bytes": json.loads(log.read_text().strip().splitlines()[-1])["image_bytes"],
                 "wall_s": {k: [round(x.wall_s, 2) for x in v] for k, v in runs.items()},
                 "median_wall_s": {k: round(statistics.median(x.wall_s for x in v), 2) for k, v in runs.items()},
-                "peak_rss_mb": {k: round(max(x.peak_rss_mb for x in v)) for k, v in runs.items()}}
+                "peak_rss_mb": {k: round(max(max(x.peak_rss_mb, x.polled_tree_rss_mb) for x in v))
+                                for k, v in runs.items()}}
         small, large = summary[sizes[0]], summary[sizes[1]]
         whole = {k: large["image_bytes"] / 1e6 / large["median_wall_s"][k] for k in commands}
         marginal = {k: (large["image_bytes"] - small["image_bytes"]) / 1e6

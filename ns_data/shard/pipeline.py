@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from ns_data import tfrecord
+from ns_data import spill, tfrecord
 from ns_data.memory import release_freed_memory
 from ns_data.reading import WorkUnit
 from ns_data.runner import SumCounts, after_all
@@ -48,10 +48,12 @@ class ReadSelectionFn(beam.DoFn):
         order = np.argsort(codes, kind="stable")
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         copies = table.column("copies").to_numpy()
+        sender = spill.Sender(self.ctx.spill_path(f"rows-{unit.index:06d}"))
         for part in np.split(order, bounds) if len(order) else []:
             key = keys.dictionary[int(codes[part[0]])].as_py()
-            yield key, table.take(pa.array(part))
+            sender.send(key, table.take(pa.array(part)).combine_chunks().to_batches()[0])
             yield beam.pvalue.TaggedOutput(RECORDS, (key, int(copies[part].sum())))
+        yield from sender.finish()
 
     def _errors(self, rows: list[dict], reasons: np.ndarray):
         counts = {"errors": {}, "records_lost": 0}
@@ -80,13 +82,14 @@ class FetchFn(beam.DoFn):
     def process(self, group, starts: dict[str, int]):
         key, parts = group
         ctx, opts = self.ctx, self.ctx.options
-        table = pa.concat_tables(parts)
+        table = pa.Table.from_batches(spill.receive(parts))
         table = table.take(pc.sort_indices(table, [("id", "ascending")]))
         placed = place_records(table, starts[key], ctx.num_shards, opts.seed)
         first_record = np.searchsorted(placed["row"], np.arange(table.num_rows))
         rows = table.to_pylist()
         counts = {"images": 0, "errors": {}, "records_lost": 0}
-        spill = open_spill_file(ctx) if ctx.spill else None
+        data_file = open_spill_file(ctx) if ctx.spill else None
+        spilled = []  # (shard, order, index, label, offset, length) of the records in data_file
         read_order = sorted(range(len(rows)), key=lambda i: (rows[i]["source"], rows[i]["offset"] or 0))
         for source, members in _runs(read_order, rows):
             results = read_back(source, [rows[i]["offset"] for i in members], **ctx.read_settings)
@@ -108,18 +111,48 @@ class FetchFn(beam.DoFn):
                         continue
                     parts = tfrecord.example_record_parts(shared + copy_feature(int(placed["copy"][r])),
                                                           "image/encoded", data)
-                    if spill is not None:
-                        framed = (spill.name, spill.tell(), sum(len(p) for p in parts))
-                        spill.writelines(parts)
-                    else:
-                        framed = b"".join(parts)
                     self.records.inc()
-                    yield shard, (int(placed["order"][r]), int(placed["index"][r]), int(row["label"]), framed)
+                    record = (int(placed["order"][r]), int(placed["index"][r]), int(row["label"]))
+                    if data_file is not None:
+                        spilled.append((shard, *record, data_file.tell(), sum(len(p) for p in parts)))
+                        data_file.writelines(parts)
+                    else:
+                        yield shard, (*record, b"".join(parts))
             self._progress.add(len(members))
-        if spill is not None:
-            spill.close()
+        if data_file is not None:
+            data_file.close()
+            yield from _send_references(ctx, data_file.name, spilled)
         yield beam.pvalue.TaggedOutput(COUNTS, counts)
         release_freed_memory()
+
+
+REFERENCE_COLUMNS = ("order", "index", "label", "offset", "length")
+
+
+def _send_references(ctx: ShardContext, data_file: str, spilled: list[tuple]):
+    """The references to a fetch task's spilled records, one batch per shard, through a spill file of their own:
+    (shard, (data file, batch or reference))."""
+    if not spilled:
+        return
+    columns = list(zip(*spilled))
+    types = (pa.int64(), pa.uint64(), pa.int64(), pa.int64(), pa.int64(), pa.int64())
+    table = pa.table({name: pa.array(values, t) for name, values, t in
+                      zip(("shard",) + REFERENCE_COLUMNS, columns, types)})
+    sender = spill.Sender(data_file[:-len(".bin")] + "-refs.arrow")
+    for shard in pc.unique(table.column("shard")).to_pylist():
+        part = table.filter(pc.equal(table.column("shard"), shard)).drop_columns(["shard"])
+        sender.send(shard, part.combine_chunks().to_batches()[0])
+    for shard, item in sender.finish():
+        yield shard, (data_file, item)
+
+
+def spilled_records(items: list[tuple]) -> list[tuple]:
+    """(order, index, label, (data file, offset, length)) of the records sent as (data file, batch or reference)."""
+    records = []
+    for (data_file, _), batch in zip(items, spill.receive(item for _, item in items)):
+        columns = [batch.column(c).to_pylist() for c in REFERENCE_COLUMNS]
+        records += [(o, i, label, (data_file, off, n)) for o, i, label, off, n in zip(*columns)]
+    return records
 
 
 def _runs(order: list[int], rows: list[dict]) -> Iterator[tuple[str, list[int]]]:
@@ -141,7 +174,8 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, shard_and_records):
         shard, records = shard_and_records
-        info = write_shard(self.ctx, shard, list(records))
+        records = spilled_records(list(records)) if self.ctx.spill else list(records)
+        info = write_shard(self.ctx, shard, records)
         self.shards.inc()
         del records
         release_freed_memory()

@@ -70,6 +70,10 @@ class ShardContext:
     def spill_dir(self) -> str:
         return self.output.tmp(SPILL)
 
+    def spill_path(self, task: str) -> str | None:
+        """A task's own spill file for what it sends (ns_data.spill), or None: through Beam's shuffle."""
+        return self.output.tmp(f"{SPILL}/{task}.arrow") if self.spill else None
+
     def progress(self) -> Progress:
         return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images",
                         shared_dir=self.output.tmp_dir)
