@@ -1,24 +1,26 @@
-"""Benchmark `ns-data balance` against DuckDB and against an element-wise Beam pipeline.
+"""Benchmark `ns-data balance` against DuckDB (and, opt-in, against an element-wise Beam pipeline).
 
-What it measures. Three implementations of DESIGN.md's selection rule run on the same synthetic pseudo-label
-tables (`ns-data synth pseudo-labels`, 1000 skewed classes, 8 files) at two sizes (--small-rows, --rows):
+What it measures. Implementations of DESIGN.md's selection rule run on the same synthetic pseudo-label tables
+(`ns-data synth pseudo-labels`, 1000 skewed classes, 8 files) at each size of --rows, with --per-class = rows /
+10,000 x 13 unless given (13,000 at 10M rows, 130,000 at 100M rows), each on the table with its
+pass-through top-k columns and on a copy without them (columns id, source, offset, label, confidence):
 
-  (a) ns-data      `ns-data balance INPUT --output OUT --per-class N --overwrite --no-progress` (the product:
-                   columnar Beam pipeline on the in-process FnApiRunner);
-  (b) duckdb       one SQL statement: reject invalid rows, keep one row per id (most confident, then lowest
-                   label), rank candidates per class with ROW_NUMBER() OVER (PARTITION BY label ORDER BY
-                   confidence DESC, hash(id), id), keep rank < N, add copies, COPY ... TO Parquet;
-  (c) elementwise  the textbook Beam way on the FnApiRunner: ReadFromParquet (one Python dict per row),
-                   Filter, CombinePerKey by id (duplicates), Top.PerKey by class, expand copies, WriteToParquet.
-                   It is slow and memory hungry, so by default it runs only on --elementwise-rows (default: the
-                   small size) and is killed if its RSS exceeds --memory-limit-gb or it runs past
-                   --elementwise-timeout.
+  (a) ns-data Nw   `ns-data balance INPUT --output OUT --per-class K --overwrite --no-progress
+                   --direct_num_workers N` for each N of --workers (default: 1 and every core), on Beam's local
+                   FnApiRunner (N > 1: worker processes);
+  (b) duckdb       one SQL statement doing the same work: reject invalid rows, keep one row per id (most
+                   confident, then lowest label), rank candidates per class with ROW_NUMBER() OVER (PARTITION
+                   BY label ORDER BY confidence DESC, hash(id), id), keep rank < K, add copies, write all
+                   columns with COPY ... TO Parquet; on every core (its default);
+  (c) elementwise  only with --elementwise-rows: the textbook Beam way on the FnApiRunner (ReadFromParquet, one
+                   Python dict per row, Filter, CombinePerKey by id, Top.PerKey by class, copies,
+                   WriteToParquet); killed past --memory-limit-gb or --elementwise-timeout.
 
-Each run is its own child process, started from here: wall time is measured around the child; peak memory is
-the child's own ru_maxrss (os.wait4 returns the rusage of exactly that child), or the highest RSS of its
-process tree seen by a psutil poll every 0.1 s if that is larger (it would be, should a child spawn workers).
-The poll also enforces --memory-limit-gb on every child. Wall time includes interpreter start and imports
-(~2-3 s for Beam), which matters only for small inputs. Inputs are read from the page cache after the first run.
+Each run is its own child process, started from here, runs of one case alternate between implementations:
+wall time is measured around the child; CPU time is that of the child and its reaped children (os.wait4); peak
+memory is the highest sum of RSS over the child's whole process tree, polled every 0.1 s with psutil (and at
+least the child's own ru_maxrss). Wall time includes interpreter start and imports (~2-3 s for Beam), and for
+N > 1 the start of the worker processes. Inputs are read from the page cache after the first run.
 
 (b) and (c) break confidence ties with their own hashes (DuckDB's hash(), blake2b), not ns-data's seeded
 hash, so which tied rows are kept at a class's cut can differ; the number of rows kept per class cannot. It is
@@ -26,10 +28,11 @@ checked (as is that every class totals --per-class copies), and the script warns
 ns-data also writes an errors table and stats.json; (b) and (c) do not.
 
 Run it (data and outputs go to benchmarks/data/, results and child logs to benchmarks/results/; both are
-git-ignored; the full run took about 6 minutes on 2 cores):
+git-ignored):
 
-    .venv/bin/python benchmarks/balance.py
-    .venv/bin/python benchmarks/balance.py --rows 300000 --small-rows 100000 --repeats 1   # quick check
+    .venv/bin/python benchmarks/balance.py                          # 1M and 10M rows, 3 repeats
+    .venv/bin/python benchmarks/balance.py --rows 100000000 --repeats 1   # 100M rows (~4 GB of input)
+    .venv/bin/python benchmarks/balance.py --rows 300000 --repeats 1      # quick check
 """
 from __future__ import annotations
 
@@ -80,6 +83,32 @@ def dataset(rows: int, args) -> Path:
     return path
 
 
+KEY_COLUMNS = ["id", "source", "offset", "label", "confidence"]
+
+
+def without_topk(path: Path) -> Path:
+    """The same table without its pass-through top-k columns (same files and row groups); made once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = path.with_name(path.name + "-no-topk")
+    marker = out / "params.json"
+    if marker.exists() and marker.read_text() == (path / "params.json").read_text():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in sorted(path.glob("*.parquet")):
+        source = pq.ParquetFile(f)
+        schema = source.schema_arrow
+        keys = pa.schema([schema.field(c) for c in KEY_COLUMNS], metadata=schema.metadata)
+        with pq.ParquetWriter(out / f.name, keys) as writer:
+            for rg in range(source.num_row_groups):
+                writer.write_table(source.read_row_group(rg, columns=KEY_COLUMNS))
+    shutil.copy(path / "stats.json", out / "stats.json")  # the label output's marker: the table is complete
+    marker.write_text((path / "params.json").read_text())
+    return out
+
+
 # ------------------------------------------------------------------------------------- measuring a child
 
 
@@ -88,7 +117,7 @@ class Run:
     implementation: str
     rows: int
     wall_s: float
-    cpu_s: float  # user + system of the child
+    cpu_s: float  # user + system of the child and its reaped children
     peak_rss_mb: float  # the child's ru_maxrss
     polled_tree_rss_mb: float  # highest sum of RSS over the child's process tree seen by polling (every 0.1 s)
     status: str  # "ok", "failed (exit N)", or why it was killed
@@ -158,14 +187,15 @@ def measure(impl: str, rows: int, cmd: list[str], log: Path, limit_mb: float, ti
 # ------------------------------------------------------------------------------------- implementations
 
 
-def nsdata_command(inp: Path, out: Path, args) -> list[str]:
-    return [str(BIN / "ns-data"), "balance", str(inp), "--output", str(out), "--per-class", str(args.per_class),
-            "--min-confidence", str(args.min_confidence), "--overwrite", "--no-progress"]
+def nsdata_command(inp: Path, out: Path, per_class: int, args, workers: int) -> list[str]:
+    return [str(BIN / "ns-data"), "balance", str(inp), "--output", str(out), "--per-class", str(per_class),
+            "--min-confidence", str(args.min_confidence), "--overwrite", "--no-progress",
+            "--direct_num_workers", str(workers)]
 
 
-def child_command(kind: str, inp: Path, out: Path, args) -> list[str]:
+def child_command(kind: str, inp: Path, out: Path, per_class: int, args) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "child", kind, str(inp), str(out),
-            str(args.per_class), str(args.min_confidence)]
+            str(per_class), str(args.min_confidence)]
 
 
 def run_duckdb(inp: str, out: str, per_class: int, min_confidence: float) -> None:
@@ -289,19 +319,21 @@ def compare_counts(name: str, counts: dict, reference: dict, per_class: int) -> 
 class Summary:
     implementation: str
     rows: int
+    columns: str  # "all" or "no top-k"
+    per_class: int
     repeats: int
     wall_s: float | None  # median over the repeats that finished
     cpu_s: float | None
-    peak_rss_mb: float  # highest over repeats
+    peak_rss_mb: float  # highest over repeats, whole process tree
     rows_per_s: float | None
     status: str
     runs: list = field(default_factory=list)
 
 
-def summarize(runs: list[Run]) -> Summary:
+def summarize(runs: list[Run], columns: str = "all", per_class: int = 0) -> Summary:
     ok = [r for r in runs if r.status == "ok"]
     wall = statistics.median(r.wall_s for r in ok) if ok else None
-    return Summary(runs[0].implementation, runs[0].rows, len(runs), wall,
+    return Summary(runs[0].implementation, runs[0].rows, columns, per_class, len(runs), wall,
                    statistics.median(r.cpu_s for r in ok) if ok else None,
                    max(max(r.peak_rss_mb, r.polled_tree_rss_mb) for r in runs),
                    runs[0].rows / wall if wall else None,
@@ -314,32 +346,45 @@ def _fmt(x, spec: str) -> str:
 
 
 def markdown_table(summaries: list[Summary]) -> str:
-    lines = ["| implementation | rows | repeats | wall s (median) | CPU s | peak RSS MB | rows/s | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| rows | columns | per class | implementation | repeats | wall s (median) | CPU s | peak RSS MB "
+             "(tree) | rows/s | status |", "|---:|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for s in summaries:
-        lines.append(f"| {s.implementation} | {s.rows:,} | {s.repeats} | {_fmt(s.wall_s, '.1f')} | "
-                     f"{_fmt(s.cpu_s, '.1f')} | {s.peak_rss_mb:,.0f} | {_fmt(s.rows_per_s, ',.0f')} | {s.status} |")
+        lines.append(f"| {s.rows:,} | {s.columns} | {s.per_class:,} | {s.implementation} | {s.repeats} | "
+                     f"{_fmt(s.wall_s, '.1f')} | {_fmt(s.cpu_s, '.1f')} | {s.peak_rss_mb:,.0f} | "
+                     f"{_fmt(s.rows_per_s, ',.0f')} | {s.status} |")
     return "\n".join(lines)
 
 
-def ratios(summaries: list[Summary], small: int, large: int) -> dict[str, float]:
-    by = {(s.implementation, s.rows): s for s in summaries}
+def ratios(summaries: list[Summary], workers: list[int]) -> dict[str, float]:
+    """Per case: each ns-data run's wall over DuckDB's, and the throughput of N workers over one worker."""
     out = {}
-    for rows in sorted({s.rows for s in summaries}):
-        a, b = by.get(("ns-data", rows)), by.get(("duckdb", rows))
-        if a and b and a.wall_s and b.wall_s:
-            out[f"ns-data wall / duckdb wall @ {rows:,} rows"] = a.wall_s / b.wall_s
-    for c in (s for s in summaries if s.implementation == "elementwise" and s.wall_s):
-        a = by.get(("ns-data", c.rows))
-        if a and a.wall_s:
-            out[f"elementwise wall / ns-data wall @ {c.rows:,} rows"] = c.wall_s / a.wall_s
-        a = by.get(("ns-data", large))
-        if a and a.wall_s and c.rows != large:
-            out[f"elementwise s/row @ {c.rows:,} / ns-data s/row @ {large:,} (per row)"] = (
-                (c.wall_s / c.rows) / (a.wall_s / a.rows))
-    a_small, a_large = by.get(("ns-data", small)), by.get(("ns-data", large))
-    if a_small and a_large and small != large:
-        out[f"ns-data peak RSS @ {large:,} / @ {small:,} rows"] = a_large.peak_rss_mb / a_small.peak_rss_mb
+    cases = sorted({(s.rows, s.columns) for s in summaries})
+    for rows, columns in cases:
+        by = {s.implementation: s for s in summaries if (s.rows, s.columns) == (rows, columns) and s.wall_s}
+        case = f"@ {rows:,} rows, {columns} columns"
+        for w in workers:
+            a, b = by.get(f"ns-data {w}w"), by.get("duckdb")
+            if a and b:
+                out[f"ns-data {w}w wall / duckdb wall {case}"] = a.wall_s / b.wall_s
+        one = by.get("ns-data 1w")
+        for w in workers:
+            many = by.get(f"ns-data {w}w")
+            if one and many and w != 1:
+                out[f"ns-data throughput {w}w / 1w {case}"] = one.wall_s / many.wall_s
+    # Marginal throughput between the smallest and the largest size: (rows2 - rows1) / (wall2 - wall1), which
+    # leaves out the fixed start-up (interpreter, imports, building the pipeline, starting worker processes).
+    sizes = sorted({s.rows for s in summaries})
+    for columns in sorted({s.columns for s in summaries}):
+        by = {(s.implementation, s.rows): s for s in summaries if s.columns == columns and s.wall_s}
+        rate = {}
+        for impl in {s.implementation for s in summaries}:
+            a, b = by.get((impl, sizes[0])), by.get((impl, sizes[-1]))
+            if a and b and b.wall_s > a.wall_s:
+                rate[impl] = (b.rows - a.rows) / (b.wall_s - a.wall_s)
+        for w in workers:
+            if w != 1 and f"ns-data {w}w" in rate and "ns-data 1w" in rate:
+                out[f"ns-data marginal throughput {w}w / 1w, {sizes[0]:,} -> {sizes[-1]:,} rows, {columns} "
+                    "columns"] = rate[f"ns-data {w}w"] / rate["ns-data 1w"]
     return out
 
 
@@ -347,23 +392,28 @@ def ratios(summaries: list[Summary], small: int, large: int) -> dict[str, float]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    import psutil
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rows", type=int, default=10_000_000, help="large input size")
-    p.add_argument("--small-rows", type=int, default=1_000_000, help="small input size")
+    p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000], help="input sizes")
     p.add_argument("--classes", type=int, default=1000, help="classes in the synthetic data")
     p.add_argument("--files", type=int, default=8, help="Parquet files per synthetic table")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--invalid-fraction", type=float, default=0.0,
                    help="share of synthetic rows spoiled (NaN/out-of-range confidence, bad label, repeated id)")
-    p.add_argument("--per-class", type=int, default=10_000,
-                   help="rows kept per class; 10000 caps ~170 and upsamples ~830 of 1000 classes at 10M rows")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="rows kept per class (default: 0.13%% of the rows, e.g. 13,000 at 10M rows: caps ~120 and "
+                        "upsamples ~880 of 1000 classes)")
     p.add_argument("--min-confidence", type=float, default=0.3, help="candidates have at least this confidence")
-    p.add_argument("--repeats", type=int, default=3, help="runs of (a) and (b) per size; (c) runs once")
+    p.add_argument("--workers", type=int, nargs="+", default=sorted({1, len(psutil.Process().cpu_affinity())}),
+                   help="ns-data runs with each of these numbers of worker processes")
+    p.add_argument("--columns", nargs="+", default=["all", "no top-k"], choices=["all", "no top-k"],
+                   help="run on the table with its top-k columns (all) and/or on a copy without them")
+    p.add_argument("--repeats", type=int, default=3, help="runs of (a) and (b) per case; (c) runs once")
     p.add_argument("--elementwise-rows", type=int, default=None,
-                   help="input size for (c); default: --small-rows. (c) runs at ~10K rows/s and needs ~2.2 KB "
-                        "of RSS per row: 10M rows would take ~17 minutes and ~22 GB, past the memory limit")
-    p.add_argument("--skip-elementwise", action="store_true", help="do not run (c)")
+                   help="input size for (c), which runs only when given; it runs at ~10K rows/s and needs "
+                        "~2.2 KB of RSS per row: 10M rows would take ~17 minutes and ~22 GB")
     p.add_argument("--elementwise-timeout", type=float, default=2400, help="seconds before (c) is killed")
     p.add_argument("--memory-limit-gb", type=float, default=12, help="any child past this RSS is killed")
     p.add_argument("--keep-outputs", action="store_true", help="keep the selections in benchmarks/data/out")
@@ -393,78 +443,79 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    small, large = sorted({args.small_rows, args.rows})[0], args.rows
-    sizes = sorted({args.small_rows, args.rows})
-    elementwise_rows = [] if args.skip_elementwise else [args.elementwise_rows or args.small_rows]
     limit_mb = args.memory_limit_gb * 1024
     out_root = DATA_DIR / "out"
     logs = HERE / "results" / "logs"
-
-    inputs = {rows: dataset(rows, args) for rows in sorted(set(sizes) | set(elementwise_rows))}
     summaries: list[Summary] = []
     warnings: list[str] = []
     compared: list[str] = []
     duckdb_info: dict = {}
-    for rows in sorted(inputs):
-        print(f"\n{rows:,} rows:", flush=True)
-        plan = []
-        if rows in sizes:
-            plan += [("ns-data", nsdata_command, args.repeats, None),
-                     ("duckdb", lambda i, o, a: child_command("duckdb", i, o, a), args.repeats, None)]
-        if rows in elementwise_rows:
-            plan += [("elementwise", lambda i, o, a: child_command("elementwise", i, o, a), 1,
-                      args.elementwise_timeout)]
-        counts = {}
-        for impl, command, repeats, timeout in plan:
-            out = out_root / f"{impl}-{rows}"
-            runs = []
-            for i in range(repeats):
+    cases = [(rows, columns) for rows in sorted(set(args.rows)) for columns in args.columns]
+    if args.elementwise_rows:
+        cases.append((args.elementwise_rows, "elementwise"))
+    for rows, columns in cases:
+        per_class = args.per_class or max(1, rows * 13 // 10_000)
+        table = dataset(rows, args)
+        if columns == "no top-k":
+            table = without_topk(table)
+        print(f"\n{rows:,} rows, {columns} columns, --per-class {per_class:,}:", flush=True)
+        if columns == "elementwise":
+            plan = [("elementwise", lambda o: child_command("elementwise", table, o, per_class, args))]
+            repeats, timeout = 1, args.elementwise_timeout
+        else:
+            plan = [(f"ns-data {w}w", lambda o, w=w: nsdata_command(table, o, per_class, args, w))
+                    for w in args.workers]
+            plan.append(("duckdb", lambda o: child_command("duckdb", table, o, per_class, args)))
+            repeats, timeout = args.repeats, None
+        runs: dict[str, list[Run]] = {impl: [] for impl, _ in plan}
+        for i in range(repeats):  # alternated: a slow spell of the machine hits every implementation
+            for impl, command in plan:
+                out = out_root / impl.replace(" ", "-")
                 shutil.rmtree(out, ignore_errors=True)
-                runs.append(measure(impl, rows, command(inputs[rows], out, args),
-                                    logs / f"{impl}-{rows}-{i}.log", limit_mb, timeout))
-            summaries.append(summarize(runs))
-            if runs[-1].status == "ok":
+                name = f"{impl.replace(' ', '-')}-{rows}-{columns.replace(' ', '')}-{i}.log"
+                runs[impl].append(measure(impl, rows, command(out), logs / name, limit_mb, timeout))
+        counts = {}
+        for impl, _ in plan:
+            out = out_root / impl.replace(" ", "-")
+            summaries.append(summarize(runs[impl], columns, per_class))
+            if runs[impl][-1].status == "ok":
                 counts[impl] = class_counts(out)
                 if impl == "duckdb":
-                    duckdb_info = json.loads((ROOT / runs[-1].log).read_text().strip().splitlines()[-1])
+                    duckdb_info = json.loads((ROOT / runs[impl][-1].log).read_text().strip().splitlines()[-1])
             if not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)
-        if "ns-data" in counts:
-            for impl in ("duckdb", "elementwise"):
-                if impl in counts:
-                    compared.append(f"{impl} @ {rows:,}")
-                    warnings += [f"@ {rows:,} rows: {w}" for w in
-                                 compare_counts(impl, counts[impl], counts["ns-data"], args.per_class)]
-            sel = [n for n, _ in counts["ns-data"].values()]
-            print(f"  classes: {len(sel)}, capped at {args.per_class:,}: "
-                  f"{sum(n == args.per_class for n in sel)}, upsampled: {sum(n < args.per_class for n in sel)}; "
-                  f"selected rows {sum(sel):,}", flush=True)
+        reference = next((counts[i] for i in counts if i.startswith("ns-data")), None)
+        if reference is not None:
+            for impl in counts:
+                if impl != next(i for i in counts if i.startswith("ns-data")):
+                    compared.append(f"{impl} @ {rows:,} ({columns})")
+                    warnings += [f"@ {rows:,} rows ({columns}): {w}" for w in
+                                 compare_counts(impl, counts[impl], reference, per_class)]
+            sel = [n for n, _ in reference.values()]
+            print(f"  classes: {len(sel)}, capped at {per_class:,}: {sum(n == per_class for n in sel)}, "
+                  f"upsampled: {sum(n < per_class for n in sel)}; selected rows {sum(sel):,}", flush=True)
 
     env = environment() | duckdb_info
     table = markdown_table(summaries)
-    rat = ratios(summaries, small, large)
-    print(f"\n## ns-data balance benchmark (--per-class {args.per_class:,}, {args.classes} classes, "
-          f"{args.files} files)\n")
+    rat = ratios(summaries, args.workers)
+    print(f"\n## ns-data balance benchmark ({args.classes} classes, {args.files} files)\n")
     code = env["git"].get("commit", "?")[:10] + (" + uncommitted changes" if env["git"].get("ns_data_modified") else "")
     print(f"Machine: {env['cpus']} CPUs, {env['memory_gb']} GB RAM; Python {env['python']}; "
           f"DuckDB {env.get('duckdb_version', '-')} with {env.get('duckdb_threads', '-')} threads (its default); "
-          f"ns-data and (c) on Beam {env['versions']['apache-beam']}'s in-process FnApiRunner; ns-data at {code}.\n")
+          f"ns-data on Beam {env['versions']['apache-beam']}'s local FnApiRunner; ns-data at {code}.\n")
     print(table + "\n")
     for name, value in rat.items():
         print(f"- {name}: {value:.2f}")
-    print("\nNotes: wall time includes process start and imports (~2-3 s for Beam). Peak RSS is the child's "
-          "ru_maxrss (max over repeats). "
-          "DuckDB's hash() and (c)'s blake2b differ from ns-data's seeded hash: tied rows at a class's cut may "
-          "differ, rows kept per class may not. ns-data also writes errors and stats.json. "
-          "(c) runs only on " + (", ".join(f"{r:,}" for r in elementwise_rows) or "no") + " rows "
-          "(--elementwise-rows); compare it per row (rows/s).")
+    print("\nNotes: wall time includes process start and imports (~2-3 s for Beam). Peak RSS is that of the "
+          "whole process tree (max over repeats). DuckDB's hash() differs from ns-data's seeded hash: tied rows "
+          "at a class's cut may differ, rows kept per class may not. ns-data also writes errors and stats.json.")
     for w in warnings:
         print(f"WARNING: {w}")
     if compared and not warnings:
         print("Check: rows selected per class agree with ns-data, and every class totals --per-class copies, "
               "for " + ", ".join(compared) + ".")
     elif not compared:
-        print("WARNING: nothing was compared with ns-data (no pair of finished runs at one size).")
+        print("WARNING: nothing was compared with ns-data (no pair of finished runs in one case).")
 
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text(json.dumps({

@@ -520,7 +520,7 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
         "selected_rows": counts.get("selected_rows", 0),
         "total_copies": counts.get("total_copies", 0),
         "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
-        "input_files": sorted({u.path for u in ctx.units}),
+        "input_files": sorted({fs.absolute(u.path) for u in ctx.units}),  # valid from any working directory
         "teacher": contract.read_metadata(ctx.schema, contract.TEACHER),  # as label recorded it (class names)
         "classes": classes,
     }
