@@ -41,9 +41,9 @@ from ns_data.runner import SumCounts, after_all
 from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.balance"
-# On the local runner, a worker process per this many rows at most: starting one costs about as much time as
-# balancing a million rows (docs/benchmarks.md).
-ROWS_PER_WORKER = 2_000_000
+# On the local runner, worker processes (one per core) from this many input rows on; below, one process: Beam's
+# worker processes take about 3 s to start, more than they save on a smaller input (docs/benchmarks.md).
+MIN_ROWS_FOR_WORKERS = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -621,7 +621,7 @@ def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=p
     if ctx is None:
         echo(already_complete(opts.output))
     else:
-        workers = -(-ctx.total_rows // ROWS_PER_WORKER)
+        workers = None if ctx.total_rows >= MIN_ROWS_FOR_WORKERS else 1
         if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers):
             return None, True
     return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

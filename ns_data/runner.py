@@ -58,8 +58,8 @@ def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | N
               local_workers: int | None = None) -> bool:
     """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform; True once it
     has run to completion, False when the run only launched it (launch_only). On the local runner one worker
-    process per core starts, but no more than `local_workers` (the stage's estimate of what pays for their
-    start, a second or two each) and than there are units, unless the command line says."""
+    process per core starts, but no more than `local_workers` (1 when the stage judges the input too small to
+    pay for their start) and than there are units, unless the command line says."""
     units = list(units)
     local_workers = max(1, min(local_workers or local_cores(), len(units)))
     options = pipeline_options(beam_args, local_workers)

@@ -326,7 +326,7 @@ def test_same_bytes_with_one_or_two_worker_processes_and_either_shuffle(tmp_path
     paths = write_parts(table, tmp_path / "in", files=4, row_group_rows=300, order=rng.permutation(table.num_rows))
     opts = dict(inputs=tuple(paths), per_class=400, unit_rows=64, batch_rows=128, dedup_bucket_rows=1000)
     monkeypatch.setattr(runner, "local_cores", lambda: 2)  # the default: one worker process per core...
-    monkeypatch.setattr(balance_module, "ROWS_PER_WORKER", 1000)  # ...when the input is large enough
+    monkeypatch.setattr(balance_module, "MIN_ROWS_FOR_WORKERS", 1000)  # ...when the input is large enough
     assert runner.pipeline_options([], 2).view_as(DirectOptions).direct_running_mode == "multi_processing"
     outputs = {}
     for name, shuffle, args in [("default", "auto", []), ("one", "auto", ["--direct_num_workers", "1"]),

@@ -32,9 +32,9 @@ from ns_data.shard.plan import prepare
 from ns_data.spill import SHUFFLES
 from ns_data.stage import OptionsError
 
-# On the local runner, a worker process per this many images at most: a worker takes 2-3 s to start, and reading
-# is mostly I/O (a second worker made the fetch step 1.35x faster, docs/benchmarks.md).
-IMAGES_PER_WORKER = 50_000
+# On the local runner, worker processes (one per core) from this many images on; below, one process: Beam's
+# worker processes take about 3 s to start, more than they save on a smaller selection (docs/benchmarks.md).
+MIN_IMAGES_FOR_WORKERS = 50_000
 __all__ = ["ShardOptions", "parse_size", "run_shard", "format_summary", "inspect_records"]
 
 
@@ -95,7 +95,7 @@ def run_shard(opts: ShardOptions, beam_args: list[str] | None = None, echo=print
     if ctx is None:
         echo(already_complete(opts.output))
     else:
-        workers = -(-ctx.valid_rows // IMAGES_PER_WORKER)
+        workers = None if ctx.valid_rows >= MIN_IMAGES_FOR_WORKERS else 1
         if not run_stage("Shard", ctx.units, Shard(ctx), beam_args, local_workers=workers):
             return None, True
     return SHARDS.check_complete(opts.output), ctx is not None
