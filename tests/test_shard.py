@@ -190,6 +190,15 @@ def test_shards_are_equal_in_size_and_each_a_sample_of_all_classes(corpus, shard
     assert pairs > 20 and adjacent <= random_adjacent + 3 * np.sqrt(random_adjacent) + 1, (adjacent, pairs)
 
 
+def test_same_bytes_with_two_worker_processes_either_shuffle(corpus, sharded, tmp_path):
+    out, _ = sharded
+    for shuffle in ("files", "beam"):
+        opts = ShardOptions(inputs=(corpus["selection"],), output=str(tmp_path / shuffle), num_shards=7,
+                            num_classes=CLASSES, shuffle=shuffle)
+        run_shard(opts, ["--direct_num_workers", "2"], echo=lambda m: None)
+        assert shard_bytes(tmp_path / shuffle) == shard_bytes(out)  # `out`: one process, spill files
+
+
 def test_same_bytes_from_a_shuffled_split_selection_through_beams_shuffle(corpus, sharded, tmp_path):
     out, _ = sharded
     table = corpus["table"]
