@@ -3,8 +3,9 @@ the counters its steps add up, and the step that runs once all work is done.
 
 The local runner is Beam's FnApiRunner (Beam's DirectRunner would first try to download the Prism runner). By
 default balance and shard run one worker process per core (`--direct_running_mode multi_processing
---direct_num_workers N`, N = the cores this process may use), label one process (its model and decoding threads
-use every core); `--direct_num_workers N` sets the number, 1 runs everything in this process. The stages' outputs
+--direct_num_workers N`, N = the cores this process may use) on inputs large enough to pay for their start, label
+one process (its model and decoding threads use every core); `--direct_num_workers N` sets the number, 1 runs
+everything in this process. The stages' outputs
 do not depend on the number of workers.
 """
 from __future__ import annotations
