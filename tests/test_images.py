@@ -62,3 +62,61 @@ def test_truncated_and_oversized_images():
         decode_image(big, max_pixels=1_999_999)
     assert err.value.reason == "too_many_pixels"
     assert decode_image(big, max_pixels=2_000_000).size == (2000, 1000)
+
+
+def noisy(size, seed=0, mode="RGB"):
+    """A photo-like image (smooth fields, pixel noise) of `size` (width, height)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    field = rng.random((3, 1, 1)) * 255 * (1 - xx) + rng.random((3, 1, 1)) * 255 * yy + rng.normal(0, 10, (3, h, w))
+    return Image.fromarray(np.clip(field.transpose(1, 2, 0), 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+@pytest.mark.parametrize("size,min_side,reduced", [
+    ((1024, 768), 256, (512, 384)),    # 1/2: 1/4 would make the short side 192
+    ((2048, 1536), 256, (512, 384)),   # 1/4
+    ((4000, 3000), 256, (500, 375)),   # 1/8, the most libjpeg does
+    ((1024, 768), 400, (1024, 768)),   # 768 / 2 < 400: decoded whole
+    ((300, 200), 168, (300, 200)),     # too small to reduce
+    ((1023, 767), 256, (512, 384)),    # odd sizes round up: ceil(1023 / 2)
+])
+def test_min_side_decodes_jpegs_at_the_largest_reduction_keeping_both_sides(size, min_side, reduced):
+    data = encode(noisy(size), "JPEG", quality=90)
+    out = decode_image(data, min_side=min_side)
+    assert out.mode == "RGB" and out.size == reduced
+    assert min(out.size) >= min(min_side, *size)
+    if reduced == size:  # nothing to reduce: exactly the full decode
+        assert np.array_equal(np.asarray(out), np.asarray(decode_image(data)))
+    else:  # the same picture, smaller: close to the full decode scaled down the usual way
+        full = decode_image(data).resize(reduced, Image.BICUBIC)
+        assert np.abs(np.asarray(out, dtype=int) - np.asarray(full, dtype=int)).mean() < 8
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("WEBP", "RGB"), ("PNG", "L"), ("TIFF", "RGB"), ("GIF", "P"),
+                                      ("BMP", "RGB")])
+def test_min_side_leaves_other_formats_exact(fmt, mode):
+    data = encode(noisy((900, 700), seed=1, mode=mode), fmt)
+    assert np.array_equal(np.asarray(decode_image(data, min_side=200)), np.asarray(decode_image(data)))
+
+
+def test_min_side_keeps_orientation_modes_and_the_pixel_limit():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 on display
+    rotated = encode(noisy((1200, 800), seed=2), "JPEG", exif=exif)
+    assert decode_image(rotated).size == (800, 1200)
+    assert decode_image(rotated, min_side=200).size == (200, 300)  # reduced 1/4, then turned upright
+    for mode in ("L", "CMYK"):
+        out = decode_image(encode(noisy((1200, 800), seed=3, mode=mode), "JPEG"), min_side=200)
+        assert out.mode == "RGB" and out.size == (300, 200)
+    progressive = encode(noisy((1200, 800), seed=4), "JPEG", progressive=True)
+    assert decode_image(progressive, min_side=200).size == (300, 200)
+    big = encode(noisy((2000, 1000), seed=5), "JPEG")
+    with pytest.raises(DecodeError) as err:  # the limit is on the image's full size, whatever it is decoded at
+        decode_image(big, max_pixels=1_999_999, min_side=100)
+    assert err.value.reason == "too_many_pixels"
+    truncated = encode(noisy((1200, 800), seed=6), "JPEG")
+    with pytest.raises(DecodeError) as err:
+        decode_image(truncated[: len(truncated) // 3], min_side=200)
+    assert err.value.reason in ("truncated_image", "decode_error")
+
