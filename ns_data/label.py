@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from ns_data import contract, fs
-from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError
 from ns_data.outputs import COMPLETE, RESUME, StageOutput
 from ns_data.progress import Progress
 from ns_data.runner import after_all
@@ -66,6 +66,9 @@ class LabelOptions:
     decode_threads: int = 2
     overwrite: bool = False
     progress: bool = False
+    # Approximate: JPEGs decoded at a reduced scale (DCT scaling) before the resize; changes labels a little,
+    # recorded in the teacher's identity (`decode`). See ns_data.preprocess.
+    fast_decode: bool = False
 
     def validate(self) -> "LabelOptions":
         if not self.inputs:
@@ -96,6 +99,8 @@ class LabelOptions:
         """The options that decide the rows (with the teacher's identity and the inputs): the fingerprint's."""
         # The class names' file is not: its names are in the teacher's identity, which the fingerprint holds.
         skip = {"inputs", "output", "overwrite", "progress", "batch_size", "decode_threads", "device", "class_names"}
+        if not self.fast_decode:  # absent when off: the exact path keeps the fingerprints it always had
+            skip.add("fast_decode")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def teacher_spec(self):
@@ -168,13 +173,16 @@ class LabelUnitFn(beam.DoFn):
         self.units = Metrics.counter(NAMESPACE, "units_done")
 
     def setup(self):
-        from ns_data.teacher import build_model, check_same_weights, make_transform
+        from ns_data.preprocess import Preprocessor
+        from ns_data.teacher import build_model, check_same_weights
 
-        self.spec = self.ctx.options.teacher_spec()
+        opts = self.ctx.options
+        self.spec = opts.teacher_spec()
         self.model = build_model(self.spec)
         check_same_weights(self.spec, self.ctx.teacher)
-        self.transform = make_transform(self.ctx.teacher["preprocessing"])
-        self.pool = ThreadPoolExecutor(max_workers=self.ctx.options.decode_threads)
+        self.preprocess = Preprocessor(self.ctx.teacher["preprocessing"], opts.max_pixels, opts.fast_decode,
+                                       self.spec.channels_last, self.spec.device)
+        self.pool = ThreadPoolExecutor(max_workers=opts.decode_threads)
         self.progress = self.ctx.progress()
 
     def teardown(self):
@@ -182,13 +190,11 @@ class LabelUnitFn(beam.DoFn):
 
     def _prepare(self, record: ImageRecord):
         try:
-            return self.transform(decode_image(record.data, self.ctx.options.max_pixels))
+            return self.preprocess(record.data)
         except DecodeError as err:
             return err
 
     def process(self, unit: ImageUnit):
-        import torch
-
         from ns_data.teacher import predict
 
         opts = self.ctx.options
@@ -199,8 +205,8 @@ class LabelUnitFn(beam.DoFn):
         pending: collections.deque = collections.deque()
 
         def run_batch():
-            predictions.append(predict(self.model, torch.stack([t for _, t in batch]), self.spec, opts.topk,
-                                       opts.probs))
+            images = self.preprocess.batch([t for _, t in batch])
+            predictions.append(predict(self.model, images, self.spec, opts.topk, opts.probs))
             labeled.extend(r for r, _ in batch)
             self.progress.add(len(batch))
             batch.clear()
@@ -340,6 +346,10 @@ def prepare(opts: LabelOptions) -> tuple[LabelContext, list[ImageUnit]] | None:
 
     opts.validate()
     teacher = check_teacher(opts.teacher_spec(), opts.class_names)
+    if opts.fast_decode:
+        from ns_data.preprocess import decode_identity
+
+        teacher["decode"] = decode_identity(teacher["preprocessing"])
     units, settings = plan_units(opts.inputs, opts.read_settings, opts.max_images, 4 * opts.batch_size)
     plan = [(u.kind, u.paths, u.row_group, u.limit, u.repeated) for u in units]
     fingerprint = fs.fingerprint([], plan, opts.decisive(), teacher, settings.as_metadata())
@@ -384,6 +394,9 @@ def format_summary(stats: dict, output: str) -> str:
              f"  teacher: {teacher['model']} ({teacher['num_classes']:,} classes"
              + (f", names from {teacher['class_names_from']}" if teacher.get("class_names_from") else "")
              + f", {teacher['precision']})"]
+    if teacher.get("decode"):
+        lines.append(f"  decode: fast, approximate (--fast-decode: JPEGs decoded at a reduced scale, at least "
+                     f"{teacher['decode']['min_side']} px a side)")
     if teacher.get("pretrained"):
         lines.append(f"  weights: {teacher['checkpoint']} (sha256 {teacher['checkpoint_sha256'][:12]})")
     if stats.get("resumed_units"):

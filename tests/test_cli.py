@@ -97,6 +97,13 @@ def test_label_command_and_entry_point(tmp_path):
                         "--class-names", str(tmp_path / "names.txt")])
     stats = json.loads((tmp_path / "l3" / "stats.json").read_text())
     assert stats["labeled"] == 5 and stats["teacher"]["class_names"] == ["zero", "one", "two"]
+    result = CliRunner().invoke(main, ["label", str(images), "--teacher", "test_efficientnet", "--random-weights",
+                                       "--output", str(tmp_path / "l4"), "--fast-decode", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "decode: fast, approximate (--fast-decode" in result.output
+    stats = json.loads((tmp_path / "l4" / "stats.json").read_text())
+    assert stats["options"]["fast_decode"] and stats["teacher"]["decode"]["method"] == "jpeg_dct_scaling"
     usage = CliRunner().invoke(main, ["label", "--help"]).output
-    assert "--pretrained" in usage and "--class-names" in usage
+    assert "--pretrained" in usage and "--class-names" in usage and "--fast-decode" in usage
     assert "--class-names" in CliRunner().invoke(main, ["inspect", "--help"]).output
+

@@ -120,3 +120,27 @@ def test_min_side_keeps_orientation_modes_and_the_pixel_limit():
         decode_image(truncated[: len(truncated) // 3], min_side=200)
     assert err.value.reason in ("truncated_image", "decode_error")
 
+
+def test_preprocessor_gives_timms_transform_bit_for_bit_in_the_models_layout():
+    """The exact path: the batch equals torch.stack of timm's transform of each decoded image, channels-last."""
+    import torch
+    from timm.data import create_transform
+
+    from ns_data.preprocess import Preprocessor, resize_target
+
+    config = {"input_size": [3, 160, 160], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+              "std": [0.229, 0.224, 0.225], "crop_pct": 0.95, "crop_mode": "center"}
+    transform = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    images = [encode(noisy((640, 480), seed=7), "JPEG"), encode(noisy((97, 211), seed=8, mode="L"), "PNG"),
+              encode(noisy((500, 375), seed=9, mode="CMYK"), "JPEG"), encode(noisy((120, 90), seed=10), "WEBP")]
+    want = torch.stack([transform(decode_image(d)) for d in images])
+    for channels_last in (True, False):
+        prep = Preprocessor(config, channels_last=channels_last)
+        got = prep.batch([prep(d) for d in images])
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert resize_target(config) == 168  # floor(160 / 0.95)
+    fast = Preprocessor(config, fast_decode=True)
+    assert fast.min_side == 168 and Preprocessor(config).min_side is None
+    assert torch.equal(fast(images[1]), want[1]) and torch.equal(fast(images[3]), want[3])  # PNG, WebP: exact
+    assert not torch.equal(fast(images[0]), want[0])  # a 640x480 JPEG: decoded at 1/2

@@ -42,9 +42,13 @@ def photo(seed: int, size=(64, 48)) -> Image.Image:
 @pytest.fixture(scope="module")
 def teacher_files(tmp_path_factory):
     """A tiny timm teacher with 10 classes: safetensors, a state dict, and TorchScript."""
+    return write_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def write_teacher(d) -> dict:
+    """The tiny teacher's files in directory `d` (a pathlib.Path): seeded, so the same weights every time."""
     from safetensors.torch import save_file
 
-    d = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False, num_classes=CLASSES).eval()
     with torch.no_grad():  # sharper logits than at init, so that confidences spread over [0, 1]
@@ -58,8 +62,7 @@ def teacher_files(tmp_path_factory):
     return {"model": model, "dir": d}
 
 
-@pytest.fixture(scope="module")
-def images():
+def image_set() -> dict[str, bytes]:
     """Good images of every mode the decoder must handle, by name."""
     rgb = photo(1)
     exif = Image.Exif()
@@ -76,6 +79,45 @@ def images():
         "rotated.jpg": encode(photo(7), exif=exif),
         "tiny.png": encode(photo(8, (1, 1)), "PNG"),
         "wide.webp": encode(photo(9, (400, 30)), "WEBP"),
+    }
+
+
+@pytest.fixture(scope="module")
+def images():
+    return image_set()
+
+
+def noisy_photo(seed: int, size) -> Image.Image:
+    """A photo-like image: smooth colour fields, shapes and pixel noise (the decoder has real work to do)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = np.asarray(photo(seed, (max(width // 16, 1) * 8, max(height // 16, 1) * 8)).resize(size, Image.BICUBIC),
+                      dtype=np.float64)
+    base += rng.normal(0, 10, base.shape)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        box = [x0, y0, x0 + int(rng.integers(8, width // 2)), y0 + int(rng.integers(8, height // 2))]
+        draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return img
+
+
+def known_images() -> dict[str, bytes]:
+    """The known run's images: every mode of `image_set`, and JPEGs large enough for DCT-scaled decoding (four
+    times the teacher's resize target and more): baseline, progressive, rotated by EXIF, grey, CMYK, 4:4:4."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return image_set() | {
+        "big.jpg": encode(noisy_photo(11, (1024, 768)), quality=90),
+        "big-progressive.jpg": encode(noisy_photo(12, (800, 600)), quality=85, progressive=True),
+        "big-rotated.jpg": encode(noisy_photo(13, (900, 700)), exif=exif),
+        "big-grey.jpg": encode(noisy_photo(14, (700, 700)).convert("L")),
+        "big-cmyk.jpg": encode(noisy_photo(15, (720, 540)).convert("CMYK")),
+        "big-444.jpg": encode(noisy_photo(16, (1000, 640)), subsampling=0, quality=95),
+        "big.png": encode(noisy_photo(17, (800, 600)), "PNG"),
     }
 
 
@@ -311,3 +353,113 @@ def test_the_same_folder_twice_is_labeled_once_and_the_repeat_reported(tmp_path,
     assert sorted(got["id"]) == sorted(images)  # ids relative to the one root, each image once
     assert sorted(errors["id"]) == sorted(images) and set(errors["reason"]) == {"duplicate_input"}
     assert stats["images_read"] == 2 * len(images) == len(got) + len(errors)
+
+
+# ------------------------------------------------------------------------------------ the known run
+# `tests/data/label_known_run.json` holds what `label` wrote for `known_images()` with the tiny teacher before
+# decoding and preprocessing were reworked (written by `python -m tests.test_label`, at commit b3520dd): every
+# float bit for bit. The default (exact) path must still write exactly these rows.
+
+KNOWN_RUN = os.path.join(os.path.dirname(__file__), "data", "label_known_run.json")
+KNOWN_OPTIONS = dict(batch_size=4, topk=3, probs=True)
+
+
+def _hex(values) -> list[str]:
+    return [v.hex() for v in np.asarray(values, dtype=np.float32).ravel().tolist()]
+
+
+def known_run_record(labels: pd.DataFrame, teacher_sha: str, files: dict[str, bytes]) -> dict:
+    import hashlib
+
+    import PIL
+
+    from ns_data.images import decode_image
+
+    transform = create_transform(**resolve_data_config({}, model=timm.create_model(MODEL, num_classes=CLASSES)),
+                                 is_training=False)
+    return {
+        "env": {"torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()},
+        "teacher_sha256": teacher_sha,
+        "inputs_sha256": {n: hashlib.sha256(d).hexdigest() for n, d in sorted(files.items())},
+        "preprocessed_sha256": {n: hashlib.sha256(transform(decode_image(d)).numpy().tobytes()).hexdigest()
+                                for n, d in sorted(files.items())},
+        "rows": {r["id"]: {"label": int(r["label"]), "topk_classes": [int(c) for c in r["topk_classes"]],
+                           "confidence": _hex(r["confidence"]), "topk_probs": _hex(r["topk_probs"]),
+                           "entropy": _hex(r["entropy"]), "probs": _hex(r["probs"])}
+                 for _, r in labels.iterrows()},
+    }
+
+
+def write_known_run() -> None:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        teacher = write_teacher(tmp)
+        files = known_images()
+        _, got, errors = label([write_dir(tmp / "imgs", files)], tmp / "out", teacher, **KNOWN_OPTIONS)
+        assert errors is None
+        meta = json.loads(pq.read_schema(glob.glob(str(tmp / "out" / "labels-*.parquet"))[0])
+                          .metadata[b"ns_data.teacher"])
+        record = known_run_record(got, meta["checkpoint_sha256"], files)
+        record["teacher"] = {k: v for k, v in meta.items() if k not in ("torch", "checkpoint")}
+    os.makedirs(os.path.dirname(KNOWN_RUN), exist_ok=True)
+    with open(KNOWN_RUN, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    write_known_run()
+
+
+def test_the_default_path_writes_the_known_run_bit_for_bit(tmp_path, teacher_files):
+    """The rows of the known run (before decoding and batching were reworked), every float bit for bit, when
+    this machine can reproduce it (same torch, timm and Pillow, same CPU kernels, same teacher weights)."""
+    with open(KNOWN_RUN) as f:
+        known = json.load(f)
+    files = known_images()
+    _, got, errors = label([write_dir(tmp_path / "imgs", files)], tmp_path / "out", teacher_files, **KNOWN_OPTIONS)
+    assert errors is None
+    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0])
+                      .metadata[b"ns_data.teacher"])
+    assert {k: v for k, v in meta.items() if k not in ("torch", "checkpoint")} == known["teacher"]  # nothing added
+    now = known_run_record(got, meta["checkpoint_sha256"], files)
+    reproducible = all(now[k] == known[k] for k in ("env", "teacher_sha256", "inputs_sha256"))
+    if not reproducible:
+        pytest.skip(f"the known run was made with {known['env']}; this machine has {now['env']}")
+    assert now["preprocessed_sha256"] == known["preprocessed_sha256"]
+    assert now["rows"] == known["rows"]
+
+
+def test_fast_decode_is_recorded_close_to_exact_and_exact_for_other_formats(tmp_path, teacher_files):
+    files = known_images()
+    d = write_dir(tmp_path / "imgs", files)
+    _, exact, _ = label([d], tmp_path / "exact", teacher_files, **KNOWN_OPTIONS)
+    stats, fast, errors = label([d], tmp_path / "fast", teacher_files, fast_decode=True, **KNOWN_OPTIONS)
+    assert errors is None and stats["labeled"] == len(files)
+    decode = {"method": "jpeg_dct_scaling", "min_side": 168}  # test_efficientnet: floor(160 / 0.95)
+    assert stats["options"]["fast_decode"] is True and stats["teacher"]["decode"] == decode
+    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "fast" / "labels-*.parquet"))[0])
+                      .metadata[b"ns_data.teacher"])
+    assert meta["decode"] == decode
+    exact_meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "exact" / "labels-*.parquet"))[0])
+                            .metadata[b"ns_data.teacher"])
+    assert "decode" not in exact_meta
+    exact, fast = exact.set_index("id"), fast.set_index("id")
+    jpegs = [n for n in files if n.endswith(".jpg")]  # the big ones (2 x 168 a side or more) decoded reduced
+    for name in files:  # PNG, WebP: the exact path, the same rows bit for bit
+        if name not in jpegs:
+            assert np.array_equal(np.stack(fast.loc[name, "probs"]), np.stack(exact.loc[name, "probs"])), name
+    probs_fast = np.stack(fast.loc[jpegs, "probs"].tolist())
+    probs_exact = np.stack(exact.loc[jpegs, "probs"].tolist())
+    assert not np.array_equal(probs_fast, probs_exact)  # the JPEGs took the fast path
+    assert np.abs(probs_fast - probs_exact).max() < 0.01  # ... and the teacher saw nearly the same images
+    assert (fast.loc[jpegs, "label"] == exact.loc[jpegs, "label"]).all()
+    # A different decode is a different run: not mixed with the exact labels, nor resumed from them.
+    with pytest.raises(OutputExists):
+        prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "exact"), teacher=MODEL,
+                             checkpoint=str(teacher_files["dir"] / "teacher.safetensors"), fast_decode=True,
+                             **KNOWN_OPTIONS))
