@@ -107,3 +107,18 @@ def test_label_command_and_entry_point(tmp_path):
     assert "--pretrained" in usage and "--class-names" in usage and "--fast-decode" in usage
     assert "--class-names" in CliRunner().invoke(main, ["inspect", "--help"]).output
 
+
+def test_the_program_leaves_with_its_status_its_output_and_its_atexit_functions(tmp_path):
+    """`ns-data` skips the interpreter's teardown once torch is loaded (cli.leave), and loses nothing by it."""
+    import subprocess
+    import sys
+
+    program = ("import atexit, sys, torch; from ns_data.cli import main; "
+               "atexit.register(lambda: print('atexit ran', flush=True)); sys.argv[0] = 'ns-data'; main()")
+    done = subprocess.run([sys.executable, "-c", program, "--version"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "version" in done.stdout and "atexit ran" in done.stdout
+    failed = subprocess.run([sys.executable, "-c", program, "label", str(tmp_path / "nowhere"), "--teacher",
+                             "no_such_model_xyz", "--random-weights", "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "Error: unknown model 'no_such_model_xyz'" in failed.stderr
+    assert "atexit ran" in failed.stdout
