@@ -43,10 +43,11 @@ demo-synth: $(BIN)/.installed
 	$(BIN)/ns-data inspect $(DEMO_DIR)-synth/shards
 	$(BIN)/ns-data report $(DEMO_DIR)-synth --output $(DEMO_DIR)-synth/report.html --no-progress
 
+# TIMM_REPO=DIR (a checkout of huggingface/pytorch-image-models) adds timm's inference.py to the label benchmark.
 bench: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/balance.py
-	$(BIN)/python benchmarks/label.py
+	$(BIN)/python benchmarks/label.py $(if $(TIMM_REPO),--timm-repo $(TIMM_REPO))
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/report.py
