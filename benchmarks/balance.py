@@ -7,9 +7,7 @@ pass-through top-k columns and on a copy without them (columns id, source, offse
 
   (a) ns-data Nw   `ns-data balance INPUT --output OUT --per-class K --overwrite --no-progress
                    --direct_num_workers N` for each N of --workers (default: 1 and every core), on Beam's local
-                   FnApiRunner (N > 1: as balance runs them by default, threads on up to 4 cores);
-      ns-data Np   with --processes: N worker processes (`--direct_running_mode multi_processing`), N the
-                   largest of --workers;
+                   FnApiRunner (N > 1: worker processes);
   (b) duckdb       one SQL statement doing the same work: reject invalid rows, keep one row per id (most
                    confident, then lowest label), rank candidates per class with ROW_NUMBER() OVER (PARTITION
                    BY label ORDER BY confidence DESC, hash(id), id), keep rank < K, add copies, write all
@@ -95,8 +93,7 @@ def without_topk(path: Path) -> Path:
 
     out = path.with_name(path.name + "-no-topk")
     marker = out / "params.json"
-    if (marker.exists() and marker.read_text() == (path / "params.json").read_text()
-            and (out / "stats.json").exists()):
+    if marker.exists() and marker.read_text() == (path / "params.json").read_text():
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -190,11 +187,10 @@ def measure(impl: str, rows: int, cmd: list[str], log: Path, limit_mb: float, ti
 # ------------------------------------------------------------------------------------- implementations
 
 
-def nsdata_command(inp: Path, out: Path, per_class: int, args, workers: int, processes: bool = False) -> list[str]:
+def nsdata_command(inp: Path, out: Path, per_class: int, args, workers: int) -> list[str]:
     return [str(BIN / "ns-data"), "balance", str(inp), "--output", str(out), "--per-class", str(per_class),
             "--min-confidence", str(args.min_confidence), "--overwrite", "--no-progress",
-            "--direct_num_workers", str(workers)] + (["--direct_running_mode", "multi_processing"] if processes
-                                                     else [])
+            "--direct_num_workers", str(workers)]
 
 
 def child_command(kind: str, inp: Path, out: Path, per_class: int, args) -> list[str]:
@@ -359,23 +355,22 @@ def markdown_table(summaries: list[Summary]) -> str:
     return "\n".join(lines)
 
 
-def ratios(summaries: list[Summary]) -> dict[str, float]:
+def ratios(summaries: list[Summary], workers: list[int]) -> dict[str, float]:
     """Per case: each ns-data run's wall over DuckDB's, and the throughput of N workers over one worker."""
     out = {}
     cases = sorted({(s.rows, s.columns) for s in summaries})
-    nsdata = sorted({s.implementation for s in summaries if s.implementation.startswith("ns-data")})
     for rows, columns in cases:
         by = {s.implementation: s for s in summaries if (s.rows, s.columns) == (rows, columns) and s.wall_s}
         case = f"@ {rows:,} rows, {columns} columns"
-        for impl in nsdata:
-            a, b = by.get(impl), by.get("duckdb")
+        for w in workers:
+            a, b = by.get(f"ns-data {w}w"), by.get("duckdb")
             if a and b:
-                out[f"{impl} wall / duckdb wall {case}"] = a.wall_s / b.wall_s
+                out[f"ns-data {w}w wall / duckdb wall {case}"] = a.wall_s / b.wall_s
         one = by.get("ns-data 1w")
-        for impl in nsdata:
-            many = by.get(impl)
-            if one and many and impl != "ns-data 1w":
-                out[f"{impl.replace('ns-data', 'ns-data throughput')} / 1w {case}"] = one.wall_s / many.wall_s
+        for w in workers:
+            many = by.get(f"ns-data {w}w")
+            if one and many and w != 1:
+                out[f"ns-data throughput {w}w / 1w {case}"] = one.wall_s / many.wall_s
     # Marginal throughput between the smallest and the largest size: (rows2 - rows1) / (wall2 - wall1), which
     # leaves out the fixed start-up (interpreter, imports, building the pipeline, starting worker processes).
     sizes = sorted({s.rows for s in summaries})
@@ -386,10 +381,10 @@ def ratios(summaries: list[Summary]) -> dict[str, float]:
             a, b = by.get((impl, sizes[0])), by.get((impl, sizes[-1]))
             if a and b and b.wall_s > a.wall_s:
                 rate[impl] = (b.rows - a.rows) / (b.wall_s - a.wall_s)
-        for impl in nsdata:
-            if impl != "ns-data 1w" and impl in rate and "ns-data 1w" in rate:
-                out[f"{impl.replace('ns-data', 'ns-data marginal throughput')} / 1w, {sizes[0]:,} -> "
-                    f"{sizes[-1]:,} rows, {columns} columns"] = rate[impl] / rate["ns-data 1w"]
+        for w in workers:
+            if w != 1 and f"ns-data {w}w" in rate and "ns-data 1w" in rate:
+                out[f"ns-data marginal throughput {w}w / 1w, {sizes[0]:,} -> {sizes[-1]:,} rows, {columns} "
+                    "columns"] = rate[f"ns-data {w}w"] / rate["ns-data 1w"]
     return out
 
 
@@ -412,9 +407,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "upsamples ~880 of 1000 classes)")
     p.add_argument("--min-confidence", type=float, default=0.3, help="candidates have at least this confidence")
     p.add_argument("--workers", type=int, nargs="+", default=sorted({1, len(psutil.Process().cpu_affinity())}),
-                   help="ns-data runs with each of these numbers of workers (as balance runs them by default)")
-    p.add_argument("--processes", action="store_true",
-                   help="also run ns-data with the largest of --workers as worker processes")
+                   help="ns-data runs with each of these numbers of worker processes")
     p.add_argument("--columns", nargs="+", default=["all", "no top-k"], choices=["all", "no top-k"],
                    help="run on the table with its top-k columns (all) and/or on a copy without them")
     p.add_argument("--repeats", type=int, default=3, help="runs of (a) and (b) per case; (c) runs once")
@@ -472,9 +465,6 @@ def main(argv=None) -> int:
         else:
             plan = [(f"ns-data {w}w", lambda o, w=w: nsdata_command(table, o, per_class, args, w))
                     for w in args.workers]
-            if args.processes:
-                w = max(args.workers)
-                plan.append((f"ns-data {w}p", lambda o: nsdata_command(table, o, per_class, args, w, True)))
             plan.append(("duckdb", lambda o: child_command("duckdb", table, o, per_class, args)))
             repeats, timeout = args.repeats, None
         runs: dict[str, list[Run]] = {impl: [] for impl, _ in plan}
@@ -507,7 +497,7 @@ def main(argv=None) -> int:
 
     env = environment() | duckdb_info
     table = markdown_table(summaries)
-    rat = ratios(summaries)
+    rat = ratios(summaries, args.workers)
     print(f"\n## ns-data balance benchmark ({args.classes} classes, {args.files} files)\n")
     code = env["git"].get("commit", "?")[:10] + (" + uncommitted changes" if env["git"].get("ns_data_modified") else "")
     print(f"Machine: {env['cpus']} CPUs, {env['memory_gb']} GB RAM; Python {env['python']}; "
