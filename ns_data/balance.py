@@ -41,14 +41,9 @@ from ns_data.runner import SumCounts, after_all
 from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.balance"
-# On the local runner, one worker per core from this many input rows on; below, one process: at 1M rows neither
-# threads nor processes (which take about 3 s to start and stop) beat it (docs/benchmarks.md).
+# On the local runner, worker processes (one per core) from this many input rows on; below, one process: Beam's
+# worker processes take about 3 s to start, more than they save on a smaller input (docs/benchmarks.md).
 MIN_ROWS_FOR_WORKERS = 5_000_000
-# The workers are threads on a machine with up to this many cores, processes above. balance's work is in Arrow
-# and numpy, which release the GIL: on 2 cores at 10M rows threads took 11.1 s, processes 13.2 s, one process
-# 14.2 s. Threads stop gaining where the GIL's share (about a seventh of a pass on 2 cores) dominates; processes
-# scale with cores but pay their start; with more cores than this, processes are expected to win.
-MAX_CORES_FOR_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -620,14 +615,13 @@ def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunC
 def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:
     """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete); stats are
     None when the run only launched the job (a dry run, a template, --no_wait_until_finish)."""
-    from ns_data.runner import PROCESSES, THREADS, is_local, local_cores, run_stage
+    from ns_data.runner import is_local, run_stage
 
     ctx = prepare(opts, echo, is_local(beam_args))
     if ctx is None:
         echo(already_complete(opts.output))
     else:
         workers = None if ctx.total_rows >= MIN_ROWS_FOR_WORKERS else 1
-        mode = THREADS if local_cores() <= MAX_CORES_FOR_THREADS else PROCESSES
-        if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers, local_mode=mode):
+        if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers):
             return None, True
     return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

@@ -2,13 +2,11 @@
 the counters its steps add up, and the step that runs once all work is done.
 
 The local runner is Beam's FnApiRunner (Beam's DirectRunner would first try to download the Prism runner). By
-default balance and shard run one worker per core (`--direct_num_workers N`, N = the cores this process may use)
-on inputs large enough to pay for them, label one process (its model and decoding threads use every core);
-`--direct_num_workers N` sets the number, 1 runs everything in this process. A stage says how its workers run
-(`--direct_running_mode`): worker processes (`multi_processing`, Beam's; they take seconds to start and stop) or
-threads of this process (`multi_threading`; nothing to start, but they share the GIL, so they pay only for work
-that releases it: balance's, in Arrow and numpy, on a machine with few cores). The stages' outputs do not depend
-on the number of workers or how they run.
+default balance and shard run one worker process per core (`--direct_running_mode multi_processing
+--direct_num_workers N`, N = the cores this process may use) on inputs large enough to pay for their start, label
+one process (its model and decoding threads use every core); `--direct_num_workers N` sets the number, 1 runs
+everything in this process. The stages' outputs
+do not depend on the number of workers.
 """
 from __future__ import annotations
 
@@ -26,13 +24,9 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-PROCESSES, THREADS = "multi_processing", "multi_threading"
-
-
-def pipeline_options(beam_args: list[str] | None, local_workers: int | None = None,
-                     local_mode: str = PROCESSES) -> PipelineOptions:
-    """Beam's options from the command line; on the local runner, `local_workers` workers (default: one per
-    core) running as `local_mode`, unless the command line says otherwise."""
+def pipeline_options(beam_args: list[str] | None, local_workers: int | None = None) -> PipelineOptions:
+    """Beam's options from the command line; on the local runner, `local_workers` processes (default: one per
+    core) unless the command line says otherwise."""
     options = PipelineOptions(list(beam_args or []))
     standard = options.view_as(StandardOptions)
     if not standard.runner:
@@ -42,7 +36,7 @@ def pipeline_options(beam_args: list[str] | None, local_workers: int | None = No
     if "direct_num_workers" not in given:
         direct.direct_num_workers = local_workers or local_cores()
     if "direct_running_mode" not in given:
-        direct.direct_running_mode = local_mode if direct.direct_num_workers != 1 else "in_memory"
+        direct.direct_running_mode = "multi_processing" if direct.direct_num_workers != 1 else "in_memory"
     return options
 
 
@@ -62,14 +56,14 @@ def launched(output: str) -> str:
 
 
 def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None,
-              local_workers: int | None = None, local_mode: str = PROCESSES) -> bool:
+              local_workers: int | None = None) -> bool:
     """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform; True once it
     has run to completion, False when the run only launched it (launch_only). On the local runner one worker
-    per core runs as `local_mode`, but no more than `local_workers` (1 when the stage judges the input too small
-    to pay for them) and than there are units, unless the command line says."""
+    process per core starts, but no more than `local_workers` (1 when the stage judges the input too small to
+    pay for their start) and than there are units, unless the command line says."""
     units = list(units)
     local_workers = max(1, min(local_workers or local_cores(), len(units)))
-    options = pipeline_options(beam_args, local_workers, local_mode)
+    options = pipeline_options(beam_args, local_workers)
     pipeline = beam.Pipeline(options=options)
     spread = pipeline | "WorkUnits" >> beam.Create(units) | "SpreadUnits" >> beam.Reshuffle()
     _ = spread | name >> stage

@@ -319,30 +319,24 @@ def _output_bytes(output) -> dict:
     return files
 
 
-def test_same_bytes_with_one_process_two_threads_or_two_worker_processes_and_either_shuffle(tmp_path, rng,
-                                                                                            monkeypatch):
+def test_same_bytes_with_one_or_two_worker_processes_and_either_shuffle(tmp_path, rng, monkeypatch):
     table = random_table(rng, 5000, 8)
     repeated = table.slice(0, 300).set_column(4, "confidence", pa.array(rng.random(300).astype(np.float32)))
     table = pa.concat_tables([table, repeated])  # 300 ids twice: duplicates, decided across files
     paths = write_parts(table, tmp_path / "in", files=4, row_group_rows=300, order=rng.permutation(table.num_rows))
     opts = dict(inputs=tuple(paths), per_class=400, unit_rows=64, batch_rows=128, dedup_bucket_rows=1000)
-    monkeypatch.setattr(runner, "local_cores", lambda: 2)  # the default: one worker thread per core...
+    monkeypatch.setattr(runner, "local_cores", lambda: 2)  # the default: one worker process per core...
     monkeypatch.setattr(balance_module, "MIN_ROWS_FOR_WORKERS", 1000)  # ...when the input is large enough
-    modes = []
-    run_stage = runner.run_stage
-    monkeypatch.setattr(runner, "run_stage", lambda *a, **kw: modes.append(kw["local_mode"]) or run_stage(*a, **kw))
-    processes = ["--direct_running_mode=multi_processing"]
+    assert runner.pipeline_options([], 2).view_as(DirectOptions).direct_running_mode == "multi_processing"
     outputs = {}
     for name, shuffle, args in [("default", "auto", []), ("one", "auto", ["--direct_num_workers", "1"]),
-                                ("processes", "auto", processes),
-                                ("beam", "beam", ["--direct_num_workers=2"] + processes)]:
+                                ("beam", "beam", ["--direct_num_workers=2"])]:
         out = tmp_path / name
         stats, wrote = run_balance(BalanceOptions(output=str(out), shuffle=shuffle, **opts), args)
         assert wrote and not os.path.exists(out / ".tmp-balance")  # spill files go with the temp dir
         outputs[name] = _output_bytes(out)
     assert stats["rejected_by_reason"] == {"duplicate_id": 300}
-    assert modes[0] == "multi_threading"
-    assert outputs["default"] == outputs["one"] == outputs["processes"] == outputs["beam"]
+    assert outputs["default"] == outputs["one"] == outputs["beam"]
     want, _ = reference(table, 400)
     assert_same(read_output(tmp_path / "default", "selection"), want)
 
@@ -355,17 +349,3 @@ def test_local_workers_default_to_the_cores_and_at_most_the_units(monkeypatch):
     assert (direct.direct_num_workers, direct.direct_running_mode) == (1, "in_memory")
     direct = runner.pipeline_options(["--direct_running_mode", "multi_threading"], 3).view_as(DirectOptions)
     assert (direct.direct_num_workers, direct.direct_running_mode) == (3, "multi_threading")
-    direct = runner.pipeline_options([], 3, runner.THREADS).view_as(DirectOptions)
-    assert (direct.direct_num_workers, direct.direct_running_mode) == (3, "multi_threading")
-    direct = runner.pipeline_options(["--direct_running_mode=multi_processing"], 3, runner.THREADS)
-    assert direct.view_as(DirectOptions).direct_running_mode == "multi_processing"  # the command line decides
-
-
-@pytest.mark.parametrize("cores,mode", [(2, "multi_threading"), (4, "multi_threading"), (8, "multi_processing")])
-def test_balance_runs_threads_on_few_cores_and_processes_on_many(tmp_path, rng, monkeypatch, cores, mode):
-    paths = write_parts(random_table(rng, 400, 4), tmp_path / "in", files=2)
-    monkeypatch.setattr(runner, "local_cores", lambda: cores)
-    seen = {}
-    monkeypatch.setattr(runner, "run_stage", lambda *a, **kw: seen.update(kw))
-    run_balance(BalanceOptions(inputs=tuple(paths), output=str(tmp_path / "out"), per_class=10))
-    assert seen == {"local_workers": 1, "local_mode": mode}  # 400 rows: one process; the mode if more
