@@ -93,7 +93,8 @@ def without_topk(path: Path) -> Path:
 
     out = path.with_name(path.name + "-no-topk")
     marker = out / "params.json"
-    if marker.exists() and marker.read_text() == (path / "params.json").read_text():
+    if (marker.exists() and marker.read_text() == (path / "params.json").read_text()
+            and (out / "stats.json").exists()):
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
