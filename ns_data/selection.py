@@ -241,9 +241,14 @@ class Lookup:
         return self.keys[self.refine]
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Index of each key among the bins, and whether it is there (a hash index, built once)."""
+        """Index of each key among the bins, and whether it is there (a hash index, built once).
+
+        Threads of one worker can share the plan (a side input), so the index is complete, its hash table
+        built by a first lookup, before it is stored where they can see it."""
         if self._index is None:
-            self._index = pd.Index(self.keys)
+            index = pd.Index(self.keys)
+            index.get_indexer(self.keys[:1])
+            self._index = index
         idx = self._index.get_indexer(keys)
         return np.maximum(idx, 0), idx >= 0
 
@@ -292,8 +297,9 @@ class Plan:
             idx = np.searchsorted(self.class_labels, labels)
             return self.class_selected[np.minimum(idx, len(self.class_selected) - 1)]
         if self._selected_by_label is None:  # a table indexed by label: no search per row
-            self._selected_by_label = np.zeros(self.class_labels[-1] + 1, np.int64)
-            self._selected_by_label[self.class_labels] = self.class_selected
+            table = np.zeros(self.class_labels[-1] + 1, np.int64)
+            table[self.class_labels] = self.class_selected
+            self._selected_by_label = table  # stored once complete: threads of a worker share the plan
         return self._selected_by_label[labels]
 
     def __getstate__(self):
