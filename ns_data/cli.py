@@ -59,8 +59,8 @@ def leave(done: SystemExit) -> None:
     import threading
 
     code = done.code
-    if "torch" not in sys.modules or not (code is None or isinstance(code, int)) or not hasattr(threading,
-                                                                                                "_shutdown"):
+    status_is_a_number = code is None or isinstance(code, int)
+    if "torch" not in sys.modules or not status_is_a_number or not hasattr(threading, "_shutdown"):
         raise done
     threading._shutdown()  # joins non-daemon threads, as the interpreter does first when it exits
     atexit._run_exitfuncs()

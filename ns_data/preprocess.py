@@ -3,8 +3,8 @@
 `Preprocessor` is what a label worker's decode threads call on each image, and what its main thread calls to
 make a batch. The exact path (the default) gives, bit for bit, `torch.stack([transform(decode_image(b)) ...])`,
 the tensors timm's own eval transform makes; it only lays each image out in memory the way the model reads it
-(channels-last, in the decode thread), so that the batch needs one copy, not three, in the main thread (which
-the model's threads wait on), and pins the batch's memory when the model is on a GPU.
+(channels-last, in the decode thread), so that the batch is one copy in the main thread (which the model's
+threads wait on), and pins the batch's memory when the model is on a GPU.
 
 `fast_decode` changes how JPEGs are made ready (other formats take the exact path): it decodes them at a
 reduced scale first (`decode_image(min_side=...)`), so that the resize starts

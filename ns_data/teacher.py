@@ -135,6 +135,8 @@ def hub_weights(spec: TeacherSpec) -> HubWeights | None:
 
 
 def _build(spec: TeacherSpec) -> tuple[torch.nn.Module, HubWeights | None]:
+    from ns_data.memory import keep_freed_memory
+
     keep_freed_memory()  # the process runs this teacher's forward passes
     if spec.precision not in PRECISIONS:
         raise TeacherError(f"unknown precision {spec.precision!r}; one of {', '.join(PRECISIONS)}")
@@ -304,35 +306,6 @@ def _load(spec: TeacherSpec, model: torch.nn.Module, state: dict | None) -> torc
                 f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
                 f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})")
     return model
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Lets glibc's malloc keep the memory a forward pass frees, for the next one: no mmap for large blocks,
-    no trimming of the heap's top (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB). By default every activation
-    above 32 MB (batch 32 of a 224 px EfficientNet has many) is a fresh mmap that the kernel zero-fills page by
-    page and unmaps after the layer: on 2 cores that was a quarter of label's CPU time, in the kernel. The
-    process keeps its peak heap instead (about 0.2 GB more peak RSS for b0 at batch 32). Changes no number;
-    once per process; False where malloc is not glibc's (nothing to do)."""
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    import ctypes
-
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-    except (ValueError, OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        _ALLOCATOR_TUNED = bool(libc.mallopt(M_MMAP_MAX, 0)) & bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
-    return _ALLOCATOR_TUNED
 
 
 def resolve_preprocessing(spec: TeacherSpec, model: torch.nn.Module) -> dict[str, Any]:
