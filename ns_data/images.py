@@ -65,8 +65,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError as err:
-            raise DecodeError(NOT_AN_IMAGE, str(err)) from err
+        except UnidentifiedImageError as err:  # Pillow's message names a memory address: say what the bytes are
+            raise DecodeError(NOT_AN_IMAGE, f"no image format recognises these {len(data):,} bytes, starting "
+                                            f"{data[:16]!r}") from err
         except Image.DecompressionBombError as err:
             raise DecodeError(TOO_MANY_PIXELS, str(err)) from err
         except Exception as err:  # noqa: BLE001 - any parser failure is a property of the data

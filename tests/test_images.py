@@ -49,6 +49,9 @@ def test_bad_bytes_have_reasons(data, reason):
     with pytest.raises(DecodeError) as err:
         decode_image(data)
     assert err.value.reason == reason
+    with pytest.raises(DecodeError) as again:
+        decode_image(data)
+    assert str(again.value) == str(err.value)  # the same words every run: error tables compare across runs
 
 
 def test_truncated_and_oversized_images():
