@@ -622,6 +622,6 @@ def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=p
         echo(already_complete(opts.output))
     else:
         workers = None if ctx.total_rows >= MIN_ROWS_FOR_WORKERS else 1
-        if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers):
+        if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers, compact=True):
             return None, True
     return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

@@ -10,12 +10,15 @@ do not depend on the number of workers.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions, PipelineOptions,
                                                   StandardOptions, TestOptions)
 from apache_beam.transforms.window import GlobalWindows
+
+from ns_data.memory import compact_heap
 
 LOCAL_RUNNER = "FnApiRunner"
 
@@ -41,8 +44,11 @@ def pipeline_options(beam_args: list[str] | None, local_workers: int | None = No
 
 
 def is_local(beam_args: list[str] | None) -> bool:
-    runner = pipeline_options(beam_args).view_as(StandardOptions).runner
-    return runner.split(".")[-1] in StandardOptions.LOCAL_RUNNERS
+    return runs_locally(pipeline_options(beam_args))
+
+
+def runs_locally(options: PipelineOptions) -> bool:
+    return options.view_as(StandardOptions).runner.split(".")[-1] in StandardOptions.LOCAL_RUNNERS
 
 
 def launch_only(options: PipelineOptions) -> bool:
@@ -56,21 +62,23 @@ def launched(output: str) -> str:
 
 
 def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None,
-              local_workers: int | None = None) -> bool:
+              local_workers: int | None = None, compact: bool = False) -> bool:
     """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform; True once it
     has run to completion, False when the run only launched it (launch_only). On the local runner one worker
     process per core starts, but no more than `local_workers` (1 when the stage judges the input too small to
-    pay for their start) and than there are units, unless the command line says."""
+    pay for their start) and than there are units, unless the command line says; `compact`: the local run
+    uses a compact heap (ns_data.memory.compact_heap), for stages that move Arrow data, not models."""
     units = list(units)
     local_workers = max(1, min(local_workers or local_cores(), len(units)))
     options = pipeline_options(beam_args, local_workers)
     pipeline = beam.Pipeline(options=options)
     spread = pipeline | "WorkUnits" >> beam.Create(units) | "SpreadUnits" >> beam.Reshuffle()
     _ = spread | name >> stage
-    result = pipeline.run()
-    if launch_only(options):
-        return False
-    result.wait_until_finish()
+    with compact_heap() if compact and runs_locally(options) else contextlib.nullcontext():
+        result = pipeline.run()
+        if launch_only(options):
+            return False
+        result.wait_until_finish()
     return True
 
 
