@@ -6,7 +6,8 @@ default balance and shard run one worker process per core (`--direct_running_mod
 --direct_num_workers N`, N = the cores this process may use) on inputs large enough to pay for their start, label
 one process (its model and decoding threads use every core); `--direct_num_workers N` sets the number, 1 runs
 everything in this process. The stages' outputs
-do not depend on the number of workers.
+do not depend on the number of workers. `--direct_running_mode multi_threading` with more than one worker is
+refused: Beam's multi-threaded local runner lost elements between balance's steps (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOpti
 from apache_beam.transforms.window import GlobalWindows
 
 from ns_data.memory import compact_heap
+from ns_data.stage import OptionsError
 
 LOCAL_RUNNER = "FnApiRunner"
 
@@ -40,6 +42,10 @@ def pipeline_options(beam_args: list[str] | None, local_workers: int | None = No
         direct.direct_num_workers = local_workers or local_cores()
     if "direct_running_mode" not in given:
         direct.direct_running_mode = "multi_processing" if direct.direct_num_workers != 1 else "in_memory"
+    if runs_locally(options) and direct.direct_running_mode == "multi_threading" and direct.direct_num_workers != 1:
+        raise OptionsError("--direct_running_mode multi_threading is not supported: Beam's multi-threaded local "
+                           "runner lost elements between steps in balance runs (docs/benchmarks.md); leave the "
+                           "default, worker processes")
     return options
 
 

@@ -347,5 +347,7 @@ def test_local_workers_default_to_the_cores_and_at_most_the_units(monkeypatch):
     assert (direct.direct_num_workers, direct.direct_running_mode) == (8, "multi_processing")
     direct = runner.pipeline_options(["--direct_num_workers=1"]).view_as(DirectOptions)
     assert (direct.direct_num_workers, direct.direct_running_mode) == (1, "in_memory")
-    direct = runner.pipeline_options(["--direct_running_mode", "multi_threading"], 3).view_as(DirectOptions)
-    assert (direct.direct_num_workers, direct.direct_running_mode) == (3, "multi_threading")
+    with pytest.raises(OptionsError, match="multi_threading is not supported"):
+        runner.pipeline_options(["--direct_running_mode", "multi_threading"], 3)
+    one = runner.pipeline_options(["--direct_running_mode=multi_threading", "--direct_num_workers=1"])
+    assert one.view_as(DirectOptions).direct_running_mode == "multi_threading"  # one thread: nothing to lose

@@ -59,6 +59,15 @@ def test_balance_command_prints_a_summary_and_passes_beam_options_through(tmp_pa
     assert list(out.glob("errors-*.parquet"))
 
 
+def test_balance_refuses_the_multi_threaded_local_runner_before_any_work(tmp_path):
+    pl = synth(tmp_path)
+    out = tmp_path / "sel"
+    result = CliRunner().invoke(main, ["balance", str(pl), "--output", str(out), "--no-progress",
+                                       "--direct_running_mode", "multi_threading", "--direct_num_workers", "2"])
+    assert result.exit_code == 1 and "multi_threading is not supported" in result.output
+    assert result.output.count("\n") == 1 and not out.exists()
+
+
 def test_balance_command_reports_bad_options_and_inputs_clearly(tmp_path):
     pl = synth(tmp_path)
     runner = CliRunner()
