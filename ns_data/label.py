@@ -372,8 +372,9 @@ def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print
     """Runs the pipeline; returns (stats, whether this run wrote them: False when already complete); stats are
     None when the run only launched the job (a dry run, a template, --no_wait_until_finish)."""
     from ns_data.outputs import already_complete, resuming
-    from ns_data.runner import run_stage
+    from ns_data.runner import pipeline_options, run_stage
 
+    pipeline_options(beam_args)  # an option the runner refuses is refused before the output is touched
     prepared = prepare(opts)
     if prepared is None:
         echo(already_complete(opts.output))

@@ -324,6 +324,16 @@ def test_teacher_and_option_errors_come_before_any_image_is_read(tmp_path, teach
     assert not (tmp_path / "out").exists()
 
 
+def test_a_runner_option_ns_data_refuses_comes_before_the_output_is_touched(tmp_path, teacher_files, images):
+    from ns_data.stage import OptionsError
+
+    opts = LabelOptions(inputs=(write_dir(tmp_path / "imgs", images),), output=str(tmp_path / "out"), teacher=MODEL,
+                        checkpoint=str(teacher_files["dir"] / "teacher.safetensors"))
+    with pytest.raises(OptionsError, match="multi_threading is not supported"):
+        run_label(opts, ["--direct_running_mode=multi_threading", "--direct_num_workers=2"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_inputs_and_existing_output_are_clear_errors(tmp_path, teacher_files, images):
     from ns_data.stage import InputError
 
