@@ -29,7 +29,7 @@ except OSError:
 _malloc_trim = getattr(_libc, "malloc_trim", None)
 _mallopt = getattr(_libc, "mallopt", None)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-# What use_compact_heap sets, as environment variables for the worker processes a local runner starts.
+# What compact_heap sets, as environment variables for the worker processes a local runner starts.
 COMPACT_HEAP = {"MALLOC_ARENA_MAX": "2", "ARROW_DEFAULT_MEMORY_POOL": "system"}
 _KEEPING = False
 
