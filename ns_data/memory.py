@@ -58,13 +58,6 @@ def compact_heap():
         pa.set_memory_pool(pool)
 
 
-def _is_glibc() -> bool:
-    try:
-        return _mallopt is not None and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (ValueError, OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return False
-
-
 def keep_freed_memory() -> bool:
     """Lets glibc's malloc keep the memory a forward pass frees, for the next one: no mmap for large blocks,
     no trimming of the heap's top (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB). By default every activation
@@ -75,7 +68,10 @@ def keep_freed_memory() -> bool:
     global _KEEPING
     if _KEEPING:
         return True
-    if not _is_glibc():
+    try:
+        if _mallopt is None or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+    except (ValueError, OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return False
     _KEEPING = bool(_mallopt(M_MMAP_MAX, 0)) & bool(_mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _KEEPING
