@@ -124,6 +124,11 @@ class Run:
     status: str  # "ok", "failed (exit N)", or why it was killed
     log: str
 
+    @property
+    def tree_peak_mb(self) -> float:
+        """Peak memory of the whole process tree: the polled sum, or the child's own peak if polling missed it."""
+        return max(self.peak_rss_mb, self.polled_tree_rss_mb)
+
 
 def _tree_rss(proc) -> int:
     import psutil
@@ -179,7 +184,7 @@ def measure(impl: str, rows: int, cmd: list[str], log: Path, limit_mb: float, ti
     run = Run(impl, rows, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, polled / 2**20,
               state, str(log.relative_to(ROOT)))
     print(f"  {impl:<12} {rows:>12,} rows  {wall:8.1f} s  cpu {run.cpu_s:8.1f} s  "
-          f"peak {run.peak_rss_mb:8,.0f} MB  {state}", flush=True)
+          f"tree peak {run.tree_peak_mb:8,.0f} MB  {state}", flush=True)
     if state != "ok":
         print("    " + "\n    ".join(log.read_text().splitlines()[-15:]), flush=True)
     return run
@@ -336,7 +341,7 @@ def summarize(runs: list[Run], columns: str = "all", per_class: int = 0) -> Summ
     wall = statistics.median(r.wall_s for r in ok) if ok else None
     return Summary(runs[0].implementation, runs[0].rows, columns, per_class, len(runs), wall,
                    statistics.median(r.cpu_s for r in ok) if ok else None,
-                   max(max(r.peak_rss_mb, r.polled_tree_rss_mb) for r in runs),
+                   max(r.tree_peak_mb for r in runs),
                    runs[0].rows / wall if wall else None,
                    "ok" if len(ok) == len(runs) else "; ".join(sorted({r.status for r in runs if r.status != "ok"})),
                    [asdict(r) for r in runs])

@@ -160,7 +160,7 @@ def whole_commands(args, results: dict) -> None:
             rs = runs[(tool, n)]
             row[tool] = {"wall_s": statistics.median(r.wall_s for r in rs),
                          "cpu_s": statistics.median(r.cpu_s for r in rs),
-                         "peak_rss_mb": max(max(r.peak_rss_mb, r.polled_tree_rss_mb) for r in rs),
+                         "peak_rss_mb": max(r.tree_peak_mb for r in rs),
                          "walls": [round(r.wall_s, 2) for r in rs], "cpus": [round(r.cpu_s, 2) for r in rs]}
         for other in tools[1:]:
             row[f"{other} / ns-data"] = {

@@ -131,7 +131,7 @@ def memory_check(records: int, workers: list[int]) -> dict:
                                                   "--no-progress", "--direct_num_workers", str(w)],
                       out / f"tiny-{records}-{w}w.log", 12000, 3600)
         result[f"{w}w"] = {"wall_s": round(run.wall_s, 1), "cpu_s": round(run.cpu_s, 1),
-                           "peak_tree_rss_mb": round(max(run.peak_rss_mb, run.polled_tree_rss_mb)),
+                           "peak_tree_rss_mb": round(run.tree_peak_mb),
                            "status": run.status}
     return result
 
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
                 "image_bytes": json.loads(log.read_text().strip().splitlines()[-1])["image_bytes"],
                 "wall_s": {k: [round(x.wall_s, 2) for x in v] for k, v in runs.items()},
                 "median_wall_s": {k: round(statistics.median(x.wall_s for x in v), 2) for k, v in runs.items()},
-                "peak_rss_mb": {k: round(max(max(x.peak_rss_mb, x.polled_tree_rss_mb) for x in v))
+                "peak_rss_mb": {k: round(max(x.tree_peak_mb for x in v))
                                 for k, v in runs.items()}}
         small, large = summary[sizes[0]], summary[sizes[1]]
         whole = {k: large["image_bytes"] / 1e6 / large["median_wall_s"][k] for k in commands}
