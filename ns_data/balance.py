@@ -124,8 +124,11 @@ class RunContext:
 
 
 def split_by(keys: np.ndarray, *arrays):
-    """(key, arrays restricted to that key) for each distinct key, in key order; one sort, no per-key scans."""
-    order = np.argsort(keys, kind="stable")
+    """(key, arrays restricted to that key) for each distinct key, in key order; one sort, no per-key scans.
+    Keys that fit in 16 bits (work units, buckets) are sorted as such: numpy's stable sort is then a radix sort,
+    10x faster than on 64-bit keys."""
+    narrow = len(keys) and keys.min() >= 0 and keys.max() < 2**16
+    order = np.argsort(keys.astype(np.uint16) if narrow else keys, kind="stable")
     keys = keys[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(keys)]

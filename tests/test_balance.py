@@ -351,3 +351,13 @@ def test_local_workers_default_to_the_cores_and_at_most_the_units(monkeypatch):
         runner.pipeline_options(["--direct_running_mode", "multi_threading"], 3)
     one = runner.pipeline_options(["--direct_running_mode=multi_threading", "--direct_num_workers=1"])
     assert one.view_as(DirectOptions).direct_running_mode == "multi_threading"  # one thread: nothing to lose
+
+
+@pytest.mark.parametrize("dtype,high", [(np.uint64, 400), (np.int64, 400), (np.uint64, 2**16 + 1000), (np.uint64, 2**40)])
+def test_split_by_groups_in_key_order_keeping_each_groups_order(rng, dtype, high):
+    keys = rng.integers(0, high, 5000).astype(dtype)  # 2**16 and above: too wide for the 16-bit sort
+    values = np.arange(5000)
+    groups = [(key, part) for key, (part,) in balance_module.split_by(keys, values)]
+    assert [k for k, _ in groups] == sorted(set(keys.tolist()))
+    for key, part in groups:
+        assert part.tolist() == np.flatnonzero(keys == key).tolist() and type(key) is dtype
