@@ -41,9 +41,10 @@ from ns_data.runner import SumCounts, after_all
 from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.balance"
-# On the local runner, worker processes (one per core) from this many input rows on; below, one process: Beam's
-# worker processes take about 3 s to start, more than they save on a smaller input (docs/benchmarks.md).
-MIN_ROWS_FOR_WORKERS = 5_000_000
+# On the local runner, worker processes (one per core) from this many input rows on; below, one process. Beam's
+# worker processes take about 2 s to start and stop and double the memory; on 2 cores they gained nothing at 10M
+# rows and 1.3x at 20M-30M (docs/benchmarks.md).
+MIN_ROWS_FOR_WORKERS = 15_000_000
 
 
 @dataclass(frozen=True)
