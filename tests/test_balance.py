@@ -353,7 +353,8 @@ def test_local_workers_default_to_the_cores_and_at_most_the_units(monkeypatch):
     assert one.view_as(DirectOptions).direct_running_mode == "multi_threading"  # one thread: nothing to lose
 
 
-@pytest.mark.parametrize("dtype,high", [(np.uint64, 400), (np.int64, 400), (np.uint64, 2**16 + 1000), (np.uint64, 2**40)])
+@pytest.mark.parametrize("dtype,high",
+                         [(np.uint64, 400), (np.int64, 400), (np.uint64, 2**16 + 1000), (np.uint64, 2**40)])
 def test_split_by_groups_in_key_order_keeping_each_groups_order(rng, dtype, high):
     keys = rng.integers(0, high, 5000).astype(dtype)  # 2**16 and above: too wide for the 16-bit sort
     values = np.arange(5000)
