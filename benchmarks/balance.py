@@ -1,6 +1,6 @@
 """Benchmark `ns-data balance` against DuckDB (and, opt-in, against an element-wise Beam pipeline).
 
-What it measures. Implementations of DESIGN.md's selection rule run on the same synthetic pseudo-label tables
+What it measures. Implementations of the selection rule (docs/design.md) run on the same synthetic pseudo-label tables
 (`ns-data synth pseudo-labels`, 1000 skewed classes, 8 files) at each size of --rows, with --per-class = rows /
 10,000 x 13 unless given (13,000 at 10M rows, 130,000 at 100M rows), each on the table with its
 pass-through top-k columns and on a copy without them (columns id, source, offset, label, confidence):

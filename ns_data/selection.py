@@ -1,6 +1,6 @@
 """The selection rule of Noisy Student, on numpy arrays: validity, order keys, exact per-class cuts, ranks, copies.
 
-Rule (DESIGN.md): a valid row is a candidate when confidence >= min_confidence; in each class candidates are
+Rule (docs/design.md): a valid row is a candidate when confidence >= min_confidence; in each class candidates are
 ordered by confidence descending, then by `hash_ids(seed, id)` ascending, then by id; the first `per_class` are
 kept and get copies so that every non-empty class totals `per_class`.
 

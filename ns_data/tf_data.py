@@ -1,5 +1,5 @@
 """Reading training shards with tf.data, for TensorFlow/TPU trainers. Imports TensorFlow: keep it out of
-processes that run PyTorch models (DEVELOPERS.md); PyTorch trainers use `ns_data.readers.ShardDataset`.
+processes that run PyTorch models (docs/design.md); PyTorch trainers use `ns_data.readers.ShardDataset`.
 
     import ns_data.tf_data as nst
     ds = nst.shard_dataset("gs://bucket/shards", num_classes=1000, seed=0, epochs=None)

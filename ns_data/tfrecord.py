@@ -1,6 +1,6 @@
 """TFRecord files of tf.train.Example, read and written without TensorFlow.
 
-TensorFlow must stay out of processes that run PyTorch models (DEVELOPERS.md), yet `label` reads ImageNet/JFT
+TensorFlow must stay out of processes that run PyTorch models (docs/design.md), yet `label` reads ImageNet/JFT
 style TFRecords and `shard` writes them. The record framing is four fields (length, masked CRC32C of the length,
 data, masked CRC32C of the data; see tensorflow/core/lib/io/record_writer.cc), and tf.train.Example is a small
 protobuf message; its classes are built here from a descriptor with the `protobuf` package Beam already needs.

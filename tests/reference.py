@@ -1,4 +1,4 @@
-"""A plain pandas implementation of DESIGN.md's selection rule, row by row where the rule is, for tests."""
+"""A plain pandas implementation of the selection rule (docs/design.md), row by row where the rule is, for tests."""
 from __future__ import annotations
 
 import hashlib

@@ -456,7 +456,7 @@ print(json.dumps(rows))
 
 
 def test_tf_data_reader_parses_the_same_records(sharded):
-    """TensorFlow runs in a child process: it may not share one with torch (DEVELOPERS.md)."""
+    """TensorFlow runs in a child process: it may not share one with torch (docs/design.md)."""
     import hashlib
 
     if importlib.util.find_spec("tensorflow") is None:  # never imported here
