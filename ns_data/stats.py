@@ -13,6 +13,19 @@ def _pct(values: np.ndarray) -> str:
     return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p10", "median", "p90", "max"), q))
 
 
+# A class duplicated more than this many times over is almost always --per-class left at the paper's 130,000 on a
+# corpus far smaller than the paper's.
+MAX_UPSAMPLING = 100
+
+
+def upsampling_warning(per_class: int, selected: np.ndarray, factor: np.ndarray) -> str:
+    over = int((factor > MAX_UPSAMPLING).sum())
+    suggestion = int(np.median(selected))
+    return (f"  warning: {over:,} class(es) duplicated more than {MAX_UPSAMPLING}x (up to {factor.max():,.0f}x) to "
+            f"reach --per-class {per_class:,}; for a corpus of this size pass a smaller --per-class (the median "
+            f"class kept {suggestion:,} rows) or --no-upsample")
+
+
 def format_summary(stats: dict, output: str, names: list[str] | None = None) -> str:
     """Classes are named by `names`, else by the names of the teacher recorded in stats.json."""
     names = names if names is not None else class_names.of_teacher(stats.get("teacher"))
@@ -45,6 +58,8 @@ def format_summary(stats: dict, output: str, names: list[str] | None = None) -> 
             factor = per_class / selected[selected < per_class]
             lines.append(f"  copies per row in upsampled classes:  min {factor.min():.2f}  "
                          f"median {np.median(factor):.2f}  max {factor.max():.2f}")
+            if factor.max() > MAX_UPSAMPLING:
+                lines.append(upsampling_warning(per_class, selected, factor))
         smallest = np.argsort(selected, kind="stable")[:5]
         lines.append("  smallest classes: " + ", ".join(
             f"{class_names.display(labels[i], names)} ({selected[i]:,} rows)" for i in smallest))
