@@ -93,11 +93,15 @@ def synth() -> None:
 
 @synth.command("pseudo-labels")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
-@click.option("--rows", default=1_000_000, show_default=True, type=click.IntRange(min=0))
-@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--files", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--rows", default=1_000_000, show_default=True, type=click.IntRange(min=0), help="Rows to write.")
+@click.option("--classes", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Classes, Zipf-skewed in size.")
+@click.option("--files", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Parquet files the rows are split over.")
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Length of the top-k columns.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Same seed and options, same output.")
 @click.option("--invalid-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="Share of rows spoiled (NaN/out-of-range confidence, bad label, repeated id).")
 @click.option("--overwrite", is_flag=True, help="Replace an output of other options in --output.")
@@ -114,12 +118,13 @@ def synth_pseudo_labels(**kwargs) -> None:
 
 @synth.command("images")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
-@click.option("--count", default=300, show_default=True, type=click.IntRange(min=0))
-@click.option("--width", default=96, show_default=True, type=click.IntRange(min=1))
-@click.option("--height", default=72, show_default=True, type=click.IntRange(min=1))
+@click.option("--count", default=300, show_default=True, type=click.IntRange(min=0), help="Images to write.")
+@click.option("--width", default=96, show_default=True, type=click.IntRange(min=1), help="Width in pixels.")
+@click.option("--height", default=72, show_default=True, type=click.IntRange(min=1), help="Height in pixels.")
 @click.option("--format", "image_format", default="jpg", show_default=True,
-              type=click.Choice(["jpg", "png", "webp"]))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+              type=click.Choice(["jpg", "png", "webp"]), help="Image file format.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Same seed and options, same output.")
 @click.option("--overwrite", is_flag=True, help="Replace images of other options in --output.")
 def synth_images(**kwargs) -> None:
     """Write synthetic images (colour fields and shapes) as files, for demos, tests and benchmarks."""
@@ -172,10 +177,13 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--image-column", default=None, help="Parquet inputs: the column of image bytes (default: guess).")
 @click.option("--id-column", default="id", show_default=True, help="Parquet inputs: the id column, if present.")
 @click.option("--max-images", default=None, type=int, help="Label at most this many images (a smoke run).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=int,
+              help="Images per forward pass of the teacher (256 on a GPU).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="The teacher's arithmetic (bf16/fp16 on a GPU); part of the teacher's identity.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Images laid out channels-last for the model (faster on most backends).")
 @click.option("--topk", default=10, show_default=True, type=int, help="Classes kept per image.")
 @click.option("--probs", is_flag=True, help="Also write the full probability vector.")
 @click.option("--decode-threads", default=2, show_default=True, type=int,

@@ -12,7 +12,7 @@ import click
 
 from ns_data.cli import OneLineErrors, quiet_logging
 from ns_data.stage import OptionsError
-from ns_train.config import TrainConfig, load_config
+from ns_train.config import FIELDS, TrainConfig, group_of, load_config
 
 
 def _option_for(field: dataclasses.Field):
@@ -22,7 +22,7 @@ def _option_for(field: dataclasses.Field):
     args = typing.get_args(hint)
     base = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
     default = field.default if field.default is not dataclasses.MISSING else None
-    help_text = " ".join(filter(None, [field.metadata.get("help"), f"(default: {default!r})"]))
+    help_text = f"{field.metadata['help']} (default: {_shown(default)})"
     if base is bool:
         return click.option(f"{name}/--no-{field.name.replace('_', '-')}", field.name, default=None, help=help_text)
     if typing.get_origin(base) is tuple:
@@ -30,6 +30,27 @@ def _option_for(field: dataclasses.Field):
                             help=help_text)
     return click.option(name, field.name, default=None, type=base if base in (int, float, str) else str,
                         help=help_text)
+
+
+def _shown(default) -> str:
+    if isinstance(default, tuple):
+        return " ".join(str(v) for v in default)
+    return "none" if default in (None, "") else str(default)
+
+
+class GroupedOptions(click.Command):
+    """`--help` lists the config's options under their groups (data, model, noise, optimizer, ...)."""
+
+    def format_options(self, ctx, formatter):
+        groups: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                name = param.name if param.name in FIELDS else None
+                groups.setdefault(group_of(name) if name else "run", []).append(record)
+        for group, records in groups.items():
+            with formatter.section(f"{group[0].upper()}{group[1:]} options"):
+                formatter.write_dl(records)
 
 
 def config_options(command):
@@ -45,7 +66,7 @@ def main() -> None:
     quiet_logging()
 
 
-@main.command()
+@main.command(cls=GroupedOptions)
 @click.option("--config", "config_path", default=None, help="YAML file of config fields; options given here "
               "override it.")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
@@ -66,7 +87,8 @@ def train(config_path, output, overwrite, **overrides) -> None:
 @main.command("eval")
 @click.argument("run_dir")
 @click.option("--shards", required=True, help="Labeled shards (directory or glob).")
-@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]))
+@click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]),
+              help="The EMA of the weights, or the trained weights themselves.")
 @click.option("--label-offset", default=None, type=int, help="Default: the run's.")
 def eval_command(run_dir, shards, weights, label_offset) -> None:
     """Top-1 and top-5 of a run's model on labeled shards."""

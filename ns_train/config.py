@@ -24,65 +24,84 @@ class ConfigError(StageError):
     """A config value out of its range, or an unknown key: reported before training starts, as one line."""
 
 
+def option(default, help: str):
+    """A config field with its help line (shown by `ns-train train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # data
-    labeled: str = ""  # TFRecord shards of tf.Example: image/encoded + label (or image/class/label)
-    unlabeled: str | None = None  # shards from `ns-data shard`; none: labeled-only training (the first teacher)
-    val: str | None = None  # labeled shards for evaluation
-    label_offset: int = 0  # added to labeled labels (-1 for ImageNet's 1-based image/class/label)
-    num_classes: int = 1000
-    image_size: int = 224
-    crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, centre crop
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    hflip: float = 0.5  # training flip probability (0 for digits and text)
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # training random-resized-crop scale range
-    shuffle_buffer: int = 2048  # records shuffled within a worker on top of the shards' global shuffle
-    workers: int = 2  # DataLoader workers per stream
+    labeled: str = option("", "Labeled shards (directory, glob or files): TFRecords of tf.Example with "
+                              "image/encoded and label (or image/class/label).")
+    unlabeled: str | None = option(None, "Pseudo-labeled shards written by `ns-data shard`; without them the run "
+                                         "trains on labeled data only (the first teacher).")
+    val: str | None = option(None, "Labeled shards to evaluate on (top-1/top-5 every --eval-every steps and at "
+                                   "the end).")
+    label_offset: int = option(0, "Added to every labeled label: -1 for ImageNet's 1-based image/class/label.")
+    num_classes: int = option(1000, "Classes of the model's head.")
+    # preprocessing
+    image_size: int = option(224, "Training and evaluation image size, in pixels.")
+    crop_pct: float = option(0.875, "Evaluation: resize to image-size / crop-pct, then centre crop.")
+    interpolation: str = option("bicubic", "Resize interpolation: bicubic, bilinear or nearest.")
+    mean: tuple[float, float, float] = option((0.485, 0.456, 0.406), "Per-channel mean subtracted (R G B).")
+    std: tuple[float, float, float] = option((0.229, 0.224, 0.225), "Per-channel standard deviation divided by.")
+    hflip: float = option(0.5, "Training flip probability (0 for digits and text).")
+    crop_scale: tuple[float, float] = option((0.08, 1.0), "Training random-resized-crop scale range (min max).")
+    shuffle_buffer: int = option(2048, "Records shuffled within a worker, on top of the shards' global shuffle.")
+    workers: int = option(2, "DataLoader worker processes per stream (0: load in the training process).")
     # model
-    model: str = "resnet50"  # any timm model name: the student
-    init_checkpoint: str | None = None  # start from these weights (safetensors or state dict)
-    teacher_model: str | None = None  # for the size check (default: the teacher recorded in the shards)
+    model: str = option("resnet50", "The student: any timm model name.")
+    init_checkpoint: str | None = option(None, "Start from these weights (safetensors or a state dict).")
+    teacher_model: str | None = option(None, "The teacher's timm name, for the student-size check; none: the "
+                                             "teacher recorded in the shards' manifest.")
     # Noisy Student
-    batch_size: int = 64  # labeled images per step
-    unlabeled_ratio: float = 3.0  # unlabeled batch = ratio x batch_size; loss = labeled + ratio x unlabeled
-    teacher_temperature: float = 1.0  # soft targets p^(1/T), renormalized: T < 1 sharpens, T > 1 flattens
-    hard_labels: bool = False  # one-hot teacher labels (with label_smoothing) instead of soft ones
-    label_smoothing: float = 0.1
-    noise: bool = True  # RandAugment, dropout, stochastic depth on the student; False for ablations
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 9  # timm's scale, 0..10 (the paper's 27 on a 0..30 scale is 9 here)
-    dropout: float = 0.5  # before the classifier
-    drop_path: float = 0.2  # stochastic depth (timm drop_path_rate)
-    random_erasing: float = 0.0  # probability of erasing a random rectangle of a training image (cutout)
-    # optimization
-    optimizer: str = "rmsprop"  # rmsprop (TF-style, the paper's), sgd (nesterov), adamw
-    lr: float = 0.016  # peak learning rate
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    schedule: str = "exponential"  # exponential (the paper's: decay_rate every decay_epochs), cosine, constant
-    warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup, in epochs (as --epochs)."})
-    decay_epochs: float = field(default=2.4, metadata={"help": "The exponential schedule decays every this many "
-                                                                "epochs (as --epochs)."})
-    decay_rate: float = 0.97
-    epochs: float = field(default=10.0, metadata={"help": "Epochs of the unlabeled set when there is one (the "
-                                                          "labeled set cycles), else of the labeled set."})
-    steps: int | None = field(default=None, metadata={"help": "Train this many steps; overrides --epochs."})
+    batch_size: int = option(64, "Labeled images per step (per process).")
+    unlabeled_ratio: float = option(3.0, "Unlabeled batch = ratio x batch-size; loss = labeled + ratio x "
+                                         "unlabeled.")
+    teacher_temperature: float = option(1.0, "Soft targets p^(1/T), renormalized: T < 1 sharpens, T > 1 "
+                                             "flattens.")
+    hard_labels: bool = option(False, "Train on the teacher's one-hot labels (with --label-smoothing) instead of "
+                                      "its soft ones.")
+    label_smoothing: float = option(0.1, "Label smoothing of the labeled (and hard pseudo-labeled) targets.")
+    # noise
+    noise: bool = option(True, "RandAugment, dropout and stochastic depth on the student; --no-noise turns them "
+                               "all off (the ablation).")
+    randaugment_ops: int = option(2, "RandAugment operations per image.")
+    randaugment_magnitude: int = option(9, "RandAugment magnitude on timm's 0-10 scale (the paper's 27 of 30 is "
+                                           "9 here).")
+    dropout: float = option(0.5, "Dropout before the classifier.")
+    drop_path: float = option(0.2, "Stochastic depth rate (timm's drop_path_rate).")
+    random_erasing: float = option(0.0, "Probability of erasing a random rectangle of a training image (cutout).")
+    # optimizer
+    optimizer: str = option("rmsprop", "rmsprop (TF-style, the paper's), sgd (Nesterov) or adamw.")
+    lr: float = option(0.016, "Peak learning rate.")
+    momentum: float = option(0.9, "Momentum of rmsprop and sgd.")
+    weight_decay: float = option(1e-5, "Weight decay.")
     # 0 disables the exponential moving average of weights. timm's warm-up applies: the decay at step s is
     # min(ema_decay, 1 - s^(-2/3)) (0.9 at step 30, 0.97 at 200, 0.99 at 1,000), so a short run's EMA averages
     # its last steps, not its initial weights
-    ema_decay: float = 0.9998
-    amp: bool = True  # mixed precision (bf16 autocast) on CUDA; ignored on CPU
-    channels_last: bool = True
-    device: str = "auto"  # auto: cuda if available (xla when torch_xla is installed and asked for), else cpu
-    seed: int = 0
-    # bookkeeping
-    log_every: int = 20  # steps
-    eval_every: int = 0  # steps; 0: only at the end
-    checkpoint_every: int = 200  # steps
-    progress: bool = True
+    ema_decay: float = option(0.9998, "Exponential moving average of the weights (0: off); warms up as "
+                                      "min(decay, 1 - step^(-2/3)).")
+    # schedule
+    schedule: str = option("exponential", "exponential (the paper's: x decay-rate every decay-epochs), cosine or "
+                                          "constant.")
+    warmup_epochs: float = option(0.0, "Linear warmup, in epochs (as --epochs).")
+    decay_epochs: float = option(2.4, "The exponential schedule decays every this many epochs (as --epochs).")
+    decay_rate: float = option(0.97, "The exponential schedule's factor at each decay.")
+    epochs: float = option(10.0, "Epochs of the unlabeled set when there is one (the labeled set cycles), else of "
+                                 "the labeled set.")
+    steps: int | None = option(None, "Train this many steps; overrides --epochs.")
+    # device
+    amp: bool = option(True, "Mixed precision (bf16 autocast) on CUDA; ignored on CPU.")
+    channels_last: bool = option(True, "Channels-last memory layout.")
+    device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or xla (torch_xla).")
+    seed: int = option(0, "Seed of initialization, data order and augmentation.")
+    # output
+    log_every: int = option(20, "Write a metrics.jsonl line every this many steps.")
+    eval_every: int = option(0, "Evaluate on --val every this many steps (0: only at the end).")
+    checkpoint_every: int = option(200, "Write checkpoint.pt every this many steps (the run resumes from it).")
+    progress: bool = option(True, "A progress bar on the terminal.")
 
     def validate(self) -> "TrainConfig":
         if not self.labeled:
@@ -126,6 +145,18 @@ def _plain(value):
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# How `ns-train train --help` groups the options: each group's first field, in field order.
+GROUPS = {"labeled": "data", "image_size": "preprocessing", "model": "model", "batch_size": "Noisy Student",
+          "noise": "noise", "optimizer": "optimizer", "schedule": "schedule", "amp": "device", "log_every": "output"}
+
+
+def group_of(name: str) -> str:
+    group = "data"
+    for f in dataclasses.fields(TrainConfig):
+        group = GROUPS.get(f.name, group)
+        if f.name == name:
+            return group
+    raise KeyError(name)
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:

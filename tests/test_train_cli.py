@@ -128,3 +128,28 @@ def test_the_epochs_unit_is_in_the_help_and_the_plan_is_printed(setup, tmp_path)
     assert result.exit_code == 0, result.output
     assert "training 4 steps: 1.5 epochs of the labeled set (8 records, 2.66667 steps each)" in result.output
     assert "  1.5 epochs of the labeled set (8 records, 2.66667 steps each)" in result.output
+
+
+def test_every_option_of_both_command_lines_has_a_help_line_and_train_groups_them():
+    import click
+
+    from ns_data.cli import main as ns_data_main
+    from ns_train.cli import main as ns_train_main
+    from ns_train.config import FIELDS, group_of
+
+    def options(group, prefix):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from options(command, f"{prefix} {name}")
+            else:
+                yield from ((f"{prefix} {name}", p) for p in command.params if isinstance(p, click.Option))
+
+    missing = [(cmd, p.opts[0]) for cmd, p in [*options(ns_data_main, "ns-data"), *options(ns_train_main, "ns-train")]
+               if not p.help]
+    assert missing == []
+    text = CliRunner().invoke(ns_train_main, ["train", "--help"]).output
+    for section in ("Data options:", "Model options:", "Noise options:", "Optimizer options:", "Schedule options:",
+                    "Output options:"):
+        assert section in text
+    assert text.index("Noise options:") < text.index("--dropout FLOAT") < text.index("Optimizer options:")
+    assert {group_of(name) for name in FIELDS} >= {"data", "noise", "optimizer", "schedule", "output"}
