@@ -80,7 +80,6 @@ class OutputKind:
 LABELS = OutputKind("label", "labels", ".parquet", "stats.json")
 SELECTION = OutputKind("balance", "selection", ".parquet", "stats.json")
 SHARDS = OutputKind("shard", "train", ".tfrecord", "manifest.json")
-SYNTH_LABELS = LABELS  # `ns-data synth pseudo-labels` writes exactly what `label` writes
 STAGE_OUTPUTS = (LABELS, SELECTION, SHARDS)
 
 # ------------------------------------------------------------------------------------------- tables

@@ -17,7 +17,6 @@ import os
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions, PipelineOptions,
                                                   StandardOptions, TestOptions)
-from apache_beam.transforms.window import GlobalWindows
 
 from ns_data.memory import compact_heap
 from ns_data.stage import OptionsError
@@ -115,13 +114,6 @@ class SumCounts(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
-
-
-def in_global_window(out):
-    """What finish_bundle emits must carry its window (these pipelines have only the global one)."""
-    if isinstance(out, beam.pvalue.TaggedOutput):
-        return beam.pvalue.TaggedOutput(out.tag, GlobalWindows.windowed_value(out.value))
-    return GlobalWindows.windowed_value(out)
 
 
 def after_all(pipeline: beam.Pipeline, fn, *args, **side_inputs):
