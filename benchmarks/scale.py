@@ -3,33 +3,33 @@
 Two measurements, both through the public entry points only (`pipelines.<stage>.run(argv)`, the `ns-data` CLI),
 so the same script measures whatever the code is at the time:
 
-1. **Launch** (`--sizes`, default 3000 30000; always with 1 input file as the baseline). For each stage, synthetic
-   inputs with N files under benchmarks/data/scale/ (git-ignored; built once, reused): N loose image files for
-   `label` (one tiny JPEG, hardlinked N times), a label output of N Parquet files for `balance` and a balance
-   output of N selection files for `shard` (one small file hardlinked N times, with the output's marker). Each
-   launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options + --dry_run=True)`, which
-   translates the job as a real launch would (the options, every DoFn pickled into the pipeline proto) and stops
-   before contacting anything. Printed: the pipeline proto's bytes (the job graph Dataflow receives: its steps
-   and every pickled DoFn), the child's wall seconds (interpreter start, imports, the stage's checks and planning,
-   the translation) and its peak RSS (from the kernel's rusage of the child), and the growth from the smallest
-   to the largest N.
+1. **Launch** (`--sizes`, default 3000 30000; 1 input file is always added as the baseline). For each stage,
+   synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused): N loose image
+   files for `label` (one tiny JPEG hardlinked N times), a label output of N Parquet files for `balance` and a
+   balance output of N selection files for `shard` (one small file hardlinked N times, and the output's marker;
+   --num-shards 4). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
+   --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled
+   into the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job
+   graph Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start,
+   imports, the stage's checks and planning, the translation), its peak RSS (the kernel's rusage of the child),
+   and the growth from the second smallest to the largest N.
 2. **Object-store requests** (`--requests`, default 20 200 input files). Each stage runs on the local runner
    (`--direct_num_workers 1`) with its inputs and output on `gs://bucket/...` in a local GCS emulator
    (benchmarks/gcs_emulator.py: `gcp-storage-emulator` on 127.0.0.1, Beam's real GCS filesystem, every request
-   counted). Inputs: N loose images for `label`; a label output of N files (`ns-data synth pseudo-labels`) for
-   `balance`; N selection files of 2 rows each, over 2N images in the bucket, for `shard` (--num-shards N/10).
-   Printed: HTTP requests and operations (a batch request counts once as a request, and each of its items as an
-   operation) for the whole command, per input file and per output file, and the same for finalize: the
-   requests made while Beam executed the fused stage that holds the stage's `Finalize` step (after every work
-   unit: the step's input is the work units' results), plus those made after the pipeline (the command's
-   summary).
+   counted). Inputs: N tar containers of 2 images for `label` (each container is a work unit); a label output
+   of N files (`ns-data synth pseudo-labels`, 20 rows each) for `balance`; N selection files of 2 rows each,
+   over 2N images in the bucket, for `shard` (--num-shards N/10). Printed: HTTP requests (a batch counts once)
+   and operations (each item of a batch counts) for the whole command, per input file and per output file,
+   split by phase: launch (before the pipeline runs), work, finalize (the fused stage holding the stage's
+   `Finalize` step, which runs after every work unit: its input is their results) and after (the command's
+   summary, once the pipeline has run).
 
-    .venv/bin/python benchmarks/scale.py                     # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/scale.py                     # about 10 minutes on 2 cores
     .venv/bin/python benchmarks/scale.py --sizes 3000 30000 300000 --requests 20 200
     .venv/bin/python benchmarks/scale.py --stages balance --sizes 3000 --requests   # launch only
 
-Results go to benchmarks/results/scale.json. Needs the `gcp` and `bench` extras (apache-beam[gcp],
-gcp-storage-emulator) and, for `label`, the `label` extra (a random-weight timm test model, nothing downloaded).
+Results go to benchmarks/results/scale.json. Needs the `gcp` extra and gcp-storage-emulator (the `test` and
+`bench` extras), and for `label` the `label` extra (timm's test model with random weights: nothing downloaded).
 """
 from __future__ import annotations
 
@@ -88,24 +88,26 @@ def _linked(directory: Path, n: int, source: Path, name: str, marker: dict | Non
     return directory
 
 
-def images(n: int) -> Path:
+# Input folders are named with the same number of characters at every size, so that paths recorded in a job
+# have the same length whatever N is.
+def images(n: int, base: Path = DATA) -> Path:
     """`n` loose JPEG files (one tiny image, hardlinked)."""
-    one = DATA / "one.jpg"
+    one = base / "one.jpg"
     if not one.exists():
         one.parent.mkdir(parents=True, exist_ok=True)
         one.write_bytes(tiny_jpeg())
-    return _linked(DATA / f"images-{n}", n, one, "img-{:07d}.jpg", None)
+    return _linked(base / f"images-{n:09d}", n, one, "img-{:07d}.jpg", None)
 
 
-def labels(n: int) -> Path:
+def labels(n: int, base: Path = DATA) -> Path:
     """A label output of `n` Parquet files: one file of `ns-data synth pseudo-labels`, hardlinked."""
-    one = DATA / "labels-one"
+    one = base / "labels-one"
     if not (one / "stats.json").exists():
         ns_data("synth", "pseudo-labels", "--output", str(one), "--rows", "64", "--files", "1", "--classes",
                 str(CLASSES), "--overwrite")
     (data,) = sorted(one.glob("labels-*.parquet"))
     marker = json.loads((one / "stats.json").read_text())
-    return _linked(DATA / f"labels-{n}", n, data, "labels-{:07d}.parquet", marker)
+    return _linked(base / f"labels-{n:09d}", n, data, "labels-{:07d}.parquet", marker)
 
 
 def selection_table(sources: list[str], first: int):
@@ -123,28 +125,31 @@ def selection_table(sources: list[str], first: int):
         "rank": pa.array(np.zeros(n), pa.int32()), "copies": pa.array(np.ones(n), pa.int32())})
 
 
-def selection(n: int) -> Path:
+def selection(n: int, base: Path = DATA) -> Path:
     """A balance output of `n` selection files, each the same rows over two of images(2)'s files."""
     import pyarrow.parquet as pq
 
-    one = DATA / "selection-one.parquet"
+    one = base / "selection-one.parquet"
     if not one.exists():
-        pq.write_table(selection_table(sorted(str(p) for p in images(2).glob("img-*")), 0), one)
-    return _linked(DATA / f"selection-{n}", n, one, "selection-{:07d}.parquet", {"stage": "balance"})
+        pq.write_table(selection_table(sorted(str(p) for p in images(2, base).glob("img-*")), 0), one)
+    return _linked(base / f"selection-{n:09d}", n, one, "selection-{:07d}.parquet", {"stage": "balance"})
+
+
+INPUTS = {"label": images, "balance": labels, "shard": selection}
 
 
 def ns_data(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "ns_data.cli", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def stage_argv(stage: str, inp: str, out: str, n: int) -> list[str]:
-    """The stage's command line over `inp` (with N input files) into `out`."""
+def stage_argv(stage: str, inp: str, out: str, shards: int = 4) -> list[str]:
+    """The stage's command line over `inp` into `out` (`shards`: shard's --num-shards)."""
     common = ["--output", out, "--no-progress"]
     if stage == "label":
         return [inp, *common, *TEACHER]
     if stage == "balance":
         return [inp, *common, "--per-class", "20", "--num-classes", str(CLASSES)]
-    return [inp, *common, "--num-shards", str(max(1, n // 10)), "--num-classes", str(CLASSES)]
+    return [inp, *common, "--num-shards", str(shards), "--num-classes", str(CLASSES)]
 
 
 # ------------------------------------------------------------------------------------------ launch (dry run)
@@ -152,14 +157,14 @@ def stage_argv(stage: str, inp: str, out: str, n: int) -> list[str]:
 
 def dry_run(stage: str, n: int) -> dict:
     """Launches `stage` over N input files as a Dataflow dry run in a child process: job sizes, seconds, peak RSS."""
-    inp = {"label": images, "balance": labels, "shard": selection}[stage](n)
-    out = DATA / "out" / f"{stage}-{n}"
+    inp = INPUTS[stage](n)
+    out = DATA / "out" / stage
     shutil.rmtree(out, ignore_errors=True)
     result = DATA / "out" / f"{stage}-{n}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-dry-run", stage, str(result), "--",
-           *stage_argv(stage, str(inp), str(out), n)]
+           *stage_argv(stage, str(inp), str(out))]
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read()
@@ -195,6 +200,19 @@ def child_dry_run(stage: str, result: str, argv: list[str]) -> None:
 # ----------------------------------------------------------------------------------- requests (GCS emulator)
 
 
+def container(index: int, count: int) -> bytes:
+    """A webdataset-style tar of `count` tiny JPEGs."""
+    import tarfile
+
+    jpeg, buf = tiny_jpeg(), io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(count):
+            info = tarfile.TarInfo(f"{index:07d}-{i}.jpg")
+            info.size = len(jpeg)
+            tar.addfile(info, io.BytesIO(jpeg))
+    return buf.getvalue()
+
+
 def upload(path: str, data: bytes) -> None:
     from apache_beam.io.filesystems import FileSystems
 
@@ -202,8 +220,9 @@ def upload(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def requests_run(stage: str, n: int) -> dict:
-    """Runs `stage` over N input files on gs://bucket in a fresh emulator; the requests it made, by phase."""
+def requests_run(stage: str, n: int, shards: int | None = None) -> dict:
+    """Runs `stage` over N input files on gs://bucket in a fresh emulator (shard: into `shards` shards, default
+    N / 10); the requests it made, by phase."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
@@ -213,9 +232,8 @@ def requests_run(stage: str, n: int) -> dict:
     with CountingEmulator("bucket") as emu:
         # The inputs, uploaded before counting starts.
         if stage == "label":
-            jpeg = tiny_jpeg()
             for i in range(n):
-                upload(f"gs://bucket/in/img-{i:07d}.jpg", jpeg)
+                upload(f"gs://bucket/in/part-{i:07d}.tar", container(i, SELECTION_ROWS))
         elif stage == "balance":
             cli.main.main(["synth", "pseudo-labels", "--output", "gs://bucket/in", "--rows", str(20 * n), "--files",
                            str(n), "--classes", str(CLASSES)], prog_name="ns-data", standalone_mode=False)
@@ -233,8 +251,8 @@ def requests_run(stage: str, n: int) -> dict:
             upload("gs://bucket/in/stats.json", json.dumps({"stage": "balance"}).encode())
         emu.reset()
         began = time.perf_counter()
-        cli.main.main([stage, *stage_argv(stage, "gs://bucket/in", "gs://bucket/out", n), "--direct_num_workers",
-                       "1"], prog_name="ns-data", standalone_mode=False)
+        argv = stage_argv(stage, "gs://bucket/in", "gs://bucket/out", shards or max(1, n // 10))
+        cli.main.main([stage, *argv, "--direct_num_workers", "1"], prog_name="ns-data", standalone_mode=False)
         seconds = time.perf_counter() - began
         made = list(emu.requests)
         outputs = [m.path for m in FileSystems.match(["gs://bucket/out/*"])[0].metadata_list]
