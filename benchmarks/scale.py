@@ -4,10 +4,10 @@ Two measurements, both through the public entry points only (`pipelines.<stage>.
 so the same script measures whatever the code is at the time:
 
 1. **Launch** (`--sizes`, default 3000 30000; 1 input file is always added as the baseline). For each stage,
-   synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused): N loose image
-   files for `label` (one tiny JPEG hardlinked N times), a label output of N Parquet files for `balance` and a
-   balance output of N selection files for `shard` (one small file hardlinked N times, and the output's marker;
-   --num-shards 4). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
+   synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused; each one small
+   file hardlinked N times): N loose image files for `label`, N tar containers of 2 images for `label-tar`, a
+   label output of N Parquet files for `balance` and a balance output of N selection files for `shard` (with
+   the output's marker; --num-shards 4). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
    --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled
    into the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job
    graph Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start,
@@ -34,6 +34,7 @@ Results go to benchmarks/results/scale.json. Needs the `gcp` extra and gcp-stora
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import io
 import json
@@ -73,15 +74,22 @@ def tiny_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def _linked(directory: Path, n: int, source: Path, name: str, marker: dict | None) -> Path:
-    """`directory` holding `n` hardlinks of `source` named name.format(i) (and `marker` as stats.json), built
+def _linked(directory: Path, n: int, one: Path, name: str, marker: dict | None) -> Path:
+    """`directory` holding `n` hardlinks of the file `one` named name.format(i) (and `marker` as stats.json), built
     once: a `.done` file says it is complete."""
     if (directory / ".done").exists():
         return directory
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    source = one
     for i in range(n):
-        os.link(source, directory / name.format(i))
+        try:
+            os.link(source, directory / name.format(i))
+        except OSError as err:  # a file has at most 65,000 links (ext4): go on from a copy of it
+            if err.errno != errno.EMLINK:
+                raise
+            source = directory / name.format(i)
+            shutil.copyfile(one, source)
     if marker is not None:
         (directory / "stats.json").write_text(json.dumps(marker))
     (directory / ".done").write_text("")
@@ -135,7 +143,22 @@ def selection(n: int, base: Path = DATA) -> Path:
     return _linked(base / f"selection-{n:09d}", n, one, "selection-{:07d}.parquet", {"stage": "balance"})
 
 
-INPUTS = {"label": images, "balance": labels, "shard": selection}
+def containers(n: int, base: Path = DATA) -> Path:
+    """`n` webdataset-style tar containers of 2 tiny JPEGs each (one tar, hardlinked)."""
+    one = base / "one.tar"
+    if not one.exists():
+        one.parent.mkdir(parents=True, exist_ok=True)
+        one.write_bytes(container(0, 2))
+    return _linked(base / f"containers-{n:09d}", n, one, "part-{:07d}.tar", None)
+
+
+# The launches measured, by name: the stage, and its input of N files.
+INPUTS = {"label": images, "label-tar": containers, "balance": labels, "shard": selection}
+LAUNCHES = tuple(INPUTS)
+
+
+def stage_of(launch: str) -> str:
+    return launch.split("-")[0]
 
 
 def ns_data(*args: str) -> None:
@@ -155,9 +178,11 @@ def stage_argv(stage: str, inp: str, out: str, shards: int = 4) -> list[str]:
 # ------------------------------------------------------------------------------------------ launch (dry run)
 
 
-def dry_run(stage: str, n: int) -> dict:
-    """Launches `stage` over N input files as a Dataflow dry run in a child process: job sizes, seconds, peak RSS."""
-    inp = INPUTS[stage](n)
+def dry_run(launch: str, n: int) -> dict:
+    """Launches a stage over N input files (`launch`: a name of INPUTS) as a Dataflow dry run in a child process:
+    job graph bytes, seconds, peak RSS."""
+    stage = stage_of(launch)
+    inp = INPUTS[launch](n)
     out = DATA / "out" / stage
     shutil.rmtree(out, ignore_errors=True)
     result = DATA / "out" / f"{stage}-{n}.json"
@@ -176,7 +201,7 @@ def dry_run(stage: str, n: int) -> dict:
                            f"{output.decode(errors='replace')[-3000:]}")
     sizes = json.loads(result.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"stage": stage, "files": n, **sizes, "seconds": round(seconds, 2),
+    return {"stage": launch, "files": n, **sizes, "seconds": round(seconds, 2),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}  # ru_maxrss: KiB on Linux
 
 
@@ -294,13 +319,13 @@ def print_launches(rows: list[dict]) -> None:
         print(f"| {r['stage']} | {r['files']:,} | {r['graph_bytes']:,} | {r['seconds']:.1f} "
               f"| {r['peak_rss_mb']:.0f} |")
     print()
-    for stage in STAGES:
-        mine = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["files"])
+    for launch in LAUNCHES:
+        mine = sorted((r for r in rows if r["stage"] == launch), key=lambda r: r["files"])
         if len(mine) < 2:
             continue
         a, b = (mine[1] if len(mine) > 2 else mine[0]), mine[-1]
         per_file = (b["graph_bytes"] - a["graph_bytes"]) / (b["files"] - a["files"])
-        print(f"- {stage}: {a['files']:,} -> {b['files']:,} files: graph {growth(a['graph_bytes'], b['graph_bytes'])} "
+        print(f"- {launch}: {a['files']:,} -> {b['files']:,} files: graph {growth(a['graph_bytes'], b['graph_bytes'])} "
               f"({per_file:,.1f} bytes per file), launch {growth(a['seconds'], b['seconds'])} "
               f"({(b['seconds'] - a['seconds']) / (b['files'] - a['files']) * 1000:.3f} ms per file), peak RSS "
               f"{growth(a['peak_rss_mb'], b['peak_rss_mb'])} "
@@ -337,7 +362,10 @@ def print_requests(rows: list[dict]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--stages", nargs="+", choices=LAUNCHES, default=list(LAUNCHES),
+                   help="label-tar: label's launch over tar containers (the requests runs take label's inputs as "
+                        "containers anyway)")
+    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--sizes", nargs="*", type=int, default=[3000, 30000],
                    help="input files per launch (1 is always added as the baseline); none: skip launches")
     p.add_argument("--requests", nargs="*", type=int, default=[20, 200],
@@ -349,19 +377,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     results: dict = {"commit": _commit(), "launches": [], "requests": []}
     if args.sizes:
-        for stage in args.stages:
+        for launch in args.stages:
             for n in sorted({1, *args.sizes}):
-                results["launches"].append(dry_run(stage, n))
+                results["launches"].append(dry_run(launch, n))
                 print(json.dumps(results["launches"][-1]), flush=True)
         print_launches(results["launches"])
-    for stage in args.stages:
+    for stage in [s for s in args.stages if s in STAGES]:
         for n in args.requests:
             results["requests"].append(requests_run(stage, n))
     if results["requests"]:
         print_requests(results["requests"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    print(f"\n{RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=1))
+    print(f"\n{args.results}")
     return 0
 
 
