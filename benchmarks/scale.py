@@ -7,8 +7,8 @@ so the same script measures whatever the code is at the time:
    synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused; each one small
    file hardlinked N times): N loose image files for `label`, N tar containers of 2 images for `label-tar`, a
    label output of N Parquet files for `balance` and a balance output of N selection files for `shard` (with
-   the output's marker; --num-shards 4). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
-   --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled
+   the output's marker; --num-shards 2). Each launch runs in a child process: `pipelines.<stage>.run(argv +
+   Dataflow options + --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled
    into the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job
    graph Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start,
    imports, the stage's checks and planning, the translation), its peak RSS (the kernel's rusage of the child),
@@ -165,7 +165,7 @@ def ns_data(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "ns_data.cli", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def stage_argv(stage: str, inp: str, out: str, shards: int = 4) -> list[str]:
+def stage_argv(stage: str, inp: str, out: str, shards: int = SELECTION_ROWS) -> list[str]:
     """The stage's command line over `inp` into `out` (`shards`: shard's --num-shards)."""
     common = ["--output", out, "--no-progress"]
     if stage == "label":
