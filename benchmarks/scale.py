@@ -4,15 +4,15 @@ Two measurements, both through the public entry points only (`pipelines.<stage>.
 so the same script measures whatever the code is at the time:
 
 1. **Launch** (`--sizes`, default 3000 30000; 1 input file is always added as the baseline). For each stage,
-   synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused; each one small
-   file hardlinked N times): N loose image files for `label`, N tar containers of 2 images for `label-tar`, a
-   label output of N Parquet files for `balance` and a balance output of N selection files for `shard` (with
-   the output's marker; --num-shards 2). Each launch runs in a child process: `pipelines.<stage>.run(argv +
-   Dataflow options + --dry_run=True)`, which translates the job as a real launch does (the options checked,
-   every DoFn pickled into the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job
-   graph Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start,
-   imports, the stage's checks and planning, the translation), its peak RSS (the kernel's rusage of the child),
-   and the growth from the second smallest to the largest N.
+   synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused; each one small file
+   hardlinked N times): N loose image files for `label`, N tar containers of 2 images for `label-tar`, a label
+   output of N Parquet files for `balance` and a balance output of N selection files for `shard` (with the output's
+   marker; --num-shards 2). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
+   --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled into
+   the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job graph
+   Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start, imports, the
+   stage's checks and planning, the translation), its peak RSS (the kernel's rusage of the child), and the growth
+   from the second smallest to the largest N.
 2. **Object-store requests** (`--requests`, default 20 200 input files). Each stage runs on the local runner
    (`--direct_num_workers 1`) with its inputs and output on `gs://bucket/...` in a local GCS emulator
    (benchmarks/gcs_emulator.py: `gcp-storage-emulator` on 127.0.0.1, Beam's real GCS filesystem, every request
