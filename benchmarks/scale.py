@@ -24,7 +24,7 @@ so the same script measures whatever the code is at the time:
    `Finalize` step, which runs after every work unit: its input is their results) and after (the command's
    summary, once the pipeline has run).
 
-    .venv/bin/python benchmarks/scale.py                     # about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/scale.py                     # about 20 minutes on 2 busy cores
     .venv/bin/python benchmarks/scale.py --sizes 3000 30000 300000 --requests 20 200
     .venv/bin/python benchmarks/scale.py --stages balance --sizes 3000 --requests   # launch only
 
