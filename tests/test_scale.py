@@ -6,11 +6,13 @@ Then growth, measured from outside through the public entry points at two input 
 - a stage's Dataflow job graph (the pipeline proto of a `--dry_run` launch through `pipelines.<stage>.run`) must not
   grow with the number of input files: no per-file or per-unit data in the job;
 - finalize (the fused stage holding the `Finalize` step, on the local runner against the emulator) must not make
-  more requests for more files: batched renames and deletes, no per-object metadata requests (O(files / 100)).
-  label's inputs there are tar containers, each a work unit.
+  more requests for more files: batched renames and deletes, no per-object metadata requests (O(files / 100)),
+  and neither must the launch (what the command asks before the pipeline runs). label's inputs there are tar
+  containers, each a work unit.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -138,13 +140,31 @@ def test_the_job_graph_does_not_grow_with_input_files(stage, graph_bytes, tmp_pa
 FEW, MORE = 4, 12  # input files
 
 
+@functools.lru_cache(maxsize=None)
+def emulated(stage: str) -> tuple[dict, dict]:
+    """The stage on the local runner over 4 and 12 input files on gs:// in the emulator (shard: into 2 and 6
+    shards); run once per stage for the tests below."""
+    return scale.requests_run(stage, FEW, shards=FEW // 2), scale.requests_run(stage, MORE, shards=MORE // 2)
+
+
 @pytest.mark.parametrize("stage", scale.STAGES)
 def test_finalize_requests_do_not_grow_with_files(stage):
-    """The stage on the local runner over 4 and 12 input files on gs:// (shard: 2 and 6 shards): finalize's
-    requests (HTTP requests; a batch is one) are the same up to 2, i.e. O(files / 100)."""
-    few = scale.requests_run(stage, FEW, shards=FEW // 2)
-    more = scale.requests_run(stage, MORE, shards=MORE // 2)
+    """finalize's requests (HTTP requests; a batch is one) over 12 input files are those over 4 up to 2, i.e.
+    O(files / 100): no per-object metadata request, read or one-object delete."""
+    few, more = emulated(stage)
     a, b = few["finalize"], more["finalize"]
+    assert a["requests"] > 0 and b["requests"] > 0, "no request in a step named Finalize: where is finalize?"
     assert b["requests"] <= a["requests"] + 2, (
         f"{stage}: finalize made {a['requests']} requests for {FEW} input / {few['output_files']} output files, "
         f"{b['requests']} for {MORE} / {more['output_files']}; by kind {a['by_kind']} -> {b['by_kind']}")
+
+
+@pytest.mark.parametrize("stage", scale.STAGES)
+def test_launch_requests_do_not_grow_with_input_files(stage):
+    """What the command asks the object store before its pipeline runs (listing, checking the output) is the
+    same up to 2 requests over 4 and 12 input files: no footer or header of each input read on the launcher."""
+    few, more = emulated(stage)
+    a, b = few["launch"], more["launch"]
+    assert b["requests"] <= a["requests"] + 2, (
+        f"{stage}: the launch made {a['requests']} requests for {FEW} input files, {b['requests']} for {MORE}; "
+        f"by kind {a['by_kind']} -> {b['by_kind']}")
