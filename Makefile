@@ -51,6 +51,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/report.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_DIR)-synth

@@ -32,12 +32,14 @@ setup(
         "demo": ["scikit-learn>=1.3"],
         # tf.data reader of shards (`ns_data.tf_data`); never imported by label or the PyTorch reader.
         "tf": ["tensorflow-cpu>=2.16"],
-        # Tests; Playwright drives the system chromium (tests/browser.py) and never downloads a browser.
-        "test": ["pytest>=8", "playwright>=1.45"],
+        # Tests; Playwright drives the system chromium (tests/browser.py) and never downloads a browser; a local GCS
+        # emulator serves tests/test_scale.py's object-store runs.
+        "test": ["pytest>=8", "playwright>=1.45", "gcp-storage-emulator>=2026.7"],
         # `ns-data report`: plots of every output in one HTML page.
         "report": ["matplotlib>=3.7"],
-        # Benchmarks compare against DuckDB and measure peak memory.
-        "bench": ["duckdb>=1.1", "psutil>=5.9"],
+        # Benchmarks compare against DuckDB and measure peak memory; the scale rehearsal counts requests to a local
+        # GCS emulator.
+        "bench": ["duckdb>=1.1", "psutil>=5.9", "gcp-storage-emulator>=2026.7"],
     },
     entry_points={"console_scripts": ["ns-data=ns_data.cli:main", "ns-train=ns_train.cli:main"]},
 )
