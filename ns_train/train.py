@@ -376,7 +376,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             save_checkpoint(path, {
                 "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                "model_name": cfg.model, "num_classes": cfg.num_classes,
+                "total_steps": total_steps, "model_name": cfg.model, "num_classes": cfg.num_classes,
                 "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
                 run.tmp(CHECKPOINT))
 
