@@ -5,7 +5,8 @@ cross entropy (label smoothing) plus `unlabeled_ratio` times the unlabeled one, 
 targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under torchrun (DDP), and on TPU
 through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
 `config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it, down to the next
-batch of each data stream), `metrics.jsonl`, and `results.json` (final evaluation), written last: it marks the
+batch of each data stream), `metrics.jsonl` (a resume cuts it back to the checkpoint's step: each step is logged
+once), and `results.json` (final evaluation), written last: it marks the
 run finished. A run directory follows the output policy of every ns-data stage (ns_data.outputs): a re-run with
 the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
 """
@@ -202,6 +203,23 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- training
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Keeps the records of steps up to `step` (a resumed run's checkpoint): the steps done after it, which the
+    resumed run does again, and a line cut short by a kill are dropped, so the log holds each step once."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line, cut short
+                continue
+            if line.endswith(b"\n") and record.get("step", 0) <= step:
+                kept.append(line)
+    fs.write_atomic(path, b"".join(kept))
+
+
 class _Metrics:
     def __init__(self, path: str | None):
         self.file = open(path, "a") if path else None
@@ -334,6 +352,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             echo(f"warning: this run read its data with {state['workers']} workers in {len(processes)} processes; "
                  f"with {cfg.workers} in {world}, its streams start again at their epoch's start")
         if main_process:
+            truncate_metrics(run.final(METRICS), step)
             echo(f"resuming {output} at step {step} of {total_steps}")
     elif main_process:
         echo(f"training {plan.describe(cfg)}")
