@@ -13,11 +13,13 @@ the same config resumes an interrupted run or has nothing to do; another config 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -190,9 +192,34 @@ def evaluate(model: torch.nn.Module, shards: str, cfg: TrainConfig, device: torc
 
 
 def save_checkpoint(path: str, state: dict[str, Any], tmp: str) -> None:
-    """torch.save under a temporary name, then an atomic rename: a kill never leaves half a checkpoint."""
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save under a temporary name, then an atomic rename: a kill never leaves half a checkpoint. A write
+    that fails leaves no temporary file; on a disk without room for it (torch says only `unexpected pos`), the
+    error is an OSError(ENOSPC) naming the file, with the bytes it needs (`needed`)."""
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+        if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if not isinstance(err, OSError) and shutil.disk_usage(os.path.dirname(tmp) or ".").free >= needed:
+            raise
+        full = OSError(errno.ENOSPC, "No space left on device", tmp)
+        full.needed = needed
+        raise full from err
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
