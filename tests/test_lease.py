@@ -177,7 +177,7 @@ def test_the_lease_on_an_object_store(object_store, sleeper):
 # ------------------------------------------------------------------------------------------- real commands
 
 
-TIMINGS = ("wall_seconds", "megabytes_per_second")  # a marker's measures of the run, not of its output
+TIMINGS = ("wall_seconds", "megabytes_per_second", "images_per_second")  # a marker's measures of the run, not of its output
 
 
 def files(directory) -> dict[str, bytes]:
@@ -215,6 +215,7 @@ def two_runs(command: list[str], output, tmp_name: str, env=None) -> tuple[subpr
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 1, second.stderr[-3000:]
     lines = second.stderr.strip().splitlines()
+    assert lines and "since " in lines[0], second.stderr
     assert lines == [f"Error: {output} is being written by another run (host {socket.gethostname()}, pid "
                      f"{first.pid}, since {lines[0].split('since ')[1].split(')')[0]}); wait for it to finish, or "
                      "pass --overwrite to break its lease"], second.stderr
@@ -278,3 +279,19 @@ def test_two_trainings_on_one_run_directory(tmp_path, data):  # noqa: F811
     killed = str(tmp_path / "killed")
     killed_then_again(train_command(data, killed, workers=0), killed, ".tmp-train", env=TRAIN_ENV)
     assert logged_steps(killed) == list(range(1, TRAIN_STEPS + 1))
+
+
+def test_two_label_runs_on_one_output(tmp_path):
+    from ns_data.synth import write_images
+    from tests.test_seams import label_command
+
+    def command(output) -> list[str]:
+        return [*NS_DATA, "label", *label_command(tmp_path / "images", output)[3:]]  # as `ns-data label`
+
+    write_images(str(tmp_path / "images"), 64, width=96, height=64)
+    single = tmp_path / "single"
+    done = subprocess.run(command(single), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = str(tmp_path / "out")
+    two_runs(command(out), out, ".tmp-label")
+    assert files(out) == files(single)
