@@ -63,7 +63,9 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def _alive(pid, start: str | None) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,7 +101,7 @@ def stale(holder: dict, beat: float, now: float | None = None) -> str | None:
     """Why the lease no longer holds, or None while it does."""
     if holder.get("job"):
         return None  # held while its job runs: that job's publish removes it
-    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid", -1), holder.get("pid_start")):
+    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid"), holder.get("pid_start")):
         return "its process has ended"
     idle = (now or time.time()) - beat
     if idle > stale_after():
