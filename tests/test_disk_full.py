@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from ns_data.cli import disk_full
 from tests.test_lease import NS_DATA, files, labels  # noqa: F401 (a fixture)
+from tests.test_shard import CLASSES as SHARD_CLASSES
+from tests.test_shard import corpus  # noqa: F401 (a fixture)
 from tests.test_train_cli import TINY, one_line_error, setup  # noqa: F401 (a fixture)
 
 LEFT_FREE = 48 * 1024
@@ -100,3 +102,22 @@ def test_an_export_to_a_full_disk_is_one_line(setup, small_disk):  # noqa: F811
     error = one_line_error(["export", setup["run"], "--output", str(teacher)])
     assert error.startswith("Error: no space left on device writing ")
     assert not teacher.exists()
+
+
+def test_shard_on_a_full_disk_is_one_line_and_resumes(corpus, small_disk, tmp_path):  # noqa: F811
+    disk, filler = small_disk
+    args = [corpus["selection"], "--num-shards", "5", "--num-classes", str(SHARD_CLASSES), "--no-progress",
+            "--direct_num_workers", "1"]
+    single = tmp_path / "single"
+    assert subprocess.run([*NS_DATA, "shard", *args, "--output", str(single)], capture_output=True).returncode == 0
+    out = str(disk / "out")
+    failed = subprocess.run([*NS_DATA, "shard", *args, "--output", out], capture_output=True, text=True)
+    assert failed.returncode == 1
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: no space left on device writing ") and out in lines[0], \
+        failed.stderr
+    assert os.listdir(out) == [".tmp-shard"]  # nothing outside its temp dir
+    filler.unlink()
+    again = subprocess.run([*NS_DATA, "shard", *args, "--output", out], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert files(out) == files(single)
