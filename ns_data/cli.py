@@ -1,7 +1,10 @@
 """The `ns-data` command line. Each command maps its options one to one onto a typed options dataclass."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 import sys
 
 import click
@@ -17,16 +20,29 @@ class _DropNoise(logging.Filter):
         return not any(text in record.getMessage() for text in self.NOISE)
 
 
+class _DropReported(logging.Filter):
+    """Beam logs a step's error with its traceback before raising it; a full disk is then reported by the error
+    printer in one line (disk_full), so Beam's record of it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith("apache_beam"):
+            return True
+        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        return "No space left on device" not in text and "Disk quota exceeded" not in text
+
+
 def quiet_logging() -> None:
     """Warnings and errors only, without the import-time noise of optional libraries."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropNoise())
+        handler.addFilter(_DropReported())
 
 
 class OneLineErrors(click.Group):
-    """A user's error (a StageError: bad option, missing input, output in the way) or a filesystem error is
-    printed as one line, `Error: ...`, exit status 1; no traceback."""
+    """A user's error (a StageError: bad option, missing input, output in the way), a filesystem error, or a full
+    disk met anywhere in the command (disk_full) is printed as one line, `Error: ...`, exit status 1; no
+    traceback."""
 
     def __call__(self, *args, **kwargs):
         """The `ns-data` program (the console script calls the group; tests and `ns-train loop` call `main`)."""
@@ -36,14 +52,71 @@ class OneLineErrors(click.Group):
             leave(done)
 
     def invoke(self, ctx):
+        typed = list(ctx.args)  # the command's arguments (click empties ctx.args when it invokes the command)
         try:
             return super().invoke(ctx)
         except Exception as err:
             from ns_data.stage import StageError  # imported late: Beam's import logs before quiet_logging
 
+            full = disk_full(err, _output_arg(typed))
+            if full:
+                raise click.ClickException(full) from err
             if isinstance(err, (StageError, OSError)):
                 raise click.ClickException(str(err)) from err
             raise
+
+
+_NO_SPACE = re.compile(r"\[Errno (?:28|122)\] (?:No space left on device|Disk quota exceeded)(?:: '([^']+)')?")
+
+
+def _output_arg(args: list[str]) -> str | None:
+    """The command's --output, from its arguments as typed."""
+    for i, arg in enumerate(args):
+        if arg == "--output" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--output="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def disk_full(err: BaseException, output: str | None = None) -> str | None:
+    """One line for a full disk met anywhere in the command: in this process (an OSError, ENOSPC or EDQUOT, in
+    the exception or what caused it) or in a Beam worker (its error's text). It names the file (when the error
+    does; else the command's `output`) and, when the error says (a `needed` attribute: the trainer's
+    checkpoint), the space needed and the space free."""
+    path = needed = None
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            path, needed = err.filename, getattr(err, "needed", None)
+            break
+        found = _NO_SPACE.search(str(err))
+        if found:
+            path = found.group(1)
+            break
+        err = err.__cause__ or err.__context__
+    else:
+        return None
+    message = ("no space left on device" + (f" writing {path}" if path else f" writing into {output}" if output
+                                            else ""))
+    if needed:
+        free = _free_bytes(path)
+        message += f": it needs about {needed / 1e6:,.1f} MB" + (f", {free / 1e6:,.1f} MB free" if free is not None
+                                                                 else "")
+    return message + "; free some space and run the same command again (it resumes)"
+
+
+def _free_bytes(path: str | None) -> int | None:
+    import shutil
+
+    directory = os.path.dirname(str(path))
+    while directory and not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    try:
+        return shutil.disk_usage(directory or ".").free
+    except OSError:
+        return None
 
 
 def leave(done: SystemExit) -> None:

@@ -11,14 +11,15 @@ options; it moves its files into OUTPUT when all are written, and writes the mar
 | files of the stage but neither of the above   | error, unless --overwrite      | error, unless --overwrite   |
 
 --overwrite deletes the marker first (the output is no longer complete), then the stage's files and temp dir.
-Files that are not the stage's are never touched.
+Files that are not the stage's are never touched. A run holds the output's lease (`.tmp-<stage>/lease.json`,
+ns_data.lease) from begin() until it publishes: a second run on the same output refuses, naming the holder.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from ns_data import fs
+from ns_data import fs, lease
 from ns_data.stage import OutputExists
 
 PLAN = "plan.json"
@@ -57,20 +58,30 @@ class StageOutput:
         return [p for pattern in self.patterns for p in fs.list_dir(self.path, pattern)]
 
     def begin(self, overwrite: bool) -> str:
-        """Checks the output against the policy; returns NEW (temp dir ready), RESUME or COMPLETE."""
-        found = next(((state, path) for state, path in ((COMPLETE, self.final(self.marker)), (RESUME, self.tmp(PLAN)))
-                      if fs.exists(path)), None)
-        if found and not overwrite:
-            state, path = found
-            if fs.read_json(path).get("fingerprint") == self.fingerprint:
-                return state
-            held = f"a complete {self.stage} output" if state == COMPLETE else f"an unfinished {self.stage} run"
-            raise OutputExists(f"{self.path} holds {held} of other inputs or options; pass --overwrite to replace it")
-        if not found and (self._stage_files() or fs.dir_exists(self.tmp_dir)) and not overwrite:
-            raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
-        self.clear()
-        fs.mkdirs(self.tmp_dir)
-        fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
+        """Takes the output's lease (one writer per output: ns_data.lease), then checks the output against the
+        policy; returns NEW (temp dir ready), RESUME or COMPLETE (the lease given back)."""
+        held = lease.take(self.tmp_dir, self.path, overwrite)
+        try:
+            found = next(((state, path) for state, path in ((COMPLETE, self.final(self.marker)),
+                                                             (RESUME, self.tmp(PLAN))) if fs.exists(path)), None)
+            if found and not overwrite:
+                state, path = found
+                if fs.read_json(path).get("fingerprint") == self.fingerprint:
+                    if state == COMPLETE:
+                        held.release()
+                    return state
+                held_by = f"a complete {self.stage} output" if state == COMPLETE else f"an unfinished {self.stage} run"
+                raise OutputExists(f"{self.path} holds {held_by} of other inputs or options; pass --overwrite to "
+                                   "replace it")
+            if not found and (self._stage_files() or lease.others(self.tmp_dir)) and not overwrite:
+                raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
+            fs.delete([self.final(self.marker)])  # as clear(), keeping the lease
+            fs.delete(self._stage_files())
+            lease.clear_dir(self.tmp_dir)
+            fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
+        except BaseException:
+            held.release()
+            raise
         return NEW
 
     def clear(self) -> None:
@@ -84,6 +95,7 @@ class StageOutput:
         fs.rename([src for src, _ in moves], [self.final(name) for _, name in moves])
         fs.write_json(self.final(self.marker), {**marker, "stage": self.stage, "fingerprint": self.fingerprint})
         fs.delete_dir(self.tmp_dir)
+        lease.published(self.tmp_dir)
         return self.final(self.marker)
 
     def read_marker(self) -> dict:

@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions, PipelineOptions,
                                                   StandardOptions, TestOptions)
 
+from ns_data import lease
 from ns_data.memory import compact_heap
 from ns_data.stage import OptionsError
 
@@ -62,6 +63,17 @@ def launch_only(options: PipelineOptions) -> bool:
                 or options.view_as(StandardOptions).no_wait_until_finish)
 
 
+def launched_job(options: PipelineOptions, result) -> str | None:
+    """What a launch that does not wait leaves running: its job's id, or the template it wrote; None for a
+    dry run, which runs nothing."""
+    if options.view_as(TestOptions).dry_run:
+        return None
+    job_id = getattr(result, "job_id", None)
+    job = job_id() if callable(job_id) else job_id
+    template = options.view_as(GoogleCloudOptions).template_location
+    return str(job) if job else f"template {template}" if template else f"{type(result).__name__} of pid {os.getpid()}"
+
+
 def launched(output: str) -> str:
     return f"job launched; {output} is complete when the job has written its marker"
 
@@ -82,6 +94,7 @@ def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | N
     with compact_heap() if compact and runs_locally(options) else contextlib.nullcontext():
         result = pipeline.run()
         if launch_only(options):
+            lease.launched(launched_job(options, result))
             return False
         result.wait_until_finish()
     return True

@@ -90,14 +90,16 @@ def train(config_path, output, overwrite, **overrides) -> None:
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]),
               help="The EMA of the weights, or the trained weights themselves.")
 @click.option("--label-offset", default=None, type=int, help="Default: the run's.")
-def eval_command(run_dir, shards, weights, label_offset) -> None:
-    """Top-1 and top-5 of a run's model on labeled shards."""
+@click.option("--allow-unfinished", is_flag=True, help="Evaluate the last checkpoint of a run that did not finish "
+              "(killed, failed or still training); refused without it.")
+def eval_command(run_dir, shards, weights, label_offset, allow_unfinished) -> None:
+    """Top-1 and top-5 of a finished run's model on labeled shards."""
     import torch
 
     from ns_train.export import load_run_model
     from ns_train.train import evaluate
 
-    model, cfg = load_run_model(run_dir, weights)
+    model, cfg = load_run_model(run_dir, weights, allow_unfinished, echo=lambda m: click.echo(m, err=True))
     if label_offset is not None:
         cfg = dataclasses.replace(cfg, label_offset=label_offset)
     result = evaluate(model, shards, cfg, torch.device("cpu"))
@@ -110,13 +112,16 @@ def eval_command(run_dir, shards, weights, label_offset) -> None:
 @click.option("--weights", default="ema", show_default=True, type=click.Choice(["ema", "model"]),
               help="The EMA of the weights (when the run kept one) or the raw weights.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
-def export(run_dir, output, weights, overwrite) -> None:
-    """Write the student as the next teacher: `ns-data label --teacher OUTPUT` loads it as it is."""
+@click.option("--allow-unfinished", is_flag=True, help="Export the last checkpoint of a run that did not finish "
+              "(killed, failed or still training); refused without it.")
+def export(run_dir, output, weights, overwrite, allow_unfinished) -> None:
+    """Write a finished run's student as the next teacher: `ns-data label --teacher OUTPUT` loads it as it is."""
     from ns_train.export import export_teacher
 
     if not output.endswith(".safetensors"):
         raise OptionsError("--output must end in .safetensors")
-    identity = export_teacher(run_dir, output, weights, overwrite)
+    identity = export_teacher(run_dir, output, weights, overwrite, allow_unfinished,
+                              echo=lambda m: click.echo(m, err=True))
     click.echo(f"exported {identity['model']} ({identity['num_classes']} classes, {weights} weights) to {output}\n"
                f"next: ns-data label IMAGES... --teacher {output} --output LABELS")
 

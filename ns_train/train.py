@@ -5,18 +5,21 @@ cross entropy (label smoothing) plus `unlabeled_ratio` times the unlabeled one, 
 targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under torchrun (DDP), and on TPU
 through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
 `config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it, down to the next
-batch of each data stream), `metrics.jsonl`, and `results.json` (final evaluation), written last: it marks the
+batch of each data stream), `metrics.jsonl` (a resume cuts it back to the checkpoint's step: each step is logged
+once), and `results.json` (final evaluation), written last: it marks the
 run finished. A run directory follows the output policy of every ns-data stage (ns_data.outputs): a re-run with
 the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -189,9 +192,34 @@ def evaluate(model: torch.nn.Module, shards: str, cfg: TrainConfig, device: torc
 
 
 def save_checkpoint(path: str, state: dict[str, Any], tmp: str) -> None:
-    """torch.save under a temporary name, then an atomic rename: a kill never leaves half a checkpoint."""
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save under a temporary name, then an atomic rename: a kill never leaves half a checkpoint. A write
+    that fails leaves no temporary file; on a disk without room for it (torch says only `unexpected pos`), the
+    error is an OSError(ENOSPC) naming the file, with the bytes it needs (`needed`)."""
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+        if isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if not isinstance(err, OSError) and shutil.disk_usage(os.path.dirname(tmp) or ".").free >= needed:
+            raise
+        full = OSError(errno.ENOSPC, "No space left on device", tmp)
+        full.needed = needed
+        raise full from err
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -200,6 +228,23 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- training
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keeps the records of steps up to `step` (a resumed run's checkpoint): the steps done after it, which the
+    resumed run does again, and a line cut short by a kill are dropped, so the log holds each step once."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line, cut short
+                continue
+            if line.endswith(b"\n") and record.get("step", 0) <= step:
+                kept.append(line)
+    fs.write_atomic(path, b"".join(kept))
 
 
 class _Metrics:
@@ -334,6 +379,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             echo(f"warning: this run read its data with {state['workers']} workers in {len(processes)} processes; "
                  f"with {cfg.workers} in {world}, its streams start again at their epoch's start")
         if main_process:
+            truncate_metrics(run.final(METRICS), step)
             echo(f"resuming {output} at step {step} of {total_steps}")
     elif main_process:
         echo(f"training {plan.describe(cfg)}")
@@ -376,7 +422,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             save_checkpoint(path, {
                 "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                "model_name": cfg.model, "num_classes": cfg.num_classes,
+                "total_steps": total_steps, "model_name": cfg.model, "num_classes": cfg.num_classes,
                 "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
                 run.tmp(CHECKPOINT))
 

@@ -153,3 +153,46 @@ def test_every_option_of_both_command_lines_has_a_help_line_and_train_groups_the
         assert section in text
     assert text.index("Noise options:") < text.index("--dropout FLOAT") < text.index("Optimizer options:")
     assert {group_of(name) for name in FIELDS} >= {"data", "noise", "optimizer", "schedule", "output"}
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(setup):
+    """A run stopped after 1 of 3 steps, as a kill leaves it: a checkpoint, no results.json."""
+    from ns_train import train as train_mod
+    from ns_train.config import load_config
+
+    params = main.commands["train"].make_context("train", ["--output", "x", "--labeled", setup["labeled"], *TINY,
+                                                           "--steps", "3", "--checkpoint-every", "1"]).params
+    cfg = load_config(None, {k: v for k, v in params.items() if k not in ("config_path", "output", "overwrite")})
+    run = str(setup["root"] / "unfinished-run")
+    assert not train_mod.train(cfg, run, echo=lambda m: None, stop_after=1)["finished"]
+    return run
+
+
+def test_export_and_eval_refuse_an_unfinished_run_unless_allowed(setup, unfinished_run, tmp_path):
+    teacher = tmp_path / "t.safetensors"
+    for args in (["export", unfinished_run, "--output", str(teacher)],
+                 ["eval", unfinished_run, "--shards", setup["labeled"]]):
+        error = one_line_error(args)
+        assert f"{unfinished_run} is an unfinished run (its checkpoint is at step 1 of 3" in error
+        assert "--allow-unfinished to use step 1 of 3" in error
+    assert not teacher.exists()
+    done = CliRunner().invoke(main, ["export", unfinished_run, "--output", str(teacher), "--allow-unfinished"])
+    assert done.exit_code == 0, done.output
+    assert f"warning: {unfinished_run} is unfinished: using its checkpoint at step 1 of 3" in done.output
+    from ns_data.teacher import exported_teacher
+
+    assert exported_teacher(str(teacher))["model"] == MODEL
+    done = CliRunner().invoke(main, ["eval", unfinished_run, "--shards", setup["labeled"], "--allow-unfinished"])
+    assert done.exit_code == 0 and '"top1"' in done.output, done.output
+
+
+def test_the_loop_never_exports_an_unfinished_run(unfinished_run, tmp_path):
+    from ns_data.stage import StageError
+    from ns_train.loop import Step, run_step
+
+    teacher = str(tmp_path / "t.safetensors")
+    with pytest.raises(StageError, match="teacher: export: .* is an unfinished run"):
+        run_step(Step("teacher: export", "ns-train export", (unfinished_run, "--output", teacher), teacher),
+                 echo=lambda m: None)
+    assert not os.path.exists(teacher)

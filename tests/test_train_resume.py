@@ -62,8 +62,14 @@ def losses(run_dir) -> dict[int, float]:
         return {m["step"]: m["loss_total"] for m in map(json.loads, f) if "loss_total" in m}
 
 
+def logged_steps(run_dir) -> list[int]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [m["step"] for m in map(json.loads, f) if "loss_total" in m]
+
+
 def assert_same_run(run_dir, whole_dir) -> None:
     assert losses(run_dir) == losses(whole_dir) and len(losses(whole_dir)) == STEPS
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # each step once, after a resume too
     got, want = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (run_dir, whole_dir))
     for part in ("model", "ema"):
         assert got[part].keys() == want[part].keys()
