@@ -3,7 +3,7 @@
 Labeled shards hold `image/encoded` and `label` (or ImageNet's `image/class/label`, with `label_offset`);
 pseudo-labeled shards come from `ns-data shard`. Training streams never end: epoch after epoch, each with a new
 shard order, records shuffled again in a buffer inside each worker, so a set smaller than a batch simply cycles.
-Images are decoded and transformed in the DataLoader workers; the unlabeled stream also turns the teacher's top-k
+Images are decoded (by label's decode, `ns_data.images.decode_image`) and transformed in the DataLoader workers; the unlabeled stream also turns the teacher's top-k
 into the soft target there.
 
 A stream resumes exactly where it was: torchdata's `StatefulDataLoader` keeps each worker's position (epoch,
@@ -14,7 +14,6 @@ records again up to its position without decoding them, and each record's augmen
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import random
 import warnings
@@ -26,14 +25,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from ns_data import tfrecord
+from ns_data.images import decode_image
 from ns_data.readers import ShardDataset, example_to_record, list_shards, shard_manifest
 from ns_data.soft_labels import dense_probabilities, with_temperature
 from ns_train.config import TrainConfig
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+    """The image of a record as the teacher saw it when labeling: ns_data.images.decode_image (EXIF
+    orientation, bit depths, palettes, first frames, the pixel limit). Raises images.DecodeError."""
+    return decode_image(data)
 
 
 def eval_preprocessing(cfg: TrainConfig) -> dict:
