@@ -322,6 +322,10 @@ def test_bad_rows_become_error_rows_and_the_rest_is_written(corpus, tmp_path):
         90: ("topk_classes", [1, CLASSES + 5, 2], "topk_out_of_range"),
         91: ("topk_classes", [-2, 1, 2], "topk_out_of_range"),
         92: ("topk_probs", [0.5, 0.2], "invalid_topk"), 93: ("topk_classes", None, "invalid_topk"),
+        94: ("topk_probs", [0.5, float("nan"), 0.1], "probs_not_finite"),
+        95: ("topk_probs", [0.5, float("inf"), 0.1], "probs_not_finite"),
+        96: ("topk_probs", [0.5, -10.0, 0.1], "probs_negative"),
+        97: ("topk_probs", [0.9, 0.5, 0.1], "probs_sum_over_one"),
         130: ("id", None, "null_id"), 131: ("source", None, "null_source"),
     }
     for i, (column, value, _) in spoiled.items():

@@ -138,3 +138,21 @@ def test_the_epochs_unit_is_in_the_help_and_the_plan_is_printed(setup, tmp_path)
     assert result.exit_code == 0, result.output
     assert "training 4 steps: 1.5 epochs of the labeled set (8 records, 2.66667 steps each)" in result.output
     assert "  1.5 epochs of the labeled set (8 records, 2.66667 steps each)" in result.output
+
+
+def test_a_non_finite_loss_stops_training_in_one_line_naming_the_step_and_the_run_is_not_finished(setup):
+    """Poisoned soft labels (NaN top-k probabilities, written past `ns-data shard`'s checks) make the loss NaN
+    from the first step: training stops there, exit 1, and no results.json calls the run finished."""
+    rng = np.random.default_rng(1)
+    poisoned = write_shards(setup["root"] / "poisoned", [
+        {"image/encoded": picture(0, rng), "label": 0, "prob": 0.9, "topk_classes": [0, 1],
+         "topk_probs": [float("nan"), 0.1]}] * 8)
+    out = setup["root"] / "nan-run"
+    result = CliRunner().invoke(main, ["train", "--output", str(out), "--labeled", setup["labeled"], "--unlabeled",
+                                       poisoned, *TINY, "--steps", "3", "--log-every", "2", "--checkpoint-every", "2"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(errors) == 1, result.output
+    assert errors[0].startswith("Error: the loss is not finite (NaN or infinite) at step 1:"), result.output
+    assert result.output.rstrip().splitlines()[-1] == errors[0]
+    assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()  # nothing saved
+    assert "loss_total" not in (out / "metrics.jsonl").read_text()
