@@ -321,8 +321,18 @@ def inspect(directory, records, class_names) -> None:
     manifest = SHARDS.check_complete(directory)
     names = names_of.read_file(class_names, manifest.get("num_classes")) if class_names else None
     click.echo(format_summary(manifest, directory, names))
-    for line in inspect_records(directory, manifest, records, names):
-        click.echo(line)
+    shown = -1  # the first line names the shard; each after it is a record
+    try:
+        for line in inspect_records(directory, manifest, records, names):
+            click.echo(line)
+            shown += 1
+    except Exception as err:  # noqa: BLE001 - a damaged record or one that does not parse: named, in one line
+        from ns_data.fs import join
+        from ns_data.stage import InputError
+
+        shard = next(s["name"] for s in manifest["shards"] if s["records"])
+        raise InputError(f"{join(directory, shard)}: record {shown}: corrupt_record "
+                         f"({type(err).__name__}: {err})") from err
 
 
 @main.command()

@@ -15,6 +15,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ns_data import contract, fs, tfrecord
 from ns_data.shard_files import list_shards, shard_manifest  # noqa: F401 - ns_data.readers' API too
+from ns_data.stage import InputError
+
+class CorruptShard(InputError):
+    """A shard whose framing or checksums are damaged, named with the file and the index of the record."""
+
 
 def example_to_record(features: dict[str, list]) -> dict[str, Any]:
     """A parsed tf.Example as a training record: image bytes, label (`label`, or ImageNet's `image/class/label`
@@ -76,10 +81,27 @@ class ShardDataset(IterableDataset):
     def serialized(self) -> Iterator[bytes]:
         """This worker's records of the epoch as serialized tf.Examples, in order: parsed by the caller when
         needed (a resumed trainer skips records without parsing them)."""
+        for _, _, data in self.placed():
+            yield data
+
+    def placed(self, on_corrupt: Callable[[CorruptShard], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """(shard file, the record's index in it, serialized tf.Example) of this worker's records of the epoch.
+        A damaged shard (framing or checksum) is a CorruptShard naming the file and the record; with
+        `on_corrupt`, that is called with it instead and reading goes on with the next shard (the framing gives
+        no safe way past the damage)."""
         for path in self.shards_for_this_worker():
-            with fs.open_read(path) as f:
-                for _, data in tfrecord.read_records(f):
-                    yield data
+            index = 0
+            try:
+                with fs.open_read(path) as f:
+                    for _, data in tfrecord.read_records(f):
+                        yield path, index, data
+                        index += 1
+            except tfrecord.CorruptRecord as err:
+                bad = CorruptShard(f"{path}: record {index}: corrupt_record ({err}); the rest of the file is "
+                                   "unreadable")
+                if on_corrupt is None:
+                    raise bad from err
+                on_corrupt(bad)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for data in self.serialized():

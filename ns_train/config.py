@@ -83,6 +83,9 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: only at the end
     checkpoint_every: int = 200  # steps
     progress: bool = True
+    skip_bad_records: bool = field(default=False, metadata={"help": "Skip (and report on stderr, one line each) "
+                                   "records whose image does not decode or that do not parse, and the rest of a "
+                                   "damaged shard, instead of stopping at the first with a one-line error."})
 
     def validate(self) -> "TrainConfig":
         if not self.labeled:

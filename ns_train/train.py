@@ -471,5 +471,5 @@ class FiniteLoss:
 
 def _comparable(cfg: TrainConfig) -> dict:
     """The config a run's fingerprint is made of; bookkeeping fields may change between a run and its resume."""
-    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val"}
+    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val", "skip_bad_records"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}

@@ -477,3 +477,25 @@ def test_tf_data_reader_parses_the_same_records(sharded):
     for g, w in zip(sorted(got), sorted(want)):
         assert g[:3] == w[:3] and g[4] == w[4] and g[6] == w[6]
         assert g[3] == pytest.approx(w[3]) and g[5] == pytest.approx(w[5])
+
+
+def test_inspect_names_a_damaged_record_in_one_line(sharded, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ns_data.cli import main
+
+    out, manifest = sharded
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    first = next(s["name"] for s in manifest["shards"] if s["records"])
+    path = copy / first
+    data = bytearray(path.read_bytes())
+    (offset, record), = [(o, d) for n, (o, d) in enumerate(tfrecord.read_records(open(path, "rb"))) if n == 1]
+    data[offset + 12 + len(record) - 1] ^= 0xFF  # the last byte of record 1's data: its data checksum fails
+    path.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["inspect", str(copy), "--records", "3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.rstrip().splitlines()[-1] == (
+        f"Error: {path}: record 1: corrupt_record (CorruptRecord: bad data checksum at byte {offset})"), result.output

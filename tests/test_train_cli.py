@@ -156,3 +156,12 @@ def test_a_non_finite_loss_stops_training_in_one_line_naming_the_step_and_the_ru
     assert result.output.rstrip().splitlines()[-1] == errors[0]
     assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()  # nothing saved
     assert "loss_total" not in (out / "metrics.jsonl").read_text()
+
+
+def test_eval_names_a_bad_record_in_one_line(setup):
+    rng = np.random.default_rng(2)
+    records = [{"image/encoded": picture(i % CLASSES, rng), "label": i % CLASSES, "id": f"v-{i}"} for i in range(4)]
+    records[2]["image/encoded"] = b""
+    shards = write_shards(setup["root"] / "bad-val", records, count=1)
+    error = one_line_error(["eval", setup["run"], "--shards", shards])
+    assert error == f"Error: {shards}/train-00000-of-00001.tfrecord: record 2 (id v-2): empty_file", error
