@@ -166,7 +166,7 @@ def _key_batches(ctx: RunContext, unit: WorkUnit, losers: dict | None, stage: st
     """(first row, batch, KeyBatch) over a unit, with duplicate losers marked."""
     progress = ctx.progress(stage)
     loser_rows = _unit_losers(losers, unit) if losers is not None else np.zeros(0, np.int64)
-    for start, batch in iter_batches(unit, columns or sel.KEY_COLUMNS, ctx.options.batch_rows):
+    for start, batch in iter_batches(unit, columns or sel.value_columns(ctx.schema.names), ctx.options.batch_rows):
         kb = sel.read_keys(batch, ctx.options.num_classes)
         if len(loser_rows):
             lo, hi = np.searchsorted(loser_rows, [start, start + batch.num_rows])

@@ -40,9 +40,9 @@ def quiet_logging() -> None:
 
 
 class OneLineErrors(click.Group):
-    """A user's error (a StageError: bad option, missing input, output in the way), a filesystem error, or a full
-    disk met anywhere in the command (disk_full) is printed as one line, `Error: ...`, exit status 1; no
-    traceback."""
+    """A user's error (a StageError: bad option, missing input, output in the way), a filesystem error, a full
+    disk met anywhere in the command (disk_full) or a command line click cannot parse (an unknown option: the
+    closest one named) is printed as one line, `Error: ...`, exit status 1; no traceback."""
 
     def __call__(self, *args, **kwargs):
         """The `ns-data` program (the console script calls the group; tests and `ns-train loop` call `main`)."""
@@ -55,6 +55,14 @@ class OneLineErrors(click.Group):
         typed = list(ctx.args)  # the command's arguments (click empties ctx.args when it invokes the command)
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as err:
+            from ns_data.stage import no_such_option
+
+            command = err.ctx.command if err.ctx else self
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            raise click.ClickException(str(no_such_option(err.option_name, own_options(command), where))) from err
+        except click.UsageError as err:
+            raise click.ClickException(err.format_message()) from err
         except Exception as err:
             from ns_data.stage import StageError  # imported late: Beam's import logs before quiet_logging
 
@@ -146,10 +154,21 @@ def leave(done: SystemExit) -> None:
 
 
 def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Leading plain words are inputs; from the first unknown --option on, everything goes to Beam."""
+    """Leading plain words are inputs; from the first unknown --option on, everything goes to Beam, and must be
+    an option Beam (or the chosen runner) declares: anything else is an OptionsError, before any work."""
+    from ns_data.runner import check_beam_args
+
     args = list(args)
     first_flag = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    ctx = click.get_current_context()
+    check_beam_args(args[first_flag:], own_options(ctx.command), ctx.command_path)
     return args[:first_flag], args[first_flag:]
+
+
+def own_options(command: click.Command) -> list[str]:
+    """Every spelling of the command's options (--per-class, --no-upsample, -h...)."""
+    return [o for p in command.get_params(click.Context(command)) for o in (*p.opts, *p.secondary_opts)
+            if o.startswith("-")]
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -279,7 +298,7 @@ def label(args, **kwargs) -> None:
 
     INPUT... are image files, directories or globs of them, TFRecords of tf.Example (image/encoded),
     webdataset-style tar shards, or Parquet files with an image-bytes column. Options this command does not
-    know go to Beam; put them after the inputs.
+    know go to Beam (when Beam declares them); put them after the inputs.
     """
     from ns_data.label import LabelOptions, format_summary, run_label
 
@@ -316,8 +335,8 @@ def balance(args, **kwargs) -> None:
     """Keep the most confident --per-class rows of each class, exactly and deterministically.
 
     INPUT... are Parquet files, globs or directories (pseudo-label tables from `ns-data label`).
-    Options this command does not know are passed to Beam (e.g. --runner DataflowRunner --project P);
-    put them after the inputs.
+    Options this command does not know are passed to Beam when Beam declares them (e.g. --runner
+    DataflowRunner --project P); put them after the inputs.
     """
     from ns_data.balance import BalanceOptions, run_balance
     from ns_data.stats import format_summary
@@ -353,7 +372,7 @@ def shard(args, **kwargs) -> None:
     SELECTION... are the output directory of `ns-data balance` (or its selection-*.parquet files). Each image
     is read from its source once, as `label` read it. Rows that cannot be written become error rows. Re-running
     over a complete output does nothing; over an interrupted one it writes the missing shards. Options this
-    command does not know go to Beam; put them after the inputs.
+    command does not know go to Beam (when Beam declares them); put them after the inputs.
     """
     from ns_data.shard import ShardOptions, format_summary, parse_size, run_shard
 
@@ -382,8 +401,18 @@ def inspect(directory, records, class_names) -> None:
     manifest = SHARDS.check_complete(directory)
     names = names_of.read_file(class_names, manifest.get("num_classes")) if class_names else None
     click.echo(format_summary(manifest, directory, names))
-    for line in inspect_records(directory, manifest, records, names):
-        click.echo(line)
+    shown = -1  # the first line names the shard; each after it is a record
+    try:
+        for line in inspect_records(directory, manifest, records, names):
+            click.echo(line)
+            shown += 1
+    except Exception as err:  # noqa: BLE001 - a damaged record or one that does not parse: named, in one line
+        from ns_data.fs import join
+        from ns_data.stage import InputError
+
+        shard = next(s["name"] for s in manifest["shards"] if s["records"])
+        raise InputError(f"{join(directory, shard)}: record {shown}: corrupt_record "
+                         f"({type(err).__name__}: {err})") from err
 
 
 @main.command()

@@ -1,7 +1,12 @@
-"""Decoding image bytes into RGB PIL images, or a reason why not.
+"""Decoding image bytes into RGB PIL images, or a reason why not: the one decode of the teacher (label), the
+trainer (labeled, unlabeled and eval streams) and the report.
 
-Every way an image can be bad is a reason string (never an exception out of `decode_image`): the label stage
-writes it to its errors table and counts it. Good images of any mode come out as 8-bit RGB, upright.
+Every way an image can be bad is a reason string (never an exception out of `decode_image` but DecodeError): the
+label stage writes it to its errors table and counts it. Good images of any mode come out as 8-bit RGB, upright
+(EXIF orientation applied): 16- and 32-bit grey levels scaled, palette images with transparency and other alpha
+modes without their alpha (as `convert("RGB")` does), CMYK converted, animated images as their first frame.
+The pixel limit (`max_pixels`) is checked per image, from its header, before any pixel is decoded; Pillow's own,
+process-wide limit (`Image.MAX_IMAGE_PIXELS`) is neither used nor changed.
 
 `decode_image(data, min_side=S)` is the approximate, faster decode (`ns-data label --fast-decode`): a JPEG is
 decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling, the largest reduction that keeps both sides at
@@ -12,6 +17,7 @@ JPEGs too small to reduce, decode exactly as without it.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -53,6 +59,25 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
+def _open(data: bytes) -> Image.Image:
+    """`Image.open` of the bytes, less its check against Pillow's process-wide pixel limit (the caller checks its
+    own): each registered format that accepts the bytes' first 16 bytes tries to read the header, in Pillow's
+    order. Raises UnidentifiedImageError when none can."""
+    Image.preinit()
+    Image.init()
+    prefix = data[:16]
+    for fmt in list(Image.ID):
+        factory, accept = Image.OPEN[fmt]
+        accepted = not accept or accept(prefix)
+        if not accepted or isinstance(accepted, str):  # a string: why the format does not accept them
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # as Image.open: not this format
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
     """Decode, apply EXIF orientation, convert to RGB. Raises DecodeError with a reason.
 
@@ -64,12 +89,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = _open(data)
         except UnidentifiedImageError as err:  # Pillow's message names a memory address: say what the bytes are
             raise DecodeError(NOT_AN_IMAGE, f"no image format recognises these {len(data):,} bytes, starting "
                                             f"{data[:16]!r}") from err
-        except Image.DecompressionBombError as err:
-            raise DecodeError(TOO_MANY_PIXELS, str(err)) from err
         except Exception as err:  # noqa: BLE001 - any parser failure is a property of the data
             raise DecodeError(DECODE_ERROR, f"{type(err).__name__}: {err}") from err
         width, height = img.size
@@ -81,6 +104,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # the image is ours: no copy when it is upright already
             return _to_rgb(img)
+        except Image.DecompressionBombError as err:  # a plugin's own check of a frame's size
+            raise DecodeError(TOO_MANY_PIXELS, str(err)) from err
         except OSError as err:
             message = str(err).lower()
             reason = TRUNCATED if "truncated" in message or "broken data stream" in message else DECODE_ERROR
@@ -88,6 +113,3 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
         except Exception as err:  # noqa: BLE001
             raise DecodeError(DECODE_ERROR, f"{type(err).__name__}: {err}") from err
 
-
-# Pillow's own bomb check would raise before ours for very large images; ours is the one that applies.
-Image.MAX_IMAGE_PIXELS = None

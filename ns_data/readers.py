@@ -14,40 +14,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ns_data import contract, fs, tfrecord
+from ns_data.shard_files import list_shards, shard_manifest  # noqa: F401 - ns_data.readers' API too
 from ns_data.stage import InputError
 
-OTHER_SHARDS = "*.tfrecord"  # what a directory of TFRecords that `ns-data shard` did not write is read as
-
-
-def list_shards(shards: str | list[str], allow_incomplete: bool = False) -> list[str]:
-    """Shard files named by a list of paths, a glob, or a directory, sorted.
-
-    A directory `ns-data shard` wrote gives the shards of its manifest.json, and is refused while a run in it is
-    unfinished (`.tmp-shard/` and no manifest yet), unless `allow_incomplete`: then the shards already there.
-    Any other directory (labeled TFRecords a user made) gives its *.tfrecord files.
-    """
-    if isinstance(shards, (list, tuple)):
-        found = sorted(shards)
-    elif fs.is_glob(shards) or fs.is_file(shards):
-        found = [path for path, _ in fs.match(shards)]
-    elif shard_manifest(shards) is not None or (not allow_incomplete and _unfinished(shards)):
-        found = contract.SHARDS.data_files(shards)  # refuses an unfinished output
-    else:
-        found = fs.list_dir(shards, OTHER_SHARDS)
-    if not found:
-        raise InputError(f"no shards at {shards}")
-    return found
-
-
-def shard_manifest(shards: str) -> dict | None:
-    """The manifest.json of a complete `ns-data shard` output (record count, teacher, ...); None for any other
-    shards, even beside a manifest.json that another tool wrote."""
-    return None if fs.is_glob(shards) else contract.SHARDS.state(shards)[1]
-
-
-def _unfinished(directory: str) -> bool:
-    """Whether a `shard` run is under way (or was killed) in `directory`: its temp dir is there."""
-    return fs.dir_exists(fs.join(directory, contract.SHARDS.tmp_name))
+class CorruptShard(InputError):
+    """A shard whose framing or checksums are damaged, named with the file and the index of the record."""
 
 
 def example_to_record(features: dict[str, list]) -> dict[str, Any]:
@@ -110,10 +81,27 @@ class ShardDataset(IterableDataset):
     def serialized(self) -> Iterator[bytes]:
         """This worker's records of the epoch as serialized tf.Examples, in order: parsed by the caller when
         needed (a resumed trainer skips records without parsing them)."""
+        for _, _, data in self.placed():
+            yield data
+
+    def placed(self, on_corrupt: Callable[[CorruptShard], None] | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """(shard file, the record's index in it, serialized tf.Example) of this worker's records of the epoch.
+        A damaged shard (framing or checksum) is a CorruptShard naming the file and the record; with
+        `on_corrupt`, that is called with it instead and reading goes on with the next shard (the framing gives
+        no safe way past the damage)."""
         for path in self.shards_for_this_worker():
-            with fs.open_read(path) as f:
-                for _, data in tfrecord.read_records(f):
-                    yield data
+            index = 0
+            try:
+                with fs.open_read(path) as f:
+                    for _, data in tfrecord.read_records(f):
+                        yield path, index, data
+                        index += 1
+            except tfrecord.CorruptRecord as err:
+                bad = CorruptShard(f"{path}: record {index}: corrupt_record ({err}); the rest of the file is "
+                                   "unreadable")
+                if on_corrupt is None:
+                    raise bad from err
+                on_corrupt(bad)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for data in self.serialized():

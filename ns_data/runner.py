@@ -1,4 +1,5 @@
-"""Running a stage's pipeline: the options (Beam's own flags pass through; the local runner is the default),
+"""Running a stage's pipeline: the options (Beam's own flags pass through, checked against those Beam declares;
+the local runner is the default),
 the counters its steps add up, and the step that runs once all work is done.
 
 The local runner is Beam's FnApiRunner (Beam's DirectRunner would first try to download the Prism runner). By
@@ -12,21 +13,61 @@ refused: Beam's multi-threaded local runner lost elements between balance's step
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions, PipelineOptions,
-                                                  StandardOptions, TestOptions)
+                                                  StandardOptions, TestOptions, _BeamArgumentParser)
 
 from ns_data import lease
 from ns_data.memory import compact_heap
-from ns_data.stage import OptionsError
+from ns_data.stage import OptionsError, no_such_option
 
 LOCAL_RUNNER = "FnApiRunner"
 
 
 def local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class _DeclaredOptions(_BeamArgumentParser):
+    """Beam's options as its PipelineOptions classes declare them; a bad value is an OptionsError."""
+
+    def error(self, message):
+        raise OptionsError(message)
+
+
+def _declared_options(beam_args: list[str]) -> _DeclaredOptions:
+    """A parser of every option Beam's PipelineOptions classes declare, the chosen runner's included (a runner
+    may declare its own class in its module, imported here as Beam imports it to run)."""
+    from apache_beam.runners import runner as beam_runner
+
+    name = next((value for arg, value in zip(beam_args, [*beam_args[1:], ""]) if arg == "--runner"), None)
+    name = next((a.split("=", 1)[1] for a in beam_args if a.startswith("--runner=")), name)
+    if name:
+        path = beam_runner._RUNNER_MAP.get(name.lower(), beam_runner._RUNNER_MAP.get(name.lower() + "runner", name))
+        if "." in path:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(path.rsplit(".", 1)[0])
+    parser = _DeclaredOptions(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options collects them
+    return parser
+
+
+def check_beam_args(beam_args: list[str], own_options, command: str) -> None:
+    """Every argument a stage passes on to Beam is an option Beam (or the chosen runner) declares, or its value;
+    anything else is an OptionsError naming the closest option of either kind (`own_options`: the command's)."""
+    parser = _declared_options(beam_args)
+    _, unknown = parser.parse_known_args(beam_args)
+    for arg in unknown:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            beam = [o for action in parser._actions for o in action.option_strings]
+            raise no_such_option(name, [*own_options, *beam], command, " (neither its own nor Beam's)")
+        raise OptionsError(f"unexpected argument {arg!r} among Beam's options: give the inputs before any option "
+                           f"{command} passes on to Beam")
 
 
 def pipeline_options(beam_args: list[str] | None, local_workers: int | None = None) -> PipelineOptions:

@@ -26,8 +26,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ns_data.soft_labels import PROBABILITY_REASONS, classes_outside, probability_checks
+
 REQUIRED_COLUMNS = ("id", "label", "confidence")
 KEY_COLUMNS = list(REQUIRED_COLUMNS)
+VALUE_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; checked when present (value_columns)
 
 # Reasons a row is rejected; code = index + 1, 0 = valid. The first that applies is reported.
 REASONS = (
@@ -37,6 +40,8 @@ REASONS = (
     "missing_confidence",
     "confidence_not_finite",
     "confidence_out_of_range",
+    "topk_out_of_range",  # a class in topk_classes negative, null, or >= --num-classes
+    *PROBABILITY_REASONS,  # topk_probs or probs with a NaN, an infinity, a negative, or summing above 1 + 1e-3
     "duplicate_id",
 )
 DUPLICATE = REASONS.index("duplicate_id") + 1
@@ -58,8 +63,15 @@ class KeyBatch:
     reason: np.ndarray  # uint8: 0 valid, else 1 + index into REASONS
 
 
+def value_columns(names) -> list[str]:
+    """The columns `read_keys` reads from a table with columns `names`: the key columns and the optional
+    VALUE_COLUMNS it has. Every pass over the rows reads these, so that each pass finds the same rows valid."""
+    return KEY_COLUMNS + [c for c in VALUE_COLUMNS if c in names]
+
+
 def read_keys(batch: pa.RecordBatch | pa.Table, num_classes: int | None) -> KeyBatch:
-    """Validate id, label and confidence of every row (duplicates are found elsewhere)."""
+    """Validate id, label and confidence of every row, and the top-k classes and probabilities of the rows of a
+    batch that has them (VALUE_COLUMNS); duplicates are found elsewhere."""
     ids = batch.column("id")
     labels_arr = batch.column("label")
     conf_arr = batch.column("confidence")
@@ -81,6 +93,7 @@ def read_keys(batch: pa.RecordBatch | pa.Table, num_classes: int | None) -> KeyB
         conf_missing,
         ~np.isfinite(confidence),
         (confidence < 0) | (confidence > 1),
+        *_value_checks(batch, num_classes, n),
     )
     reason = np.zeros(n, dtype=np.uint8)
     for code in range(len(checks), 0, -1):  # the first failing check wins
@@ -88,6 +101,18 @@ def read_keys(batch: pa.RecordBatch | pa.Table, num_classes: int | None) -> KeyB
     labels = np.where(reason == 0, labels, 0)
     confidence = np.where(reason == 0, confidence + np.float32(0.0), np.float32(0.0))  # -0.0 -> 0.0
     return KeyBatch(ids=ids, labels=labels, confidence=confidence, reason=reason)
+
+
+def _value_checks(batch: pa.RecordBatch | pa.Table, num_classes: int | None, n: int) -> list[np.ndarray]:
+    """The checks of REASONS from topk_out_of_range to the probability reasons, in that order: a column the
+    batch does not have fails no row."""
+    names = batch.schema.names
+    none = np.zeros(n, dtype=bool)
+    outside = classes_outside(batch.column("topk_classes"), num_classes, MAX_LABEL) if "topk_classes" in names \
+        else none
+    probability = [probability_checks(batch.column(c)) for c in ("topk_probs", "probs") if c in names]
+    return [outside] + [np.logical_or.reduce([p[r] for p in probability]) if probability else none
+                        for r in PROBABILITY_REASONS]
 
 
 def conf_inv(confidence: np.ndarray) -> np.ndarray:

@@ -19,3 +19,15 @@ class InputError(StageError):
 
 class OutputExists(StageError):
     """The output directory holds something this run must not replace without --overwrite."""
+
+
+def no_such_option(name: str, candidates, command: str, kinds: str = "") -> OptionsError:
+    """The error for an option `command` does not declare, naming the closest of `candidates`: the same spelling
+    with dashes for underscores (or the other way round) first, else the closest by difflib."""
+    import difflib
+
+    candidates = sorted(set(candidates))
+    same = [c for c in candidates if c.replace("_", "-") == name.replace("_", "-")]
+    close = same or difflib.get_close_matches(name, candidates, n=1)
+    hint = f": did you mean {close[0]}?" if close else ""
+    return OptionsError(f"{command}: no such option {name}{kinds}{hint}")

@@ -1,5 +1,6 @@
 """Reading training shards with tf.data, for TensorFlow/TPU trainers. Imports TensorFlow: keep it out of
-processes that run PyTorch models (docs/design.md); PyTorch trainers use `ns_data.readers.ShardDataset`.
+processes that run PyTorch models (docs/design.md); PyTorch trainers use `ns_data.readers.ShardDataset`. Imports
+no torch: a TensorFlow-only install (`pip install '.[tf]'`) can use it.
 
     import ns_data.tf_data as nst
     ds = nst.shard_dataset("gs://bucket/shards", num_classes=1000, seed=0, epochs=None)
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from ns_data.readers import list_shards
+from ns_data.shard_files import list_shards
 
 
 def feature_spec(num_classes: int | None, sparse: bool = True) -> dict:
@@ -37,7 +38,7 @@ def shard_dataset(shards, num_classes: int | None = None, seed: int | None = 0, 
                   sparse: bool = True, allow_incomplete: bool = False) -> tf.data.Dataset:
     """Parsed records of the shards: files split over hosts (`shard_index` of `num_input_shards`), their order
     shuffled per epoch with `seed` (None: kept in order), read `cycle_length` at a time (interleaved). The shards
-    are found as `ns_data.readers.list_shards` finds them: an unfinished `ns-data shard` output is refused unless
+    are found as `ns_data.shard_files.list_shards` finds them: an unfinished `ns-data shard` output is refused unless
     `allow_incomplete`."""
     paths = list_shards(shards, allow_incomplete)
     files = tf.data.Dataset.from_tensor_slices(paths).shard(num_input_shards, shard_index)

@@ -40,6 +40,9 @@ class TrainConfig:
                                    "the end).")
     label_offset: int = option(0, "Added to every labeled label: -1 for ImageNet's 1-based image/class/label.")
     num_classes: int = option(1000, "Classes of the model's head.")
+    skip_bad_records: bool = option(False, "Skip (and report on stderr, one line each) records whose image does "
+                                           "not decode or that do not parse, and the rest of a damaged shard, "
+                                           "instead of stopping at the first with a one-line error.")
     # preprocessing
     image_size: int = option(224, "Training and evaluation image size, in pixels.")
     crop_pct: float = option(0.875, "Evaluation: resize to image-size / crop-pct, then centre crop.")

@@ -3,7 +3,7 @@
 Labeled shards hold `image/encoded` and `label` (or ImageNet's `image/class/label`, with `label_offset`);
 pseudo-labeled shards come from `ns-data shard`. Training streams never end: epoch after epoch, each with a new
 shard order, records shuffled again in a buffer inside each worker, so a set smaller than a batch simply cycles.
-Images are decoded and transformed in the DataLoader workers; the unlabeled stream also turns the teacher's top-k
+Images are decoded (by label's decode, `ns_data.images.decode_image`) and transformed in the DataLoader workers; the unlabeled stream also turns the teacher's top-k
 into the soft target there.
 
 A stream resumes exactly where it was: torchdata's `StatefulDataLoader` keeps each worker's position (epoch,
@@ -14,8 +14,8 @@ records again up to its position without decoding them, and each record's augmen
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
+import logging
 import random
 import warnings
 from typing import Iterator
@@ -26,14 +26,54 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from ns_data import tfrecord
+from ns_data.images import DecodeError, decode_image
 from ns_data.readers import ShardDataset, example_to_record, list_shards, shard_manifest
 from ns_data.soft_labels import dense_probabilities, with_temperature
+from ns_data.stage import StageError
 from ns_train.config import TrainConfig
 
 
+log = logging.getLogger("ns_train")
+
+
+class BadRecord(StageError):
+    """A record the trainer cannot use (a bad image, an Example that does not parse, a damaged shard): one line
+    naming the shard file, the record's index in it and its id."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception reaches the main process re-made from "Caught ... Original Traceback
+        # ...": its last line ends in this exception's own message, which is all that is kept.
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
+def read_record(path: str, index: int, data: bytes) -> tuple[dict, Image.Image]:
+    """A serialized record, parsed, and its image decoded; a BadRecord naming it if either fails."""
+    try:
+        record = example_to_record(tfrecord.parse_example(data))
+    except Exception as err:  # noqa: BLE001 - any parser failure is a property of the record
+        raise BadRecord(f"{path}: record {index}: corrupt_record ({type(err).__name__}: {err})") from err
+    try:
+        return record, decode_rgb(record["image"])
+    except DecodeError as err:
+        raise BadRecord(f"{path}: record {index} (id {record.get('id', '?')}): {err}") from err
+
+
+def skipped(err: StageError) -> None:
+    """A bad record that --skip-bad-records skips: one line on stderr, `skipped: <file>: record <i> ...`."""
+    log.warning("skipped: %s", err)
+
+
+def stop(err: StageError) -> None:
+    """A damaged shard without --skip-bad-records: training stops, naming the file and the record."""
+    raise BadRecord(str(err))
+
+
 def decode_rgb(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+    """The image of a record as the teacher saw it when labeling: ns_data.images.decode_image (EXIF
+    orientation, bit depths, palettes, first frames, the pixel limit). Raises images.DecodeError."""
+    return decode_image(data)
 
 
 def eval_preprocessing(cfg: TrainConfig) -> dict:
@@ -123,12 +163,19 @@ class TrainStream(IterableDataset):
         while True:
             source.set_epoch(epoch)
             rng = np.random.default_rng((source.seed, worker, epoch))
-            records = _buffer_shuffle(source.serialized(), cfg.shuffle_buffer, rng)
-            for index, data in enumerate(itertools.islice(records, skip, None), start=skip):
+            placed = source.placed(on_corrupt=skipped if cfg.skip_bad_records else stop)
+            records = _buffer_shuffle(placed, cfg.shuffle_buffer, rng)
+            for index, (path, number, data) in enumerate(itertools.islice(records, skip, None), start=skip):
                 self.position = {"epoch": epoch, "record": index + 1}
-                record = example_to_record(tfrecord.parse_example(data))
+                try:
+                    record, image = read_record(path, number, data)
+                except BadRecord as err:
+                    if not cfg.skip_bad_records:
+                        raise
+                    skipped(err)
+                    continue
                 with _seeded((cfg.seed, stream, epoch, worker, index)):
-                    image = transform(decode_rgb(record["image"]))
+                    image = transform(image)
                 if not self.pseudo:
                     yield image, int(record["label"]) + cfg.label_offset
                 elif cfg.hard_labels:
@@ -177,8 +224,17 @@ class EvalSet(IterableDataset):
 
     def __iter__(self):
         transform = eval_transform(self.cfg)
-        for record in ShardDataset(self.shards, shuffle_shards=False, rank=0, world_size=1):
-            yield transform(decode_rgb(record["image"])), int(record["label"]) + self.cfg.label_offset
+        skip = self.cfg.skip_bad_records
+        source = ShardDataset(self.shards, shuffle_shards=False, rank=0, world_size=1)
+        for path, number, data in source.placed(on_corrupt=skipped if skip else stop):
+            try:
+                record, image = read_record(path, number, data)
+            except BadRecord as err:
+                if not skip:
+                    raise
+                skipped(err)
+                continue
+            yield transform(image), int(record["label"]) + self.cfg.label_offset
 
 
 def loader(dataset: EvalSet, batch_size: int, workers: int) -> DataLoader:

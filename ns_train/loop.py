@@ -261,6 +261,18 @@ def _checked(command: click.Command, program: str, argv: list[str], where: str) 
         raise ConfigError(f"{where}: {err.format_message()}") from err
 
 
+def _checked_beam_args(command: click.Command, program: str, beam_args: list[str], where: str) -> None:
+    """`beam_args` are options Beam declares (as the command checks them when it runs): a config error now."""
+    from ns_data.cli import own_options
+    from ns_data.runner import check_beam_args
+    from ns_data.stage import StageError
+
+    try:
+        check_beam_args(beam_args, own_options(command), program)
+    except StageError as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
 # ------------------------------------------------------------------------------------------- the plan
 
 
@@ -304,6 +316,7 @@ def plan(cfg: LoopConfig) -> Plan:
             args, beam_args = option_args(commands[stage], stage, options, where)
             argv = [*inputs, "--output", output, *args, *beam_args]
             _checked(commands[stage], f"ns-data {stage}", [a for a in argv if a not in beam_args], where)
+            _checked_beam_args(commands[stage], f"ns-data {stage}", beam_args, where)
             steps.append(Step(f"{prefix}{title}", f"ns-data {stage}", tuple(argv), output))
 
         if "train" in cfg.teacher:

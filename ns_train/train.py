@@ -426,6 +426,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
                 "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
                 run.tmp(CHECKPOINT))
 
+    finite = FiniteLoss(device, world)
     while step < total_steps:
         images, labels = next(labeled)
         batch = [normalize(images)]
@@ -437,6 +438,7 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
         losses = total_loss(cfg, logits[: len(labels)], labels.to(device),
                             logits[len(labels):] if unlabeled is not None else None,
                             targets.to(device) if unlabeled is not None else None)
+        finite.watch(losses["total"], step + 1)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if device.type == "xla":
@@ -452,6 +454,10 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
         window_images += sum(len(b) for b in batch)
         if bar is not None:
             bar.update(1)
+        if (step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == total_steps
+                or (cfg.val and cfg.eval_every and step % cfg.eval_every == 0)
+                or (stop_after is not None and step - started >= stop_after)):
+            finite.check(metrics)  # before anything of this step is logged or saved
         if step % cfg.log_every == 0 or step == total_steps:
             now = time.perf_counter()
             record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": optimizer.param_groups[0]["lr"],
@@ -483,7 +489,33 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     return results
 
 
+class FiniteLoss:
+    """The first step whose loss is NaN or infinite, kept on the device (no wait for the GPU each step) and read
+    before the step's results are logged or saved: training stops there with a StageError naming the step, and
+    the run is not finished (its last checkpoint, if any, is of a step before)."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device, world: int):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.world = world
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad & (self.first == self.NONE), torch.full_like(self.first, step), self.first)
+
+    def check(self, metrics) -> None:
+        first = self.first.clone()
+        if self.world > 1:  # every process stops at the same step
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        if int(first) != self.NONE:
+            metrics.close()
+            raise StageError(f"the loss is not finite (NaN or infinite) at step {int(first)}: training stopped, "
+                             "the run is not finished and nothing of that step or after was saved; check the "
+                             "inputs' probabilities and the learning rate")
+
+
 def _comparable(cfg: TrainConfig) -> dict:
     """The config a run's fingerprint is made of; bookkeeping fields may change between a run and its resume."""
-    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val"}
+    skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val", "skip_bad_records"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}

@@ -12,12 +12,23 @@ TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
 def run_command(stage: str, argv: list[str] | None) -> None:
     """Runs `ns-data <stage>` with `argv` (default: this process's arguments): the same parsing as the CLI, so
     the entry points and the commands never drift apart. Arguments spelled as a Flex Template passes them are
-    accepted too (`from_template`)."""
+    accepted too (`from_template`). Run as the process's entry point (`argv` None), a user's error (a StageError,
+    an option neither the command nor Beam declares) is one line, `Error: ...`, exit status 1."""
+    import click
+
     from ns_data import cli
+    from ns_data.stage import StageError
 
     command = getattr(cli, stage)
-    args = from_template(command, list(sys.argv[1:] if argv is None else argv))
-    command.main(args=args, prog_name=f"pipelines.{stage}", standalone_mode=False)
+    try:
+        args = from_template(command, list(sys.argv[1:] if argv is None else argv))
+        command.main(args=args, prog_name=f"pipelines.{stage}", standalone_mode=False)
+    except (StageError, click.ClickException) as err:
+        if argv is not None:
+            raise
+        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(1)
 
 
 def from_template(command, argv: list[str]) -> list[str]:

@@ -25,6 +25,15 @@ def _reason(row, num_classes) -> str | None:
         return "confidence_not_finite"
     if c < 0 or c > 1:
         return "confidence_out_of_range"
+    if row.get("topk_classes") is not None and any(k is None or not 0 <= k <= upper for k in row["topk_classes"]):
+        return "topk_out_of_range"
+    lists = [row[c] for c in ("topk_probs", "probs") if row.get(c) is not None]
+    for reason, fails in (("probs_not_finite", lambda v: any(p is None or not np.isfinite(p) for p in v)),
+                          ("probs_negative", lambda v: any(p is not None and p < 0 for p in v)),
+                          ("probs_sum_over_one",
+                           lambda v: sum(p for p in v if p is not None and np.isfinite(p)) > 1 + 1e-3)):
+        if any(fails(v) for v in lists):
+            return reason
     return None
 
 

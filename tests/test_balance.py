@@ -362,3 +362,42 @@ def test_split_by_groups_in_key_order_keeping_each_groups_order(rng, dtype, high
     assert [k for k, _ in groups] == sorted(set(keys.tolist()))
     for key, part in groups:
         assert part.tolist() == np.flatnonzero(keys == key).tolist() and type(key) is dtype
+
+
+def test_poisoned_probabilities_and_top_k_classes_are_rejected_with_their_reasons(tmp_path):
+    """Rows with a valid confidence but NaN, infinite, negative or over-full `topk_probs` / `probs`, or top-k
+    classes out of range, are error rows; the selection of the valid rows is the rule's, and nothing is lost."""
+    nan, inf = float("nan"), float("inf")
+    rows = [  # id, label, confidence, topk_classes, topk_probs, probs
+        ("good-0", 0, 0.9, [0, 1], [0.9, 0.1], [0.9, 0.1, 0.0]),
+        ("good-1", 1, 0.8, [1, 2], [0.8, 0.2], [0.0, 0.8, 0.2]),
+        ("good-2", 1, 0.7, [1, 0], [0.7, 0.3000005], None),  # float32 rounding above 1 is not poison
+        ("nan-topk", 0, 0.95, [0, 1], [0.95, nan], [0.95, 0.05, 0.0]),
+        ("inf-topk", 0, 0.95, [0, 1], [0.95, inf], [0.95, 0.05, 0.0]),
+        ("null-prob", 0, 0.95, [0, 1], [0.95, None], [0.95, 0.05, 0.0]),
+        ("neg-topk", 0, 0.95, [0, 1], [0.95, -10.0], [0.95, 0.05, 0.0]),
+        ("sum-topk", 0, 0.95, [0, 1], [0.95, 0.5], [0.95, 0.05, 0.0]),
+        ("nan-probs", 1, 0.99, [1, 0], [0.99, 0.01], [nan, 0.99, 0.01]),
+        ("neg-probs", 1, 0.99, [1, 0], [0.99, 0.01], [-0.5, 0.99, 0.01]),
+        ("sum-probs", 1, 0.99, [1, 0], [0.99, 0.01], [0.9, 0.99, 0.01]),
+        ("big-class", 2, 0.99, [2, 3], [0.99, 0.01], [0.0, 0.01, 0.99]),
+        ("neg-class", 2, 0.99, [2, -1], [0.99, 0.01], [0.0, 0.01, 0.99]),
+    ]
+    columns = ("id", "label", "confidence", "topk_classes", "topk_probs", "probs")
+    types = (pa.string(), pa.int32(), pa.float32(), pa.list_(pa.int32()), pa.list_(pa.float32()),
+             pa.list_(pa.float32()))
+    table = pa.table({c: pa.array([r[i] for r in rows], t) for i, (c, t) in enumerate(zip(columns, types))})
+    paths = write_parts(table, tmp_path / "in", files=2, row_group_rows=3)
+    stats, got, errors = balance(paths, tmp_path / "out", per_class=10, num_classes=3, min_confidence=0.3)
+    want, want_errors = reference(table, 10, 0.3, num_classes=3)
+    assert sorted(got["id"]) == ["good-0", "good-1", "good-2"]
+    assert_same(got, want)
+    assert_same(errors, want_errors)
+    assert dict(zip(errors["id"], errors["reason"])) == {
+        "nan-topk": "probs_not_finite", "inf-topk": "probs_not_finite", "null-prob": "probs_not_finite",
+        "neg-topk": "probs_negative", "sum-topk": "probs_sum_over_one", "nan-probs": "probs_not_finite",
+        "neg-probs": "probs_negative", "sum-probs": "probs_sum_over_one", "big-class": "topk_out_of_range",
+        "neg-class": "topk_out_of_range"}
+    assert stats["rejected_by_reason"] == errors["reason"].value_counts().to_dict()
+    check_invariant(stats)
+    assert stats["input_rows"] == table.num_rows == len(got) + len(errors)

@@ -2,10 +2,12 @@
 import json
 
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from ns_data.cli import main
 from ns_data.contract import PSEUDO_LABEL_SCHEMA as SCHEMA
+from ns_data.stage import OptionsError
 from pipelines import balance as balance_pipeline
 
 
@@ -131,3 +133,62 @@ def test_the_program_leaves_with_its_status_its_output_and_its_atexit_functions(
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1 and "Error: unknown model 'no_such_model_xyz'" in failed.stderr
     assert "atexit ran" in failed.stdout
+
+
+MISSPELLED = [(["--per_class", "100"], "--per-class"), (["--per-clas", "100"], "--per-class"),
+              (["--min_confidence", "0.9"], "--min-confidence")]
+
+
+@pytest.mark.parametrize("stage", ["label", "balance", "shard"])
+@pytest.mark.parametrize("typo, meant", MISSPELLED)
+def test_an_option_neither_the_command_nor_beam_declares_is_one_line_naming_the_closest(stage, typo, meant,
+                                                                                         tmp_path):
+    """Unknown options are not handed to Beam to keep or drop: each stage refuses them before any output."""
+    pl = synth(tmp_path)
+    out = tmp_path / "out"
+    teacher = ["--teacher", "test_efficientnet", "--random-weights"] if stage == "label" else []
+    result = CliRunner().invoke(main, [stage, str(pl), "--output", str(out), *teacher, "--no-progress", *typo])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f" {stage}: no such option {typo[0]} (neither its own nor Beam's)" in result.output
+    if stage == "balance":
+        assert result.output.rstrip().endswith(f"did you mean {meant}?"), result.output
+    assert not out.exists()
+
+
+def test_beam_options_misspelled_or_out_of_place_are_refused_too(tmp_path):
+    pl = synth(tmp_path)
+    out = tmp_path / "out"
+    base = ["balance", str(pl), "--output", str(out), "--no-progress"]
+    cases = {("--direct-num-workers", "2"): "did you mean --direct_num_workers?",
+             ("--runner", "FnApiRunner", "--job-nam", "t"): "did you mean --job_name?",
+             ("--direct_num_workers", "two"): "invalid int value: 'two'",
+             ("--runner", "FnApiRunner", str(pl)): f"unexpected argument '{pl}'"}
+    for args, message in cases.items():
+        result = CliRunner().invoke(main, [*base, *args])
+        assert result.exit_code == 1 and result.output.count("\n") == 1 and message in result.output, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("typo, meant", MISSPELLED)
+def test_the_entry_points_refuse_unknown_options_in_one_line(typo, meant, tmp_path, monkeypatch, capsys):
+    """`python -m pipelines.balance` (as a Flex Template runs it): one line, exit 1, nothing written; called with
+    arguments, the error is raised."""
+    pl = synth(tmp_path)
+    out = tmp_path / "out"
+    argv = [str(pl), "--output", str(out), "--no-progress", *typo]
+    monkeypatch.setattr("sys.argv", ["pipelines/balance.py", *argv])
+    with pytest.raises(SystemExit) as done:
+        balance_pipeline.run()
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1 and err.rstrip().endswith(f"did you mean {meant}?"), err
+    with pytest.raises(OptionsError, match=f"did you mean {meant}"):
+        balance_pipeline.run(argv)
+    assert not out.exists()
+
+
+def test_a_template_launch_with_an_unknown_parameter_fails_before_any_output(tmp_path):
+    pl = synth(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(OptionsError, match="no such option --per_clss .*did you mean --per-class"):
+        balance_pipeline.run([f"--inputs={pl}", f"--output={out}", "--per_clss=5", "--progress=false"])
+    assert not out.exists()

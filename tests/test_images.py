@@ -1,5 +1,6 @@
 """Decoding: every mode to upright 8-bit RGB, every failure to a reason."""
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +148,53 @@ def test_preprocessor_gives_timms_transform_bit_for_bit_in_the_models_layout():
     assert fast.min_side == 168 and Preprocessor(config).min_side is None
     assert torch.equal(fast(images[1]), want[1]) and torch.equal(fast(images[3]), want[3])  # PNG, WebP: exact
     assert not torch.equal(fast(images[0]), want[0])  # a 640x480 JPEG: decoded at 1/2
+
+
+def test_decoding_leaves_pillows_process_wide_pixel_limit_alone(monkeypatch):
+    """The limit is per image (`max_pixels`), checked from the header: neither importing ns_data.images nor
+    decoding changes Pillow's global, and Pillow's global does not cap `max_pixels`."""
+    import subprocess
+    import sys
+
+    program = "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import ns_data.images; " \
+              "print(before, Image.MAX_IMAGE_PIXELS)"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
+    before, after = done.stdout.split()
+    assert before == after != "None"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow alone would refuse 400 pixels (> 2 x 100)
+    png = encode(Image.new("RGB", (20, 20), (9, 8, 7)), "PNG")
+    assert decode_image(png, max_pixels=400).size == (20, 20)
+    with pytest.raises(DecodeError) as err:
+        decode_image(png, max_pixels=399)
+    assert err.value.reason == "too_many_pixels" and "20x20 is over 399 pixels" in str(err.value)
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_a_palette_with_transparency_decodes_without_a_warning_to_its_colours():
+    img = Image.new("P", (8, 4), 1)
+    img.putpalette([0, 0, 0, 250, 20, 30] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    data = encode(img, "PNG", transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = np.asarray(decode_image(data))
+    assert out.shape == (4, 8, 3) and out[0, 0].tolist() == [0, 0, 0] and out[3, 7].tolist() == [250, 20, 30]
+
+
+def test_an_animated_image_decodes_to_its_first_frame():
+    frames = [Image.new("RGB", (10, 6), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = np.asarray(decode_image(buf.getvalue()))
+    assert out.shape == (6, 10, 3) and out[..., 0].min() > 200 and out[..., 2].max() < 50
+
+
+def test_the_decode_is_the_same_bytes_in_as_image_open_for_ordinary_images():
+    """What the decode gave before it opened images itself: Image.open + exif_transpose + convert."""
+    from PIL import ImageOps
+
+    for fmt, mode in (("JPEG", "RGB"), ("PNG", "RGBA"), ("WEBP", "RGB"), ("PNG", "L"), ("BMP", "RGB")):
+        data = encode(noisy((37, 23), mode=mode), fmt)
+        with Image.open(io.BytesIO(data)) as img:
+            expected = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        assert np.array_equal(np.asarray(decode_image(data)), expected), fmt

@@ -160,6 +160,8 @@ def test_the_steps_are_the_commands_a_user_would_type(digits, tmp_path):
     ({"seeds": [0, 0]}, "seeds must be a list of distinct"),
     ({"iterations": []}, "iterations must be a list of at least one"),
     ({"shard": {"beam_args": "--runner=DirectRunner"}}, "beam_args must be a list"),
+    ({"balance": {"beam_args": ["--per_class=5"]}}, "no such option --per_class (neither its own nor Beam's): "
+                                                    "did you mean --per-class?"),
     ({"data": {"labeled": "nowhere", "unlabeled": "nowhere"}}, "data.labeled: not found"),
 ])
 def test_a_config_error_is_one_line_before_any_work(digits, tmp_path, change, message):

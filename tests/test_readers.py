@@ -2,6 +2,7 @@
 one; an unfinished `ns-data shard` output refused by both."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -148,3 +149,33 @@ def test_tf_data_refuses_an_unfinished_output_too(unfinished):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert "unfinished shard run" in result["refused"] and result["read"] == 8 and result["spec"]
+
+
+TF_WITHOUT_TORCH = """
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError("torch is not installed here")
+
+sys.meta_path.insert(0, NoTorch())
+from ns_data import tfrecord
+import ns_data.tf_data as nst
+
+with open(sys.argv[1] + "/train-00000-of-00001.tfrecord", "wb") as f:
+    f.write(tfrecord.frame_record(tfrecord.make_example({"image/encoded": b"x", "label": 3, "prob": 0.5})))
+(record,) = nst.shard_dataset(sys.argv[1], seed=None, sparse=False)
+assert int(record["label"]) == 3 and bytes(record["image/encoded"].numpy()) == b"x"
+assert not [m for m in sys.modules if m.split(".")[0] == "torch"]
+print("read without torch")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs tensorflow ('.[tf]')")
+def test_the_tf_data_reader_works_where_torch_cannot_be_imported(tmp_path):
+    """A TensorFlow-only install: ns_data.tf_data finds and reads shards in a process where importing torch
+    fails."""
+    done = subprocess.run([sys.executable, "-c", TF_WITHOUT_TORCH, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0 and "read without torch" in done.stdout, done.stderr[-3000:]

@@ -322,6 +322,10 @@ def test_bad_rows_become_error_rows_and_the_rest_is_written(corpus, tmp_path):
         90: ("topk_classes", [1, CLASSES + 5, 2], "topk_out_of_range"),
         91: ("topk_classes", [-2, 1, 2], "topk_out_of_range"),
         92: ("topk_probs", [0.5, 0.2], "invalid_topk"), 93: ("topk_classes", None, "invalid_topk"),
+        94: ("topk_probs", [0.5, float("nan"), 0.1], "probs_not_finite"),
+        95: ("topk_probs", [0.5, float("inf"), 0.1], "probs_not_finite"),
+        96: ("topk_probs", [0.5, -10.0, 0.1], "probs_negative"),
+        97: ("topk_probs", [0.9, 0.5, 0.1], "probs_sum_over_one"),
         130: ("id", None, "null_id"), 131: ("source", None, "null_source"),
     }
     for i, (column, value, _) in spoiled.items():
@@ -473,3 +477,25 @@ def test_tf_data_reader_parses_the_same_records(sharded):
     for g, w in zip(sorted(got), sorted(want)):
         assert g[:3] == w[:3] and g[4] == w[4] and g[6] == w[6]
         assert g[3] == pytest.approx(w[3]) and g[5] == pytest.approx(w[5])
+
+
+def test_inspect_names_a_damaged_record_in_one_line(sharded, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ns_data.cli import main
+
+    out, manifest = sharded
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    first = next(s["name"] for s in manifest["shards"] if s["records"])
+    path = copy / first
+    data = bytearray(path.read_bytes())
+    (offset, record), = [(o, d) for n, (o, d) in enumerate(tfrecord.read_records(open(path, "rb"))) if n == 1]
+    data[offset + 12 + len(record) - 1] ^= 0xFF  # the last byte of record 1's data: its data checksum fails
+    path.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["inspect", str(copy), "--records", "3"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.rstrip().splitlines()[-1] == (
+        f"Error: {path}: record 1: corrupt_record (CorruptRecord: bad data checksum at byte {offset})"), result.output

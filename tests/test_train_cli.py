@@ -64,6 +64,16 @@ CASES = {
                                    str(s["root"] / "broken.yaml")], "not valid YAML"),
     "missing config": (lambda s: ["train", "--output", str(s["root"] / "r"), "--config",
                                   str(s["root"] / "none.yaml")], "No such file"),
+    "option spelled with underscores": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled",
+                                                   s["labeled"], *TINY, "--batch_size", "4"],
+                                        "train: no such option --batch_size: did you mean --batch-size?"),
+    "misspelled option": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled", s["labeled"], *TINY,
+                                     "--weight-decy", "0"], "no such option --weight-decy: did you mean --weight-decay?"),
+    "another command's option": (lambda s: ["train", "--output", str(s["root"] / "r"), "--labeled", s["labeled"],
+                                            "--per_class", "100", *TINY], "train: no such option --per_class"),
+    "eval option misspelled": (lambda s: ["eval", s["run"], "--shards", s["labeled"], "--weight", "ema"],
+                               "eval: no such option --weight: did you mean --weights?"),
+    "missing required option": (lambda s: ["train", "--labeled", s["labeled"]], "Missing option '--output'"),
     "export to another format": (lambda s: ["export", s["run"], "--output", str(s["root"] / "t.pt")],
                                  "must end in .safetensors"),
 }
@@ -196,3 +206,30 @@ def test_the_loop_never_exports_an_unfinished_run(unfinished_run, tmp_path):
         run_step(Step("teacher: export", "ns-train export", (unfinished_run, "--output", teacher), teacher),
                  echo=lambda m: None)
     assert not os.path.exists(teacher)
+
+
+def test_a_non_finite_loss_stops_training_in_one_line_naming_the_step_and_the_run_is_not_finished(setup):
+    """Poisoned soft labels (NaN top-k probabilities, written past `ns-data shard`'s checks) make the loss NaN
+    from the first step: training stops there, exit 1, and no results.json calls the run finished."""
+    rng = np.random.default_rng(1)
+    poisoned = write_shards(setup["root"] / "poisoned", [
+        {"image/encoded": picture(0, rng), "label": 0, "prob": 0.9, "topk_classes": [0, 1],
+         "topk_probs": [float("nan"), 0.1]}] * 8)
+    out = setup["root"] / "nan-run"
+    result = CliRunner().invoke(main, ["train", "--output", str(out), "--labeled", setup["labeled"], "--unlabeled",
+                                       poisoned, *TINY, "--steps", "3", "--log-every", "2", "--checkpoint-every", "2"])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(errors) == 1, result.output
+    assert errors[0].startswith("Error: the loss is not finite (NaN or infinite) at step 1:"), result.output
+    assert result.output.rstrip().splitlines()[-1] == errors[0]
+    assert not (out / "results.json").exists() and not (out / "checkpoint.pt").exists()  # nothing saved
+    assert "loss_total" not in (out / "metrics.jsonl").read_text()
+
+
+def test_eval_names_a_bad_record_in_one_line(setup):
+    rng = np.random.default_rng(2)
+    records = [{"image/encoded": picture(i % CLASSES, rng), "label": i % CLASSES, "id": f"v-{i}"} for i in range(4)]
+    records[2]["image/encoded"] = b""
+    shards = write_shards(setup["root"] / "bad-val", records, count=1)
+    error = one_line_error(["eval", setup["run"], "--shards", shards])
+    assert error == f"Error: {shards}/train-00000-of-00001.tfrecord: record 2 (id v-2): empty_file", error

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from ns_data import contract, fs
 from ns_data.outputs import COMPLETE, RESUME, StageOutput, resuming
 from ns_data.progress import Progress
+from ns_data.soft_labels import PROBABILITY_REASONS, probability_checks
 from ns_data.reading import WorkUnit, inspect_inputs, open_parquet
 from ns_data.sources import read_back
 from ns_data.spill import use_files
@@ -35,9 +36,11 @@ INVALID_COPIES = "invalid_copies"  # null, zero or negative
 LABEL_OUT_OF_RANGE = "label_out_of_range"  # null, negative, or >= the number of classes
 INVALID_TOPK = "invalid_topk"  # topk_classes and topk_probs of different lengths, or with nulls
 TOPK_OUT_OF_RANGE = "topk_out_of_range"  # a top-k class negative or >= the number of classes
+# then soft_labels.PROBABILITY_REASONS: topk_probs or probs with a NaN or infinity, a negative, a sum above 1 + 1e-3
 CHECKED_COLUMNS = {NULL_ID: ("id",), NULL_SOURCE: ("source",), NULL_CONFIDENCE: ("confidence",),
                    INVALID_COPIES: ("copies",), LABEL_OUT_OF_RANGE: ("label",),
-                   INVALID_TOPK: ("topk_classes", "topk_probs"), TOPK_OUT_OF_RANGE: ("topk_classes",)}
+                   INVALID_TOPK: ("topk_classes", "topk_probs"), TOPK_OUT_OF_RANGE: ("topk_classes",),
+                   **{reason: ("topk_probs", "probs") for reason in PROBABILITY_REASONS}}
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ def row_reasons(table: pa.Table, num_classes: int | None) -> np.ndarray:
         checks.append((INVALID_TOPK, lengths_differ | null_entries))
         checks.append((TOPK_OUT_OF_RANGE, _any_in_row(classes, _outside(pc.fill_null(flat, 0).to_numpy(),
                                                                        num_classes))))
+    probability = [probability_checks(table.column(c)) for c in ("topk_probs", "probs") if c in table.column_names]
+    for reason in PROBABILITY_REASONS if probability else ():
+        checks.append((reason, np.logical_or.reduce([p[reason] for p in probability])))
     reasons = np.full(table.num_rows, "", dtype=object)
     for reason, failed in reversed(checks):
         reasons[failed] = reason
@@ -114,7 +120,7 @@ def row_reasons(table: pa.Table, num_classes: int | None) -> np.ndarray:
 
 def row_error_detail(row: dict, reason: str, num_classes: int | None) -> str:
     """The values that failed the check, for the error row's `detail`."""
-    values = ", ".join(f"{column} {row[column]}" for column in CHECKED_COLUMNS[reason])
+    values = ", ".join(f"{column} {row[column]}" for column in CHECKED_COLUMNS[reason] if column in row)
     if reason in (LABEL_OUT_OF_RANGE, TOPK_OUT_OF_RANGE) and num_classes is not None:
         values += f" (classes are 0..{num_classes - 1})"
     return values
