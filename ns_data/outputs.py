@@ -12,6 +12,13 @@ options; it moves its files into OUTPUT when all are written, and writes the mar
 
 --overwrite deletes the marker first (the output is no longer complete), then the stage's files and temp dir.
 Files that are not the stage's are never touched.
+
+Publishing is idempotent. Before it moves anything, `publish` writes its moves and the marker to the temp dir
+(`publishing.json`); a run killed at any instant after that (during the moves, before the marker, before the
+temp dir is gone) is completed by the next run's `begin`, which finishes the same moves and writes the same
+marker without redoing the stage's work. Finishing takes one listing of the temp dir (the moves whose source is
+still there are done again; a rename replaces its destination) and, only if some sources are gone, one listing
+of the output to check that they arrived. No request is made per file to ask whether it exists.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from ns_data import fs
 from ns_data.stage import OutputExists
 
 PLAN = "plan.json"
+PUBLISHING = "publishing.json"  # the moves and the marker of a publish under way
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
 
@@ -57,12 +65,18 @@ class StageOutput:
         return [p for pattern in self.patterns for p in fs.list_dir(self.path, pattern)]
 
     def begin(self, overwrite: bool) -> str:
-        """Checks the output against the policy; returns NEW (temp dir ready), RESUME or COMPLETE."""
+        """Checks the output against the policy; returns NEW (temp dir ready), RESUME or COMPLETE. An interrupted
+        publish of the same inputs and options is finished here: the output is then COMPLETE."""
         found = next(((state, path) for state, path in ((COMPLETE, self.final(self.marker)), (RESUME, self.tmp(PLAN)))
                       if fs.exists(path)), None)
         if found and not overwrite:
             state, path = found
             if fs.read_json(path).get("fingerprint") == self.fingerprint:
+                if state == COMPLETE:
+                    fs.delete_dir(self.tmp_dir)  # a run killed after its marker, before dropping its temp dir
+                elif fs.exists(self.tmp(PUBLISHING)):
+                    self._finish_publishing(fs.read_json(self.tmp(PUBLISHING)))
+                    return COMPLETE
                 return state
             held = f"a complete {self.stage} output" if state == COMPLETE else f"an unfinished {self.stage} run"
             raise OutputExists(f"{self.path} holds {held} of other inputs or options; pass --overwrite to replace it")
@@ -70,7 +84,8 @@ class StageOutput:
             raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
         self.clear()
         fs.mkdirs(self.tmp_dir)
-        fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
+        fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()},
+                      tmp=self.tmp(PLAN + ".tmp"))
         return NEW
 
     def clear(self) -> None:
@@ -80,9 +95,33 @@ class StageOutput:
         fs.delete_dir(self.tmp_dir)
 
     def publish(self, moves: list[tuple[str, str]], marker: dict) -> str:
-        """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir."""
-        fs.rename([src for src, _ in moves], [self.final(name) for _, name in moves])
-        fs.write_json(self.final(self.marker), {**marker, "stage": self.stage, "fingerprint": self.fingerprint})
+        """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir.
+
+        The moves and the marker are written to the temp dir first, so that a run killed at any instant of this
+        is finished by the next run's `begin` (see the module docstring)."""
+        prefix = self.tmp_dir.rstrip("/") + "/"
+        outside = [src for src, _ in moves if not src.startswith(prefix)]
+        if outside:
+            raise ValueError(f"publish moves files from the temp dir {self.tmp_dir} only, not {outside[0]}")
+        plan = {"moves": [[src[len(prefix):], name] for src, name in moves],
+                "marker": {**marker, "stage": self.stage, "fingerprint": self.fingerprint}}
+        fs.write_json(self.tmp(PUBLISHING), plan, tmp=self.tmp(PUBLISHING + ".tmp"))
+        return self._finish_publishing(plan)
+
+    def _finish_publishing(self, plan: dict) -> str:
+        """The moves of `plan` not done yet, the marker, then the temp dir dropped; safe to repeat."""
+        prefix = self.tmp_dir.rstrip("/") + "/"
+        left = {fs.relative_to(path, self.tmp_dir) for path, _ in fs.match(prefix + "**")}
+        todo = [(src, name) for src, name in plan["moves"] if src in left]
+        gone = [name for src, name in plan["moves"] if src not in left]
+        if gone:
+            there = {fs.name(path) for path, _ in fs.match(fs.join(self.path, "*"))}
+            lost = [name for name in gone if name not in there]
+            if lost:
+                raise OutputExists(f"{self.path}: an interrupted publish lost {self.final(lost[0])} (neither in the "
+                                   f"temp dir nor in place); pass --overwrite to start over")
+        fs.rename([self.tmp(src) for src, _ in todo], [self.final(name) for _, name in todo])
+        fs.write_json(self.final(self.marker), plan["marker"], tmp=self.tmp(self.marker))
         fs.delete_dir(self.tmp_dir)
         return self.final(self.marker)
 

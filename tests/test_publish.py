@@ -2,11 +2,21 @@
 completable by the same command."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
+from click.testing import CliRunner
 
 from ns_data import fs
+from ns_data.cli import main
+from ns_data.synth import write_images
+from ns_data.outputs import COMPLETE, NEW, StageOutput
+from ns_data.stage import OutputExists
 from tests.fake_store import FakeObjectStore
 
 
@@ -72,3 +82,173 @@ def test_write_atomic_replaces_and_leaves_no_temp_file(tmp_path, store):
     fs.write_json(f"{store}/out/stats.json", {"a": 2})
     assert requests() == {"write": 2}  # an object appears whole when written: no temp name, no delete
     assert fs.read_json(f"{store}/out/stats.json") == {"a": 2}
+
+
+def staged(root: str, files: int, fingerprint: str = "f1") -> tuple[StageOutput, list[tuple[str, str]]]:
+    """A new output with `files` data files written in its temp dir; (output, moves)."""
+    out = StageOutput(root, "demo", "stats.json", ("data-*",), fingerprint)
+    assert out.begin(overwrite=False) == NEW
+    moves = [(put(out.tmp(f"part-{i:04d}"), f"p{i}".encode()), f"data-{i:04d}") for i in range(files)]
+    return out, moves
+
+
+def test_publish_and_clear_make_no_request_per_object(store):
+    out, moves = staged(f"{store}/out", 250)
+    requests()
+    out.publish(moves, {"n": 250})
+    made = requests()
+    assert "stat" not in made and "read" not in made, made  # nothing asked per object
+    # the plan and the marker written, one listing of the temp dir, 3 batches of renames (copy + delete each),
+    # one listing and 3 batches deleting the temp dir
+    assert sum(made.values()) <= 12, made
+    assert len(fs.list_dir(f"{store}/out", "data-*")) == 250 and not fs.dir_exists(out.tmp_dir)
+    requests()
+    StageOutput(f"{store}/out", "demo", "stats.json", ("data-*",), "f2").begin(overwrite=True)
+    made = requests()
+    assert made.get("stat", 0) <= 2 and sum(made.values()) <= 12, made  # begin's two checks; clearing is batched
+    assert not fs.list_dir(f"{store}/out", "data-*")
+
+
+@pytest.mark.parametrize("moved", [0, 1, 2, 3])
+def test_a_publish_interrupted_after_any_move_is_finished_by_begin(tmp_path, monkeypatch, moved):
+    out, moves = staged(str(tmp_path / "out"), 3)
+    real_rename = fs.rename
+
+    def rename_then_die(sources, destinations):  # moves the first `moved` files, then the process "dies"
+        real_rename(sources[:moved], destinations[:moved])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fs, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        out.publish(moves, {"n": 3})
+    monkeypatch.setattr(fs, "rename", real_rename)
+    assert not (tmp_path / "out" / "stats.json").exists()
+    again = StageOutput(str(tmp_path / "out"), "demo", "stats.json", ("data-*",), "f1")
+    assert again.begin(overwrite=False) == COMPLETE
+    assert sorted(os.listdir(tmp_path / "out")) == ["data-0000", "data-0001", "data-0002", "stats.json"]
+    assert [(tmp_path / "out" / f"data-{i:04d}").read_bytes() for i in range(3)] == [b"p0", b"p1", b"p2"]
+    assert again.read_marker() == {"n": 3, "stage": "demo", "fingerprint": "f1"}
+
+
+def test_a_run_killed_after_its_marker_leaves_no_temp_dir_behind(tmp_path, monkeypatch):
+    out, moves = staged(str(tmp_path / "out"), 2)
+    monkeypatch.setattr(fs, "delete_dir", lambda directory: None)  # killed before the temp dir went
+    out.publish(moves, {"n": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "out" / ".tmp-demo").exists()
+    assert out.begin(overwrite=False) == COMPLETE
+    assert sorted(os.listdir(tmp_path / "out")) == ["data-0000", "data-0001", "stats.json"]
+
+
+def test_a_file_lost_during_publishing_is_one_line(tmp_path, monkeypatch):
+    out, moves = staged(str(tmp_path / "out"), 2)
+    monkeypatch.setattr(fs, "rename", lambda sources, destinations: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        out.publish(moves, {"n": 2})
+    monkeypatch.undo()
+    os.remove(out.tmp("part-0001"))  # neither in the temp dir nor in place
+    with pytest.raises(OutputExists, match="data-0001.*--overwrite"):
+        out.begin(overwrite=False)
+    assert out.begin(overwrite=True) == NEW
+
+
+# ------------------------------------------------------------------ a real process killed at a rename
+
+STRACE = shutil.which("strace")
+needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace): the "
+                                                         "kill tests inject SIGKILL at a rename with it")
+RENAME = re.compile(r'rename\("([^"]+)", "([^"]+)"\) = 0')
+VOLATILE = {"wall_seconds", "images_per_second", "megabytes_per_second", "images_read_this_run", "resumed_units",
+            "resumed_shards"}  # what a resumed run reports differently from a whole one
+TEACHER10 = ["--teacher", "test_efficientnet", "--random-weights", "--num-classes", "10"]
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "ns_data.cli", *(str(a) for a in args)]
+
+
+def traced_renames(args: list[str], cwd) -> list[tuple[str, str]]:
+    """Runs the command to the end under strace; the renames it made, in order."""
+    log = os.path.join(cwd, "renames.log")
+    subprocess.run([STRACE, "-f", "-qq", "-e", "trace=rename", "-o", log, *cli(*args)], cwd=cwd, check=True,
+                   capture_output=True)
+    with open(log) as f:
+        return [m.groups() for m in map(RENAME.search, f) if m]
+
+
+def killed_at_rename(args: list[str], cwd, n: int) -> None:
+    """Runs the command with SIGKILL injected at its n-th rename."""
+    proc = subprocess.run([STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=rename",
+                           "-e", f"inject=rename:signal=SIGKILL:when={n}", *cli(*args)], cwd=cwd, capture_output=True)
+    assert proc.returncode != 0, f"the run was not killed at rename {n}"
+
+
+def contents(directory) -> dict:
+    """Every file below `directory`: bytes, or for the marker its JSON without the timings."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if name in ("stats.json", "manifest.json"):
+                found[rel] = {k: v for k, v in json.load(open(path)).items() if k not in VOLATILE}
+            else:
+                found[rel] = open(path, "rb").read()
+    return found
+
+
+def kill_points(renames: list[tuple[str, str]], output: str) -> list[int]:
+    """1-based numbers of the renames to kill at: the publishing plan, the first, middle and last move, the marker,
+    and the first and last file a writer renamed into the output before publishing."""
+    plan = next(i for i, (_, dst) in enumerate(renames) if dst.endswith("publishing.json"))
+    moves = list(range(plan + 1, len(renames) - 1))
+    early = [i for i, (src, dst) in enumerate(renames[:plan]) if os.path.dirname(dst) == output and ".tmp-" in src]
+    points = [plan, len(renames) - 1] + moves[:1] + moves[len(moves) // 2:][:1] + moves[-1:] + early[:1] + early[-1:]
+    return sorted({p + 1 for p in points})
+
+
+def check_every_kill_point(args: list[str], cwd, output: str, monkeypatch) -> list[int]:
+    """An uninterrupted run, then for each kill point: a run killed there and the same command again, which
+    must give the uninterrupted run's output (and leave no temp file beside it)."""
+    renames = traced_renames(args, cwd)
+    os.rename(os.path.join(cwd, output), os.path.join(cwd, f"{output}-whole"))
+    want = contents(os.path.join(cwd, f"{output}-whole"))
+    points = kill_points(renames, output)
+    monkeypatch.chdir(cwd)
+    for n in points:
+        shutil.rmtree(os.path.join(cwd, output), ignore_errors=True)
+        killed_at_rename(args, cwd, n)
+        assert not os.path.exists(os.path.join(cwd, output, renames[-1][1].split("/")[-1])), n  # no marker yet
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, (n, result.output)
+        assert contents(os.path.join(cwd, output)) == want, f"killed at rename {n} of {len(renames)}"
+    return points
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    """40 synthetic images and a label command over them (3 units of 16 images)."""
+    root = tmp_path_factory.mktemp("kill")
+    write_images(str(root / "images"), 40)
+    return root, ["label", "images", *TEACHER10, "--batch-size", "4", "--no-progress", "--output", "labels"]
+
+
+@needs_strace
+def test_label_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch):
+    root, args = labeled
+    points = check_every_kill_point(args, str(root), "labels", monkeypatch)
+    assert len(points) >= 5  # plan, three moves, marker
+
+
+@needs_strace
+def test_balance_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch):
+    root, _ = labeled
+    args = ["balance", "labels", "--output", "selection", "--per-class", 3, "--min-confidence", 0, "--no-progress"]
+    assert len(check_every_kill_point(args, str(root), "selection", monkeypatch)) >= 4
+
+
+@needs_strace
+def test_shard_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch):
+    root, _ = labeled
+    args = ["shard", "selection", "--output", "shards", "--num-shards", 3, "--no-progress"]
+    assert len(check_every_kill_point(args, str(root), "shards", monkeypatch)) >= 4  # two shards, plan, marker
