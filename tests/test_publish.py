@@ -252,3 +252,40 @@ def test_shard_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch
     root, _ = labeled
     args = ["shard", "selection", "--output", "shards", "--num-shards", 3, "--no-progress"]
     assert len(check_every_kill_point(args, str(root), "shards", monkeypatch)) >= 4  # two shards, plan, marker
+
+
+# ------------------------------------------------------------------ shard's finalize at scale
+
+def test_shard_finalize_memory_stays_bounded_at_61k_shards_of_1000_classes():
+    """61K shards (130M records at 256 MiB each) of 1,000 classes: the combined infos, the manifest's shard
+    list and its JSON together stay far under 200 MB (their AsList of per-shard dicts was ~4.9 GB)."""
+    import tracemalloc
+
+    import numpy as np
+
+    from ns_data.shard.manifest import ShardInfos, summarize_shards
+
+    shards, classes = 61_000, 1_000
+    rng = np.random.default_rng(0)
+    labels = np.arange(classes, dtype=np.int64)
+    per_shard = [rng.integers(1, 5, classes) for _ in range(8)]  # ~2,500 records a shard, every class
+    combiner = ShardInfos()
+    tracemalloc.start()
+    parts = []
+    for worker in range(4):  # four workers' partial combines, merged
+        acc = combiner.create_accumulator()
+        for shard in range(worker, shards, 4):
+            counts = per_shard[shard % 8]
+            acc = combiner.add_input(acc, (shard, int(counts.sum()), 256 * 2**20, labels, counts))
+        parts.append(acc)
+    infos = combiner.extract_output(combiner.merge_accumulators(parts))
+    entries, totals = summarize_shards(infos, lambda s: f"train-{s:05d}-of-{shards:05d}.tfrecord")
+    text = json.dumps({"shards": entries, "classes": totals}, indent=1, sort_keys=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert infos["shard"].tolist() == list(range(shards))
+    assert sum(totals.values()) == int(infos["records"].sum()) == sum(int(per_shard[s % 8].sum())
+                                                                       for s in range(shards))
+    assert len(totals) == classes and len(entries) == shards
+    assert len(text) < 8e6, len(text)
+    assert peak < 100e6, f"finalize took {peak / 1e6:.0f} MB at {shards:,} shards"
