@@ -6,7 +6,9 @@ files of `shard`), and they ask `is_local`, never the spelling of the path.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -83,8 +85,48 @@ def open_read(path: str) -> BinaryIO:
 
 
 def create(path: str) -> BinaryIO:
-    """A binary write stream; parent directories are made as needed."""
+    """A binary write stream; parent directories are made as needed. Locally, a full device is an OSError that
+    names the file (see `no_space`)."""
+    if is_local(path):
+        local = _local(path)
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        return LocalWriter(local)
     return FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def no_space(err: OSError, path: str) -> OSError:
+    """`err`, or for a full device (ENOSPC, which the kernel reports without a file name) the same error naming
+    `path` and what to do: `[Errno 28] No space left on device ...: 'PATH'`."""
+    if err.errno != errno.ENOSPC or err.filename:
+        return err
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}; free some space and run the same command again, "
+                                 "it goes on from where it stopped", path)
+
+
+class LocalWriter(io.BufferedWriter):
+    """A buffered local file whose writes, flushes and close turn a full device into `no_space`'s error."""
+
+    def __init__(self, path: str):
+        super().__init__(io.FileIO(path, "wb"))
+        self.path = path
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as err:
+            raise no_space(err, self.path) from err
+
+    def flush(self):
+        try:
+            return super().flush()
+        except OSError as err:
+            raise no_space(err, self.path) from err
+
+    def close(self):
+        try:
+            return super().close()
+        except OSError as err:
+            raise no_space(err, self.path) from err
 
 
 def mkdirs(path: str) -> None:
@@ -185,9 +227,15 @@ def write_atomic(path: str, data: bytes, tmp: str | None = None) -> None:
             f.write(data)
         return
     tmp = _local(tmp or f"{path}.tmp")
-    os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with create(tmp) as f:
+            f.write(data)
+    except OSError:
+        try:
+            os.remove(tmp)  # a full device: the part written goes, the old file stays
+        except FileNotFoundError:
+            pass
+        raise
     os.replace(tmp, _local(path))
 
 

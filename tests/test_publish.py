@@ -2,6 +2,7 @@
 completable by the same command."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -225,33 +226,43 @@ def check_every_kill_point(args: list[str], cwd, output: str, monkeypatch) -> li
     return points
 
 
+LABEL = ["label", "images", *TEACHER10, "--batch-size", "4", "--no-progress", "--output", "labels"]
+BALANCE = ["balance", "labels", "--output", "selection", "--per-class", 3, "--min-confidence", 0, "--no-progress"]
+SHARD = ["shard", "selection", "--output", "shards", "--num-shards", 3, "--no-progress"]
+
+
 @pytest.fixture(scope="module")
-def labeled(tmp_path_factory):
-    """40 synthetic images and a label command over them (3 units of 16 images)."""
+def images(tmp_path_factory):
+    """A folder with 40 synthetic images (label makes 3 units of 16 images of them)."""
     root = tmp_path_factory.mktemp("kill")
     write_images(str(root / "images"), 40)
-    return root, ["label", "images", *TEACHER10, "--batch-size", "4", "--no-progress", "--output", "labels"]
+    return root
+
+
+def made(root, monkeypatch, *commands) -> None:
+    """Runs the commands (in-process) in `root`; each does nothing when its output is already complete."""
+    monkeypatch.chdir(root)
+    for args in commands:
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
 
 
 @needs_strace
-def test_label_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch):
-    root, args = labeled
-    points = check_every_kill_point(args, str(root), "labels", monkeypatch)
+def test_label_killed_at_any_rename_is_completed_by_a_rerun(images, monkeypatch):
+    points = check_every_kill_point(LABEL, str(images), "labels", monkeypatch)
     assert len(points) >= 5  # plan, three moves, marker
 
 
 @needs_strace
-def test_balance_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch):
-    root, _ = labeled
-    args = ["balance", "labels", "--output", "selection", "--per-class", 3, "--min-confidence", 0, "--no-progress"]
-    assert len(check_every_kill_point(args, str(root), "selection", monkeypatch)) >= 4
+def test_balance_killed_at_any_rename_is_completed_by_a_rerun(images, monkeypatch):
+    made(images, monkeypatch, LABEL)
+    assert len(check_every_kill_point(BALANCE, str(images), "selection", monkeypatch)) >= 4
 
 
 @needs_strace
-def test_shard_killed_at_any_rename_is_completed_by_a_rerun(labeled, monkeypatch):
-    root, _ = labeled
-    args = ["shard", "selection", "--output", "shards", "--num-shards", 3, "--no-progress"]
-    assert len(check_every_kill_point(args, str(root), "shards", monkeypatch)) >= 4  # two shards, plan, marker
+def test_shard_killed_at_any_rename_is_completed_by_a_rerun(images, monkeypatch):
+    made(images, monkeypatch, LABEL, BALANCE)
+    assert len(check_every_kill_point(SHARD, str(images), "shards", monkeypatch)) >= 4  # two shards, plan, marker
 
 
 # ------------------------------------------------------------------ shard's finalize at scale
@@ -289,3 +300,55 @@ def test_shard_finalize_memory_stays_bounded_at_61k_shards_of_1000_classes():
     assert len(totals) == classes and len(entries) == shards
     assert len(text) < 8e6, len(text)
     assert peak < 100e6, f"finalize took {peak / 1e6:.0f} MB at {shards:,} shards"
+
+
+# ------------------------------------------------------------------ a full device
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (tests run as root here); `remount(size)` gives it more room."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+
+    def remount(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    yield mount, remount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_device_is_an_error_naming_the_file_and_leaves_no_temp_file(small_disk):
+    disk, _ = small_disk
+    fs.write_atomic(str(disk / "kept.bin"), b"k" * 1000)
+    with pytest.raises(OSError, match="No space left on device.*same command again") as raised:
+        fs.write_atomic(str(disk / "kept.bin"), b"x" * 200_000)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(disk / "kept.bin.tmp")
+    assert os.listdir(disk) == ["kept.bin"] and (disk / "kept.bin").read_bytes() == b"k" * 1000
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        with fs.create(str(disk / "sub" / "big.bin")) as f:
+            for _ in range(100):
+                f.write(b"y" * 10_000)
+    assert raised.value.filename == str(disk / "sub" / "big.bin")
+
+
+def test_shard_on_a_full_device_says_so_and_finishes_once_there_is_room(images, small_disk, monkeypatch):
+    disk, remount = small_disk
+    made(images, monkeypatch, LABEL, BALANCE, SHARD)
+    output = str(disk / "shards")
+    args = ["shard", "selection", "--num-shards", "3", "--output", output, "--no-progress"]
+    failed = CliRunner().invoke(main, args)
+    assert failed.exit_code != 0
+    assert "No space left on device" in str(failed.exception) and output in str(failed.exception)
+    assert not os.path.exists(os.path.join(output, "manifest.json"))
+    remount("8m")
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    want = {k: v for k, v in contents(images / "shards").items() if k.endswith(".tfrecord")}
+    got = contents(output)
+    assert {k: v for k, v in got.items() if k.endswith(".tfrecord")} == want
+    assert set(got) == set(want) | {"manifest.json"}  # no temp dir, no spill file left

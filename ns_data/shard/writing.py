@@ -19,8 +19,7 @@ from ns_data.shard.plan import ShardContext
 
 def open_spill_file(ctx: ShardContext) -> BinaryIO:
     """A spill file of its own for one fetch task: records are appended, references emitted."""
-    os.makedirs(ctx.spill_dir, exist_ok=True)
-    return open(os.path.join(ctx.spill_dir, f"{uuid.uuid4().hex}.bin"), "wb")
+    return fs.create(os.path.join(ctx.spill_dir, f"{uuid.uuid4().hex}.bin"))
 
 
 def copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
@@ -44,6 +43,8 @@ def copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
                     raise OSError(f"{source}: spill file ends before byte {offset + length}")
                 done += n
             size += length
+    except OSError as err:
+        raise fs.no_space(err, path) from err
     finally:
         os.close(out)
         for fd in sources.values():
