@@ -111,7 +111,8 @@ class StageOutput:
     def _finish_publishing(self, plan: dict) -> str:
         """The moves of `plan` not done yet, the marker, then the temp dir dropped; safe to repeat."""
         prefix = self.tmp_dir.rstrip("/") + "/"
-        left = {fs.relative_to(path, self.tmp_dir) for path, _ in fs.match(prefix + "**")}
+        below = f"/.tmp-{self.stage}/"  # names below the temp dir, however the listing spells its scheme
+        left = {path.split(below, 1)[-1] for path, _ in fs.match(prefix + "**")}
         todo = [(src, name) for src, name in plan["moves"] if src in left]
         gone = [name for src, name in plan["moves"] if src not in left]
         if gone:
