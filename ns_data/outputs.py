@@ -84,8 +84,7 @@ class StageOutput:
             raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
         self.clear()
         fs.mkdirs(self.tmp_dir)
-        fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()},
-                      tmp=self.tmp(PLAN + ".tmp"))
+        fs.write_json(self.tmp(PLAN), {"stage": self.stage, "fingerprint": self.fingerprint, "started": time.time()})
         return NEW
 
     def clear(self) -> None:
@@ -105,7 +104,7 @@ class StageOutput:
             raise ValueError(f"publish moves files from the temp dir {self.tmp_dir} only, not {outside[0]}")
         plan = {"moves": [[src[len(prefix):], name] for src, name in moves],
                 "marker": {**marker, "stage": self.stage, "fingerprint": self.fingerprint}}
-        fs.write_json(self.tmp(PUBLISHING), plan, tmp=self.tmp(PUBLISHING + ".tmp"))
+        fs.write_json(self.tmp(PUBLISHING), plan)
         return self._finish_publishing(plan)
 
     def _finish_publishing(self, plan: dict) -> str:
