@@ -352,3 +352,18 @@ def test_shard_on_a_full_device_says_so_and_finishes_once_there_is_room(images, 
     got = contents(output)
     assert {k: v for k, v in got.items() if k.endswith(".tfrecord")} == want
     assert set(got) == set(want) | {"manifest.json"}  # no temp dir, no spill file left
+
+
+def test_shard_on_an_object_store_asks_nothing_per_shard(images, store, monkeypatch):
+    """Metadata requests and reads of a shard run on an object store do not grow with the number of shards:
+    finalize reads no note back and asks about no shard (only a resumed run reads its finished shards' notes)."""
+    made(images, monkeypatch, LABEL, BALANCE)
+    asked = {}
+    for shards in (2, 8):
+        requests()
+        made(images, monkeypatch, ["shard", "selection", "--num-shards", shards, "--no-progress",
+                                   "--output", f"{store}/shards-{shards}"])
+        counts = requests()
+        asked[shards] = (counts.get("stat", 0), counts.get("read", 0))
+        assert len(fs.list_dir(f"{store}/shards-{shards}", "train-*")) == shards
+    assert asked[8] == asked[2], asked
