@@ -204,8 +204,10 @@ class Shard(beam.PTransform):
         written = (fetched["records"]
                    | "GroupByShard" >> beam.GroupByKey()
                    | "WriteShards" >> beam.ParDo(WriteShardFn(ctx)))
-        resumed = (units.pipeline
-                   | "ResumedShards" >> beam.Create(sorted(ctx.done))
+        resumed = (units.pipeline  # the shards an interrupted run finished: their notes, read in parallel
+                   | "ResumedTrigger" >> beam.Create([None])
+                   | "ResumedShards" >> beam.FlatMap(lambda _: sorted(ctx.done))
+                   | "SpreadResumed" >> beam.Reshuffle()
                    | "ReadResumedNotes" >> beam.Map(lambda shard: read_shard_info(ctx, shard)))
         infos = ((written, resumed)
                  | "AllShardInfos" >> beam.Flatten()
