@@ -13,6 +13,13 @@ options; it moves its files into OUTPUT when all are written, and writes the mar
 --overwrite deletes the marker first (the output is no longer complete), then the stage's files and temp dir.
 Files that are not the stage's are never touched. A run holds the output's lease (`.tmp-<stage>/lease.json`,
 ns_data.lease) from begin() until it publishes: a second run on the same output refuses, naming the holder.
+
+Publishing is idempotent. Before it moves anything, `publish` writes its moves and the marker to the temp dir
+(`publishing.json`); a run killed at any instant after that (during the moves, before the marker, before the
+temp dir is gone) is completed by the next run's `begin`, which finishes the same moves and writes the same
+marker without redoing the stage's work. Finishing takes one listing of the temp dir (the moves whose source is
+still there are done again; a rename replaces its destination) and, only if some sources are gone, one listing
+of the output to check that they arrived. No request is made per file to ask whether it exists.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from ns_data import fs, lease
 from ns_data.stage import OutputExists
 
 PLAN = "plan.json"
+PUBLISHING = "publishing.json"  # the moves and the marker of a publish under way
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
 
@@ -59,7 +67,8 @@ class StageOutput:
 
     def begin(self, overwrite: bool) -> str:
         """Takes the output's lease (one writer per output: ns_data.lease), then checks the output against the
-        policy; returns NEW (temp dir ready), RESUME or COMPLETE (the lease given back)."""
+        policy; returns NEW (temp dir ready), RESUME or COMPLETE (the lease given back). An interrupted publish of
+        the same inputs and options is finished here: the output is then COMPLETE."""
         held = lease.take(self.tmp_dir, self.path, overwrite)
         try:
             found = next(((state, path) for state, path in ((COMPLETE, self.final(self.marker)),
@@ -68,7 +77,11 @@ class StageOutput:
                 state, path = found
                 if fs.read_json(path).get("fingerprint") == self.fingerprint:
                     if state == COMPLETE:
+                        lease.clear_dir(self.tmp_dir)  # a run killed after its marker, before dropping its temp dir
                         held.release()
+                    elif fs.exists(self.tmp(PUBLISHING)):
+                        self._finish_publishing(fs.read_json(self.tmp(PUBLISHING)))
+                        return COMPLETE
                     return state
                 held_by = f"a complete {self.stage} output" if state == COMPLETE else f"an unfinished {self.stage} run"
                 raise OutputExists(f"{self.path} holds {held_by} of other inputs or options; pass --overwrite to "
@@ -91,9 +104,34 @@ class StageOutput:
         fs.delete_dir(self.tmp_dir)
 
     def publish(self, moves: list[tuple[str, str]], marker: dict) -> str:
-        """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir."""
-        fs.rename([src for src, _ in moves], [self.final(name) for _, name in moves])
-        fs.write_json(self.final(self.marker), {**marker, "stage": self.stage, "fingerprint": self.fingerprint})
+        """Moves (temp path, final name) pairs into the output, writes the marker last, drops the temp dir.
+
+        The moves and the marker are written to the temp dir first, so that a run killed at any instant of this
+        is finished by the next run's `begin` (see the module docstring)."""
+        prefix = self.tmp_dir.rstrip("/") + "/"
+        outside = [src for src, _ in moves if not src.startswith(prefix)]
+        if outside:
+            raise ValueError(f"publish moves files from the temp dir {self.tmp_dir} only, not {outside[0]}")
+        plan = {"moves": [[src[len(prefix):], name] for src, name in moves],
+                "marker": {**marker, "stage": self.stage, "fingerprint": self.fingerprint}}
+        fs.write_json(self.tmp(PUBLISHING), plan)
+        return self._finish_publishing(plan)
+
+    def _finish_publishing(self, plan: dict) -> str:
+        """The moves of `plan` not done yet, the marker, then the temp dir dropped; safe to repeat."""
+        prefix = self.tmp_dir.rstrip("/") + "/"
+        below = f"/.tmp-{self.stage}/"  # names below the temp dir, however the listing spells its scheme
+        left = {path.split(below, 1)[-1] for path, _ in fs.match(prefix + "**")}
+        todo = [(src, name) for src, name in plan["moves"] if src in left]
+        gone = [name for src, name in plan["moves"] if src not in left]
+        if gone:
+            there = {fs.name(path) for path, _ in fs.match(fs.join(self.path, "*"))}
+            lost = [name for name in gone if name not in there]
+            if lost:
+                raise OutputExists(f"{self.path}: an interrupted publish lost {self.final(lost[0])} (neither in the "
+                                   f"temp dir nor in place); pass --overwrite to start over")
+        fs.rename([self.tmp(src) for src, _ in todo], [self.final(name) for _, name in todo])
+        fs.write_json(self.final(self.marker), plan["marker"], tmp=self.tmp(self.marker))
         fs.delete_dir(self.tmp_dir)
         lease.published(self.tmp_dir)
         return self.final(self.marker)

@@ -168,6 +168,7 @@ def test_label_killed_half_way_relabels_only_what_was_not_finished(tmp_path):
 @pytest.fixture
 def object_store(tmp_path):
     FakeObjectStore.root = str(tmp_path / "store")
+    FakeObjectStore.requests.clear()
     os.makedirs(FakeObjectStore.root)
     yield "fakestore://bucket"
     FakeObjectStore.root = None

@@ -15,7 +15,9 @@ Output (contract.SHARDS), complete or absent: shards `train-NNNNN-of-NNNNN.tfrec
 Student code reads `train*`), `errors-00000.parquet` when some rows could not be written, and `manifest.json`
 last. While a run is in progress `.tmp-shard/` holds its plan and one small JSON per finished shard; a shard is
 renamed into place as soon as it is written, so a re-run over an interrupted output writes only the shards that
-are missing.
+are missing. The manifest is built from small per-shard infos (records, bytes, records per class) that a
+CombineFn (manifest.ShardInfos) combines in the pipeline into columns and per-class totals; only the notes of
+shards an interrupted run finished are read back.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
+from array import array
 from typing import Iterator
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,17 +19,74 @@ from ns_data.shard.writing import write_shard
 FORMAT = "ns-data shards v1"
 
 
-def finalize(ctx: ShardContext, _written: list[dict], counts: dict, errors: list[dict]) -> str:
+class ShardInfos(beam.CombineFn):
+    """Shard infos (shard, records, bytes, class labels, their counts; writing.shard_info) combined into what the
+    manifest needs: the shards' numbers, records and bytes as columns (24 bytes a shard) and the records of each
+    class summed in one array. Nothing in it grows with shards x classes."""
+
+    def create_accumulator(self):
+        return {"shard": array("q"), "records": array("q"), "bytes": array("q"), "classes": np.zeros(0, np.int64)}
+
+    def add_input(self, acc, info):
+        shard, records, nbytes, labels, counts = info
+        acc["shard"].append(shard)
+        acc["records"].append(records)
+        acc["bytes"].append(nbytes)
+        acc["classes"] = _add_classes(acc["classes"], labels, counts)
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            for column in ("shard", "records", "bytes"):
+                out[column].extend(acc[column])
+            out["classes"] = _add_classes(out["classes"], np.arange(len(acc["classes"])), acc["classes"])
+        return out
+
+    def extract_output(self, acc):
+        """Columns as int64 arrays in shard order, and the per-class totals."""
+        shards = np.frombuffer(acc["shard"], np.int64) if len(acc["shard"]) else np.zeros(0, np.int64)
+        order = np.argsort(shards, kind="stable")
+        columns = {c: (np.frombuffer(acc[c], np.int64) if len(acc[c]) else np.zeros(0, np.int64))[order]
+                   for c in ("shard", "records", "bytes")}
+        return columns | {"classes": acc["classes"]}
+
+
+def _add_classes(total: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`total` (records per class, indexed by label) plus `counts` of `labels` (distinct), grown as needed."""
+    if len(labels) and labels.max() >= len(total):
+        total = np.concatenate([total, np.zeros(int(labels.max()) + 1 - len(total), np.int64)])
+    total[labels] += counts
+    return total
+
+
+def summarize_shards(infos: dict, shard_name) -> tuple[list[dict], dict[str, int]]:
+    """The manifest's shard list (name, records, bytes, in shard order) and records per class (the classes that
+    have any) from ShardInfos' output."""
+    shards = [{"name": shard_name(s), "records": r, "bytes": b}
+              for s, r, b in zip(infos["shard"].tolist(), infos["records"].tolist(), infos["bytes"].tolist())]
+    classes = {str(label): int(infos["classes"][label]) for label in np.flatnonzero(infos["classes"]).tolist()}
+    return shards, classes
+
+
+def finalize(ctx: ShardContext, infos: dict, counts: dict, errors: list[dict]) -> str:
     """Writes empty shards for any shard no record reached, the errors table, then manifest.json.
 
-    `_written` (this run's shard infos) only makes this step wait for every writer: the infos are read back from
-    the sidecars, which also hold the shards an interrupted run finished."""
+    `infos` is ShardInfos' output over the shards this run wrote and those an interrupted run finished."""
     opts = ctx.options
-    infos = []
-    for shard in range(ctx.num_shards):
-        if not fs.exists(ctx.sidecar(shard)):
-            write_shard(ctx, shard, [])
-        infos.append(fs.read_json(ctx.sidecar(shard)))
+    missing = np.setdiff1d(np.arange(ctx.num_shards), infos["shard"])
+    if len(missing):
+        combiner = ShardInfos()
+        acc = combiner.create_accumulator()
+        for column in ("shard", "records", "bytes"):
+            acc[column].extend(infos[column].tolist())
+        acc["classes"] = infos["classes"].copy()
+        for shard in missing.tolist():
+            combiner.add_input(acc, write_shard(ctx, shard, []))
+        infos = combiner.extract_output(acc)
+    if not np.array_equal(infos["shard"], np.arange(ctx.num_shards)):
+        raise RuntimeError(f"internal check failed: {len(infos['shard'])} shard infos for {ctx.num_shards} shards")
     moves = []
     if errors:
         errors = sorted(errors, key=lambda e: (e["id"] or "", e["source"] or "", -1 if e["offset"] is None
@@ -36,21 +95,18 @@ def finalize(ctx: ShardContext, _written: list[dict], counts: dict, errors: list
         with fs.create(ctx.output.tmp(name)) as f:
             pq.write_table(pa.Table.from_pylist(errors, schema=contract.IMAGE_ERROR_SCHEMA), f)
         moves.append((ctx.output.tmp(name), name))
-    classes: dict[str, int] = {}
-    for info in infos:
-        for label, n in info.pop("classes").items():  # per-shard histograms stay out: shards x classes
-            classes[label] = classes.get(label, 0) + n
+    shards, classes = summarize_shards(infos, ctx.shard_name)
     by_reason = dict(sorted(counts.get("errors", {}).items()))
     seconds = time.time() - ctx.started
-    total_bytes = sum(i["bytes"] for i in infos)
+    total_bytes = int(infos["bytes"].sum())
     manifest = {
         "format": FORMAT,
-        "shards": infos,
+        "shards": shards,
         "num_shards": ctx.num_shards,
-        "records": sum(i["records"] for i in infos),
+        "records": int(infos["records"].sum()),
         "bytes": total_bytes,
         "unique_images": counts.get("images", 0),
-        "classes": dict(sorted(classes.items(), key=lambda kv: int(kv[0]))),
+        "classes": classes,
         "errors": sum(by_reason.values()),
         "errors_by_reason": by_reason,
         "records_lost_to_errors": counts.get("records_lost", 0),

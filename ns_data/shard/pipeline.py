@@ -13,11 +13,11 @@ from ns_data import spill, tfrecord
 from ns_data.memory import release_freed_memory
 from ns_data.reading import WorkUnit
 from ns_data.runner import SumCounts, after_all
-from ns_data.shard.manifest import finalize
+from ns_data.shard.manifest import ShardInfos, finalize
 from ns_data.shard.placement import group_keys, group_starts, place_records
 from ns_data.shard.plan import ShardContext, read_rows, row_error_detail, row_reasons
 from ns_data.shard.records import copy_feature, shared_features
-from ns_data.shard.writing import open_spill_file, write_shard
+from ns_data.shard.writing import open_spill_file, read_shard_info, write_shard
 from ns_data.sources import read_back
 
 NAMESPACE = "ns_data.shard"
@@ -204,9 +204,17 @@ class Shard(beam.PTransform):
         written = (fetched["records"]
                    | "GroupByShard" >> beam.GroupByKey()
                    | "WriteShards" >> beam.ParDo(WriteShardFn(ctx)))
+        resumed = (units.pipeline  # the shards an interrupted run finished: their notes, read in parallel
+                   | "ResumedTrigger" >> beam.Create([None])
+                   | "ResumedShards" >> beam.FlatMap(lambda _: sorted(ctx.done))
+                   | "SpreadResumed" >> beam.Reshuffle()
+                   | "ReadResumedNotes" >> beam.Map(lambda shard: read_shard_info(ctx, shard)))
+        infos = ((written, resumed)
+                 | "AllShardInfos" >> beam.Flatten()
+                 | "CombineShardInfos" >> beam.CombineGlobally(ShardInfos()))
         errors = (selected[ERRORS], fetched[ERRORS]) | "AllErrors" >> beam.Flatten()
         counts = ((selected[COUNTS], fetched[COUNTS])
                   | "AllCounts" >> beam.Flatten()
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
-        return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsList(written), beam.pvalue.AsSingleton(counts),
-                         beam.pvalue.AsList(errors))
+        return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsSingleton(infos),
+                         beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(errors))

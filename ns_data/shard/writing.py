@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, BinaryIO
+from typing import BinaryIO
+
+import numpy as np
 
 from ns_data import fs
 from ns_data.shard.plan import ShardContext
@@ -17,8 +19,7 @@ from ns_data.shard.plan import ShardContext
 
 def open_spill_file(ctx: ShardContext) -> BinaryIO:
     """A spill file of its own for one fetch task: records are appended, references emitted."""
-    os.makedirs(ctx.spill_dir, exist_ok=True)
-    return open(os.path.join(ctx.spill_dir, f"{uuid.uuid4().hex}.bin"), "wb")
+    return fs.create(os.path.join(ctx.spill_dir, f"{uuid.uuid4().hex}.bin"))
 
 
 def copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
@@ -42,6 +43,8 @@ def copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
                     raise OSError(f"{source}: spill file ends before byte {offset + length}")
                 done += n
             size += length
+    except OSError as err:
+        raise fs.no_space(err, path) from err
     finally:
         os.close(out)
         for fd in sources.values():
@@ -49,16 +52,15 @@ def copy_spilled(path: str, pieces: list[tuple[str, int, int]]) -> int:
     return size
 
 
-def write_shard(ctx: ShardContext, shard: int, records: list[tuple]) -> dict[str, Any]:
-    """Writes one shard in order-key order under a temporary name, notes its counts, renames it into place.
+def write_shard(ctx: ShardContext, shard: int, records: list[tuple]) -> tuple:
+    """Writes one shard in order-key order under a temporary name, notes its counts, renames it into place;
+    returns its info (shard_info).
 
     A record is (order key, global index, label, framed bytes or (spill file, offset, length))."""
     records.sort(key=lambda r: (r[0], r[1]))
     name = ctx.shard_name(shard)
     tmp_path = ctx.output.tmp(name)
-    classes: dict[str, int] = {}
-    for record in records:
-        classes[str(record[2])] = classes.get(str(record[2]), 0) + 1
+    labels, counts = np.unique(np.array([r[2] for r in records], np.int64), return_counts=True)
     if ctx.spill:
         size = copy_spilled(tmp_path, [r[3] for r in records])
     else:
@@ -67,7 +69,21 @@ def write_shard(ctx: ShardContext, shard: int, records: list[tuple]) -> dict[str
             for *_, framed in records:
                 f.write(framed)
                 size += len(framed)
-    info = {"name": name, "records": len(records), "bytes": size, "classes": classes}
-    fs.write_json(ctx.sidecar(shard), info)
+    note = {"name": name, "records": len(records), "bytes": size,
+            "classes": {str(label): int(n) for label, n in zip(labels.tolist(), counts.tolist())}}
+    fs.write_json(ctx.sidecar(shard), note)
     fs.rename([tmp_path], [ctx.output.final(name)])
-    return info
+    return shard_info(shard, note)
+
+
+def shard_info(shard: int, note: dict) -> tuple:
+    """What the manifest needs of a shard, from its note: (shard, records, bytes, class labels, their counts),
+    the labels and counts as int64 arrays."""
+    labels = np.array([int(label) for label in note["classes"]], np.int64)
+    counts = np.array(list(note["classes"].values()), np.int64)
+    return shard, note["records"], note["bytes"], labels, counts
+
+
+def read_shard_info(ctx: ShardContext, shard: int) -> tuple:
+    """The info of a shard an interrupted run finished, from the note it left."""
+    return shard_info(shard, fs.read_json(ctx.sidecar(shard)))
