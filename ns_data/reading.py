@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -63,3 +64,138 @@ def iter_batches(unit: WorkUnit, columns: list[str] | None, batch_rows: int
                                                        columns=columns):
         yield start, batch
         start += batch.num_rows
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """The Parquet inputs of a stage as the launcher resolves them, without listing a stage output's files; what
+    the job carries of them (no file list).
+
+    `items`: (input as an absolute path or glob, whether it is a complete output of the previous stage: its
+    data files are read). `marker_rows`: the rows the markers of those outputs count (None when an input is
+    plain Parquet); `estimated_rows`: those plus, for plain Parquet inputs, their bytes times the rows per byte
+    of a checked file. `schema`: the schema of `first`, whose footer the launcher read; the launcher reads one
+    footer per input, every other file is checked in the pipeline (ReadUnits)."""
+
+    items: tuple[tuple[str, bool], ...]
+    schema: pa.Schema
+    first: str
+    marker_rows: int | None
+    estimated_rows: int
+
+
+def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: tuple[str, ...],
+                   reserved: tuple[str, ...] = (), hint: str = "") -> tuple[TableInputs, list[dict], list[tuple]]:
+    """Each input checked on the launcher: a complete `kind` output by its marker (its `rows_key` counts its
+    rows) and the footer of its first data file; any other input listed (a glob, a file, Parquet files below a
+    directory) and the footer of its first file read. Fails with one line before any output is touched.
+    Returns the inputs, the markers read, and what identifies the inputs for a fingerprint: (output, its
+    marker's fingerprint) for a stage output, (file, size) for each plain Parquet file."""
+    if not inputs:
+        raise InputError("no input given")
+    items, markers, parts, first_files = [], [], [], []
+    marker_rows, plain_bytes = 0, 0
+    for item in inputs:
+        named = fs.is_glob(item) or fs.is_file(item)
+        if not named and kind.is_output(item):
+            marker = kind.check_complete(item)
+            first = fs.join(item, kind.data_name(0))
+            if not fs.exists(first):
+                listed = fs.list_dir(item, kind.data_pattern)
+                if not listed:
+                    raise InputError(f"input not found or empty: {item}")
+                first = listed[0]
+            items.append((fs.absolute(item), True))
+            markers.append(marker)
+            marker_rows += int(marker.get(rows_key, 0))
+            parts.append((fs.absolute(item), marker.get("fingerprint", "")))
+            first_files.append(first)
+            continue
+        if not named and (other := next((k for k in contract.STAGE_OUTPUTS if k.is_output(item)), None)):
+            raise InputError(f"{item} is a {other.stage} output; expected a {kind.stage} output or Parquet files")
+        files = [(p, n) for p, n in fs.list_files(item) if p.endswith(".parquet")]
+        if not files:
+            raise InputError(f"input not found or empty: {item}")
+        items.append((fs.absolute(item), False))
+        parts.extend((fs.absolute(p), n) for p, n in files)
+        plain_bytes += sum(n for _, n in files)
+        first_files.append(files[0][0])
+    schema, first = None, None
+    for path in sorted(first_files):  # the schema of the first file in path order, as when all are listed
+        file_schema, _ = check_footer(path, required, reserved, hint, schema, first)
+        if schema is None:
+            schema, first = file_schema, path
+    estimated = marker_rows
+    if plain_bytes:
+        meta = open_parquet(first_files[-1]).metadata
+        estimated += int(plain_bytes * meta.num_rows / max(1, fs.size(first_files[-1])))
+    return (TableInputs(items=tuple(items), schema=schema, first=first,
+                        marker_rows=None if plain_bytes else marker_rows, estimated_rows=estimated), markers, parts)
+
+
+def check_footer(path: str, required: tuple[str, ...], reserved: tuple[str, ...], hint: str,
+                 schema: pa.Schema | None, first: str | None) -> tuple[pa.Schema, pq.FileMetaData]:
+    """One file's footer: required columns and known types (contract.check_columns), no reserved column, and
+    the same schema as `first`'s (when given)."""
+    meta_file = open_parquet(path)
+    file_schema = meta_file.schema_arrow
+    contract.check_columns(path, file_schema, required, hint)
+    for name in reserved:
+        if name in file_schema.names:
+            raise InputError(f"{path}: has a column named '{name}', which this stage writes")
+    if schema is not None and not file_schema.remove_metadata().equals(schema.remove_metadata()):
+        raise InputError(f"{path}: schema differs from {first}:\n{file_schema}\nvs\n{schema}")
+    return file_schema, meta_file.metadata
+
+
+def list_item(item: tuple[str, bool], kind: contract.OutputKind) -> list[str]:
+    """The Parquet files of one resolved input (absolute paths)."""
+    path, is_output = item
+    if is_output:
+        return [fs.absolute(p) for p in fs.list_dir(path, kind.data_pattern)]
+    return [fs.absolute(p) for p, _ in fs.list_files(path) if p.endswith(".parquet")]
+
+
+class ReadUnits(beam.PTransform):
+    """A pipeline's root in, its work units out: the inputs listed, every footer read
+    and checked against the launcher's schema, its row groups numbered in file order (the order of
+    `inspect_inputs`). The job carries only the inputs as given; the listing and the footers are pipeline data.
+    `self.files` is then the sorted list of input files (one element)."""
+
+    def __init__(self, inputs: TableInputs, kind: contract.OutputKind, required: tuple[str, ...],
+                 reserved: tuple[str, ...] = (), hint: str = ""):
+        super().__init__()
+        self.inputs, self.kind = inputs, kind
+        self.check = (required, reserved, hint)
+        self.files = None
+
+    def expand(self, root):
+        inputs, kind, check = self.inputs, self.kind, self.check
+        self.files = (root
+                      | "Inputs" >> beam.Create(list(inputs.items))
+                      | "ListInputs" >> beam.FlatMap(list_item, kind)
+                      | "CollectFiles" >> beam.combiners.ToList()
+                      | "SortFiles" >> beam.Map(lambda paths: sorted(set(paths))))
+        footers = (self.files
+                   | "NumberFiles" >> beam.FlatMap(lambda paths: list(enumerate(paths)))
+                   | "SpreadFiles" >> beam.Reshuffle()
+                   | "ReadFooters" >> beam.Map(_row_groups, check, inputs.schema, inputs.first))
+        return (footers
+                | "CollectFooters" >> beam.combiners.ToList()
+                | "NumberUnits" >> beam.FlatMap(_number_units))
+
+
+def _row_groups(indexed: tuple[int, str], check: tuple, schema: pa.Schema, first: str) -> tuple[int, str, list[int]]:
+    index, path = indexed
+    _, meta = check_footer(path, *check, schema, first)
+    return index, path, [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
+
+
+def _number_units(footers: list[tuple[int, str, list[int]]]) -> list[WorkUnit]:
+    units: list[WorkUnit] = []
+    for _, path, rows in sorted(footers):
+        units += [WorkUnit(len(units) + rg, path, rg, n) for rg, n in enumerate(rows)]
+    return units

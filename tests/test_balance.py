@@ -257,8 +257,10 @@ def test_files_with_different_schemas_are_rejected(tmp_path):
     a = pa.table({"id": ["a"], "label": pa.array([0], pa.int32()), "confidence": pa.array([0.5], pa.float32())})
     pq.write_table(a, tmp_path / "a.parquet")
     pq.write_table(a.append_column("extra", pa.array([1])), tmp_path / "b.parquet")
-    with pytest.raises(InputError, match=r"b\.parquet: schema differs from .*a\.parquet"):
-        prepare(BalanceOptions(inputs=(str(tmp_path),), output=str(tmp_path / "out")))
+    # The launcher reads one footer per input; the others are checked in the pipeline, before any output file.
+    with pytest.raises(Exception, match=r"b\.parquet: schema differs from .*a\.parquet"):
+        run_balance(BalanceOptions(inputs=(str(tmp_path),), output=str(tmp_path / "out")), [])
+    assert not list((tmp_path / "out").glob("*.parquet")) and not (tmp_path / "out" / "stats.json").exists()
 
 
 def test_output_is_complete_or_absent_and_never_silently_replaced(tmp_path, rng):
@@ -293,7 +295,7 @@ def test_balance_transform_on_test_pipeline(tmp_path, rng):
     ctx = prepare(BalanceOptions(inputs=tuple(write_parts(table, tmp_path / "in", 2, 100)),
                                  output=str(tmp_path / "out"), per_class=25, unit_rows=10))
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        stats_path = p | beam.Create(list(ctx.units)) | Balance(ctx)
+        stats_path = p | ctx.read_units() | beam.Reshuffle() | Balance(ctx)
         assert_that(stats_path, equal_to([os.path.join(str(tmp_path / "out"), "stats.json")]))
     want, _ = reference(table, 25)
     assert_same(read_output(tmp_path / "out", "selection"), want)
