@@ -421,7 +421,8 @@ class RankFn(_TrimmingDoFn):
 
 
 class WriteFn(_TrimmingDoFn):
-    """Writes one row group's selected rows (+ rank, copies) and rejected rows (+ reason) to temp files."""
+    """Writes one work unit's selected rows (+ rank, copies) and rejected rows (+ reason) to temp files, each
+    only when it has rows."""
 
     COUNTS = "counts"
 
@@ -446,47 +447,59 @@ class WriteFn(_TrimmingDoFn):
         err_path = self.ctx.output.tmp(contract.SELECTION.errors_name(unit.index))
         counts = {"input_rows": 0, "below_min_confidence": 0, "candidates": 0, "selected_rows": 0,
                   "total_copies": 0, "rejected": {}}
-        err_writer = None
-        with fs.create(sel_path) as sel_file, parquet_writer(sel_file, sel_schema) as sel_writer:
-            for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
-                n = batch.num_rows
-                counts["input_rows"] += n
-                valid = kb.reason == 0
-                cand = sel.is_candidate(kb, opts.min_confidence)
-                counts["candidates"] += int(cand.sum())
-                counts["below_min_confidence"] += int((valid & ~cand).sum())
-                lo, hi = np.searchsorted(rows, [start, start + n])
-                if hi > lo:
-                    take = rows[lo:hi] - start
-                    copies = sel.copies_for(rank[lo:hi], plan.selected_for(kb.labels[take]), plan.per_class,
-                                            plan.upsample)
-                    out = pa.RecordBatch.from_arrays(
-                        list(batch.take(pa.array(take)).columns) + [pa.array(rank[lo:hi]), pa.array(copies)],
-                        schema=sel_schema)
-                    sel_writer.write_batch(out)
-                    counts["selected_rows"] += int(hi - lo)
-                    counts["total_copies"] += int(copies.sum())
-                bad = np.flatnonzero(~valid)
-                if len(bad):
-                    reasons = np.array(sel.REASONS, dtype=object)[kb.reason[bad] - 1]
-                    for r, c in zip(*np.unique(reasons, return_counts=True)):
-                        counts["rejected"][r] = counts["rejected"].get(r, 0) + int(c)
-                        self.rejected[r].inc(int(c))
-                    out = pa.RecordBatch.from_arrays(
-                        list(batch.take(pa.array(bad)).columns) + [pa.array(reasons, pa.string())],
-                        schema=err_schema)
-                    if err_writer is None:
-                        err_file = fs.create(err_path)
-                        err_writer = parquet_writer(err_file, err_schema)
-                    err_writer.write_batch(out)
-        if err_writer is not None:
-            err_writer.close()
-            err_file.close()
-            yield err_path
+        writers = _LazyWriters()
+        for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
+            n = batch.num_rows
+            counts["input_rows"] += n
+            valid = kb.reason == 0
+            cand = sel.is_candidate(kb, opts.min_confidence)
+            counts["candidates"] += int(cand.sum())
+            counts["below_min_confidence"] += int((valid & ~cand).sum())
+            lo, hi = np.searchsorted(rows, [start, start + n])
+            if hi > lo:
+                take = rows[lo:hi] - start
+                copies = sel.copies_for(rank[lo:hi], plan.selected_for(kb.labels[take]), plan.per_class,
+                                        plan.upsample)
+                out = pa.RecordBatch.from_arrays(
+                    list(batch.take(pa.array(take)).columns) + [pa.array(rank[lo:hi]), pa.array(copies)],
+                    schema=sel_schema)
+                writers.write(sel_path, sel_schema, out)
+                counts["selected_rows"] += int(hi - lo)
+                counts["total_copies"] += int(copies.sum())
+            bad = np.flatnonzero(~valid)
+            if len(bad):
+                reasons = np.array(sel.REASONS, dtype=object)[kb.reason[bad] - 1]
+                for r, c in zip(*np.unique(reasons, return_counts=True)):
+                    counts["rejected"][r] = counts["rejected"].get(r, 0) + int(c)
+                    self.rejected[r].inc(int(c))
+                out = pa.RecordBatch.from_arrays(
+                    list(batch.take(pa.array(bad)).columns) + [pa.array(reasons, pa.string())],
+                    schema=err_schema)
+                writers.write(err_path, err_schema, out)
+        yield from writers.close()
         self.selected.inc(counts["selected_rows"])
         self.copies.inc(counts["total_copies"])
-        yield sel_path
         yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+
+
+class _LazyWriters:
+    """Parquet files opened at their first batch: a unit that keeps or rejects nothing writes no file."""
+
+    def __init__(self):
+        self.open: dict[str, tuple[Any, pq.ParquetWriter]] = {}
+
+    def write(self, path: str, schema: pa.Schema, batch: pa.RecordBatch) -> None:
+        if path not in self.open:
+            sink = fs.create(path)
+            self.open[path] = (sink, parquet_writer(sink, schema))
+        self.open[path][1].write_batch(batch)
+
+    def close(self) -> list[str]:
+        """The paths written, closed."""
+        for sink, writer in self.open.values():
+            writer.close()
+            sink.close()
+        return sorted(self.open)
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
@@ -538,8 +551,12 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
 
 def finalize(ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list,
              files: list[str]) -> str:
-    """Moves files from the temp dir into the output, then writes stats.json: the output is complete."""
-    moves = [(path, fs.name(path)) for path in sorted(written)]
+    """Moves files from the temp dir into the output, numbered from 0 in unit order (the units that wrote no file
+    leave no gap), then writes stats.json: the output is complete."""
+    data = sorted(p for p in written if fs.name(p).startswith(contract.SELECTION.data_prefix + "-"))
+    errors = sorted(set(written) - set(data))
+    moves = [(path, contract.SELECTION.data_name(i)) for i, path in enumerate(data)]
+    moves += [(path, contract.SELECTION.errors_name(i)) for i, path in enumerate(errors)]
     return ctx.output.publish(moves, build_stats(ctx, plan, counts, min_conf, files))
 
 
@@ -600,7 +617,7 @@ class Balance(beam.PTransform):
                 WriteFn.COUNTS, main="files"))
         counts = written[WriteFn.COUNTS] | "SumCounts" >> beam.CombineGlobally(SumCounts())
         files = (units
-                 | "UnitFiles" >> beam.Map(lambda u: u.path)
+                 | "UnitFiles" >> beam.FlatMap(lambda u: u.paths)
                  | "DistinctFiles" >> beam.Distinct()
                  | "CollectInputFiles" >> beam.combiners.ToList())
         return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsList(written["files"]), as_single(plan),

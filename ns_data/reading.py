@@ -1,7 +1,10 @@
-"""Reading Parquet tables: their footers checked before any work starts, then their rows in record batches.
+"""Reading Parquet tables: their footers checked, then their rows in record batches.
 
-A work unit is one row group of one file: the grain of parallelism, and (with the row index inside it) a
-row's identity during a run. Files are opened through `ns_data.fs`, so any Beam filesystem works.
+A work unit is one row group of one file, or (as ReadUnits makes them) a run of consecutive row groups, across
+files, of about UNIT_BYTES: the grain of parallelism and of output files, and (with the row index inside it) a
+row's identity during a run. Many small input files then cost what few large ones do: the per-unit work (spill
+files, output files, shuffle parts) follows the bytes, not the files. Files are opened through `ns_data.fs`, so
+any Beam filesystem works.
 """
 from __future__ import annotations
 
@@ -16,12 +19,30 @@ from ns_data import contract, fs
 from ns_data.stage import InputError
 
 
+UNIT_BYTES = 64 * 2**20  # a unit made by ReadUnits closes once its row groups hold this many (compressed) bytes
+UNIT_ROWS = 4_000_000  # ... or this many rows (row indexes in a unit stay far below 2**32)
+
+
 @dataclass(frozen=True)
 class WorkUnit:
+    """Row groups read in order as one table: (path, row_group) first, then `more` ((path, row group, rows)
+    each); `num_rows` counts them all."""
+
     index: int
     path: str
     row_group: int
     num_rows: int
+    more: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def parts(self) -> tuple[tuple[str, int, int], ...]:
+        """(path, row group, rows) of each row group, in reading order."""
+        first = self.num_rows - sum(n for _, _, n in self.more)
+        return ((self.path, self.row_group, first),) + self.more
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({path for path, _, _ in self.parts})
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
@@ -58,12 +79,30 @@ def inspect_inputs(files: list[str], required: tuple[str, ...], reserved: tuple[
 
 def iter_batches(unit: WorkUnit, columns: list[str] | None, batch_rows: int
                  ) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first row index in the unit, batch) for the unit's rows, `batch_rows` at a time."""
+    """(first row index in the unit, batch) for the unit's rows, `batch_rows` at a time (a batch never spans
+    two row groups)."""
     start = 0
-    for batch in open_parquet(unit.path).iter_batches(batch_size=batch_rows, row_groups=[unit.row_group],
-                                                       columns=columns):
-        yield start, batch
-        start += batch.num_rows
+    for path, groups in _runs_of_files(unit):
+        for batch in open_parquet(path).iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
+            yield start, batch
+            start += batch.num_rows
+
+
+def read_unit(unit: WorkUnit, columns: list[str] | None) -> pa.Table:
+    """A unit's rows as one table."""
+    tables = [open_parquet(path).read_row_groups(groups, columns=columns) for path, groups in _runs_of_files(unit)]
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _runs_of_files(unit: WorkUnit) -> list[tuple[str, list[int]]]:
+    """The unit's row groups as (path, row groups) runs: each file opened once."""
+    runs: list[tuple[str, list[int]]] = []
+    for path, group, _ in unit.parts:
+        if runs and runs[-1][0] == path:
+            runs[-1][1].append(group)
+        else:
+            runs.append((path, [group]))
+    return runs
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -160,42 +199,62 @@ def list_item(item: tuple[str, bool], kind: contract.OutputKind) -> list[str]:
 
 
 class ReadUnits(beam.PTransform):
-    """A pipeline's root in, its work units out: the inputs listed, every footer read
-    and checked against the launcher's schema, its row groups numbered in file order (the order of
-    `inspect_inputs`). The job carries only the inputs as given; the listing and the footers are pipeline data.
-    `self.files` is then the sorted list of input files (one element)."""
+    """A pipeline's root in, its work units out: the inputs listed, every footer read and checked against the
+    launcher's schema, the row groups taken in file order (the order of `inspect_inputs`) and cut into units of
+    about `unit_bytes` (default UNIT_BYTES). The job carries only the inputs as given; the listing and the
+    footers are pipeline data."""
 
     def __init__(self, inputs: TableInputs, kind: contract.OutputKind, required: tuple[str, ...],
-                 reserved: tuple[str, ...] = (), hint: str = ""):
+                 reserved: tuple[str, ...] = (), hint: str = "", unit_bytes: int | None = None):
         super().__init__()
-        self.inputs, self.kind = inputs, kind
+        self.inputs, self.kind, self.unit_bytes = inputs, kind, unit_bytes
         self.check = (required, reserved, hint)
-        self.files = None
 
     def expand(self, root):
         inputs, kind, check = self.inputs, self.kind, self.check
-        self.files = (root
-                      | "Inputs" >> beam.Create(list(inputs.items))
-                      | "ListInputs" >> beam.FlatMap(list_item, kind)
-                      | "CollectFiles" >> beam.combiners.ToList()
-                      | "SortFiles" >> beam.Map(lambda paths: sorted(set(paths))))
-        footers = (self.files
+        files = (root
+                 | "Inputs" >> beam.Create(list(inputs.items))
+                 | "ListInputs" >> beam.FlatMap(list_item, kind)
+                 | "CollectFiles" >> beam.combiners.ToList()
+                 | "SortFiles" >> beam.Map(lambda paths: sorted(set(paths))))
+        footers = (files
                    | "NumberFiles" >> beam.FlatMap(lambda paths: list(enumerate(paths)))
                    | "SpreadFiles" >> beam.Reshuffle()
                    | "ReadFooters" >> beam.Map(_row_groups, check, inputs.schema, inputs.first))
         return (footers
                 | "CollectFooters" >> beam.combiners.ToList()
-                | "NumberUnits" >> beam.FlatMap(_number_units))
+                | "NumberUnits" >> beam.FlatMap(_number_units, self.unit_bytes or UNIT_BYTES))
 
 
-def _row_groups(indexed: tuple[int, str], check: tuple, schema: pa.Schema, first: str) -> tuple[int, str, list[int]]:
+def _row_groups(indexed: tuple[int, str], check: tuple, schema: pa.Schema, first: str
+                ) -> tuple[int, str, list[tuple[int, int]]]:
+    """(file index, path, (rows, compressed bytes) of each row group)."""
     index, path = indexed
     _, meta = check_footer(path, *check, schema, first)
-    return index, path, [meta.row_group(rg).num_rows for rg in range(meta.num_row_groups)]
+    groups = [meta.row_group(rg) for rg in range(meta.num_row_groups)]
+    return index, path, [(g.num_rows, sum(g.column(c).total_compressed_size for c in range(g.num_columns)))
+                         for g in groups]
 
 
-def _number_units(footers: list[tuple[int, str, list[int]]]) -> list[WorkUnit]:
+def _number_units(footers: list[tuple[int, str, list[tuple[int, int]]]], unit_bytes: int = UNIT_BYTES,
+                  unit_rows: int = UNIT_ROWS) -> list[WorkUnit]:
+    """The row groups in file order, cut into units of about `unit_bytes` (or `unit_rows`): the same listing
+    gives the same units."""
     units: list[WorkUnit] = []
-    for _, path, rows in sorted(footers):
-        units += [WorkUnit(len(units) + rg, path, rg, n) for rg, n in enumerate(rows)]
+    parts: list[tuple[str, int, int]] = []
+    rows = nbytes = 0
+
+    def close():
+        (path, group, _), *more = parts
+        units.append(WorkUnit(len(units), path, group, rows, tuple(more)))
+
+    for _, path, groups in sorted(footers):
+        for group, (n, size) in enumerate(groups):
+            parts.append((path, group, n))
+            rows, nbytes = rows + n, nbytes + size
+            if nbytes >= unit_bytes or rows >= unit_rows:
+                close()
+                parts, rows, nbytes = [], 0, 0
+    if parts:
+        close()
     return units

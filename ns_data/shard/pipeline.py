@@ -210,7 +210,7 @@ class Shard(beam.PTransform):
                   | "AllCounts" >> beam.Flatten()
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
         files = (units
-                 | "UnitFiles" >> beam.Map(lambda u: u.path)
+                 | "UnitFiles" >> beam.FlatMap(lambda u: u.paths)
                  | "DistinctFiles" >> beam.Distinct()
                  | "CollectInputFiles" >> beam.combiners.ToList())
         return after_all(units.pipeline, _finalize, ctx, beam.pvalue.AsList(written), beam.pvalue.AsSingleton(counts),

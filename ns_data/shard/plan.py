@@ -16,7 +16,7 @@ from ns_data import contract, fs
 from ns_data.outputs import COMPLETE, RESUME, StageOutput, resuming
 from ns_data.progress import Progress
 from ns_data.reading import (ReadUnits, TableInputs, WorkUnit, inspect_inputs, list_item, open_parquet,
-                             resolve_inputs)
+                             read_unit, resolve_inputs)
 from ns_data.sources import read_back
 from ns_data.spill import use_files
 from ns_data.stage import InputError, OptionsError
@@ -92,7 +92,9 @@ class ShardContext:
 
 
 def read_rows(unit: WorkUnit, columns: tuple[str, ...]) -> pa.Table:
-    return open_parquet(unit.path).read_row_group(unit.row_group, columns=list(columns))
+    """A unit's rows without the schema's metadata (the teacher, class names: the context has what is needed),
+    so that what crosses a shuffle holds the data only."""
+    return read_unit(unit, list(columns)).replace_schema_metadata(None)
 
 
 def row_reasons(table: pa.Table, num_classes: int | None) -> np.ndarray:
