@@ -138,24 +138,21 @@ def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: t
     items, markers, parts, first_files = [], [], [], []
     marker_rows, plain_bytes = 0, 0
     for item in inputs:
-        named = fs.is_glob(item) or fs.is_file(item)
-        if not named and kind.is_output(item):
-            marker = kind.check_complete(item)
+        marker = contract.stage_output(item, kind)
+        if marker is not None:
             first = fs.join(item, kind.data_name(0))
             if not fs.exists(first):
-                listed = fs.list_dir(item, kind.data_pattern)
+                listed = contract.input_files(item, True, kind)
                 if not listed:
                     raise InputError(f"input not found or empty: {item}")
-                first = listed[0]
+                first = listed[0][0]
             items.append((fs.absolute(item), True))
             markers.append(marker)
             marker_rows += int(marker.get(rows_key, 0))
             parts.append((fs.absolute(item), marker.get("fingerprint", "")))
             first_files.append(first)
             continue
-        if not named and (other := next((k for k in contract.STAGE_OUTPUTS if k.is_output(item)), None)):
-            raise InputError(f"{item} is a {other.stage} output; expected a {kind.stage} output or Parquet files")
-        files = [(p, n) for p, n in fs.list_files(item) if p.endswith(".parquet")]
+        files = contract.input_files(item, False, kind)
         if not files:
             raise InputError(f"input not found or empty: {item}")
         items.append((fs.absolute(item), False))
@@ -193,9 +190,7 @@ def check_footer(path: str, required: tuple[str, ...], reserved: tuple[str, ...]
 def list_item(item: tuple[str, bool], kind: contract.OutputKind) -> list[str]:
     """The Parquet files of one resolved input (absolute paths)."""
     path, is_output = item
-    if is_output:
-        return [fs.absolute(p) for p in fs.list_dir(path, kind.data_pattern)]
-    return [fs.absolute(p) for p, _ in fs.list_files(path) if p.endswith(".parquet")]
+    return [fs.absolute(p) for p, _ in contract.input_files(path, is_output, kind)]
 
 
 class ReadUnits(beam.PTransform):
