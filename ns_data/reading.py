@@ -60,18 +60,11 @@ def inspect_inputs(files: list[str], required: tuple[str, ...], reserved: tuple[
     first = None
     units: list[WorkUnit] = []
     for path in files:
-        meta_file = open_parquet(path)
-        file_schema = meta_file.schema_arrow
-        contract.check_columns(path, file_schema, required, hint)
-        for name in reserved:
-            if name in file_schema.names:
-                raise InputError(f"{path}: has a column named '{name}', which this stage writes")
+        file_schema, meta = check_footer(path, required, reserved, hint, schema, first)
         if schema is None:
             schema, first = file_schema, path
-        elif not file_schema.remove_metadata().equals(schema.remove_metadata()):
-            raise InputError(f"{path}: schema differs from {first}:\n{file_schema}\nvs\n{schema}")
-        for rg in range(meta_file.num_row_groups):
-            units.append(WorkUnit(len(units), path, rg, meta_file.metadata.row_group(rg).num_rows))
+        for rg in range(meta.num_row_groups):
+            units.append(WorkUnit(len(units), path, rg, meta.row_group(rg).num_rows))
     if schema is None:
         raise InputError("no input files")
     return schema, units
