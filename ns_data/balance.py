@@ -36,7 +36,7 @@ from ns_data.hashing import hash_ids
 from ns_data.memory import release_freed_memory
 from ns_data.outputs import COMPLETE, RESUME, StageOutput, already_complete
 from ns_data.progress import Progress
-from ns_data.reading import WorkUnit, inspect_inputs, iter_batches
+from ns_data.reading import ReadUnits, TableInputs, WorkUnit, iter_batches, resolve_inputs
 from ns_data.runner import SumCounts, after_all
 from ns_data.stage import OptionsError
 
@@ -45,6 +45,8 @@ NAMESPACE = "ns_data.balance"
 # worker processes take about 2 s to start and stop and double the memory; on 2 cores they gained nothing at 10M
 # rows and 1.3x at 20M-30M (docs/benchmarks.md).
 MIN_ROWS_FOR_WORKERS = 15_000_000
+# The input's required columns, and the columns it must not have (balance writes them).
+INPUT_CHECKS = (contract.KEY_COLUMNS, tuple(f.name for f in contract.SELECTION_FIELDS) + (contract.REASON,))
 
 
 @dataclass(frozen=True)
@@ -93,21 +95,24 @@ class BalanceOptions:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the pipeline's steps share: options, the work units, where temporary files go."""
+    """What the pipeline's steps share: options, the inputs as given, totals, where temporary files go. No list
+    of files or work units: the pipeline makes those (reading.ReadUnits)."""
 
     options: BalanceOptions
-    units: tuple[WorkUnit, ...]
+    inputs: TableInputs
     schema: pa.Schema
     output: StageOutput
     run_id: str
     spill: bool  # keys cross the shuffles through spill files in the temp dir (ns_data.spill)
-
-    @property
-    def total_rows(self) -> int:
-        return sum(u.num_rows for u in self.units)
+    total_rows: int  # the input's rows: as the label markers count them, else estimated from the inputs' bytes
 
     def progress(self, stage: str) -> Progress:
-        return Progress(self.run_id, stage, self.total_rows, self.options.progress, shared_dir=self.output.tmp_dir)
+        return Progress(self.run_id, stage, self.inputs.marker_rows, self.options.progress,
+                        shared_dir=self.output.tmp_dir)
+
+    def read_units(self) -> ReadUnits:
+        """The transform that makes the work units in the pipeline."""
+        return ReadUnits(self.inputs, contract.LABELS, *INPUT_CHECKS)
 
     def dedup_buckets(self) -> int:
         return max(1, -(-self.total_rows // self.options.dedup_bucket_rows))
@@ -416,7 +421,8 @@ class RankFn(_TrimmingDoFn):
 
 
 class WriteFn(_TrimmingDoFn):
-    """Writes one row group's selected rows (+ rank, copies) and rejected rows (+ reason) to temp files."""
+    """Writes one work unit's selected rows (+ rank, copies) and rejected rows (+ reason) to temp files, each
+    only when it has rows."""
 
     COUNTS = "counts"
 
@@ -441,47 +447,59 @@ class WriteFn(_TrimmingDoFn):
         err_path = self.ctx.output.tmp(contract.SELECTION.errors_name(unit.index))
         counts = {"input_rows": 0, "below_min_confidence": 0, "candidates": 0, "selected_rows": 0,
                   "total_copies": 0, "rejected": {}}
-        err_writer = None
-        with fs.create(sel_path) as sel_file, parquet_writer(sel_file, sel_schema) as sel_writer:
-            for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
-                n = batch.num_rows
-                counts["input_rows"] += n
-                valid = kb.reason == 0
-                cand = sel.is_candidate(kb, opts.min_confidence)
-                counts["candidates"] += int(cand.sum())
-                counts["below_min_confidence"] += int((valid & ~cand).sum())
-                lo, hi = np.searchsorted(rows, [start, start + n])
-                if hi > lo:
-                    take = rows[lo:hi] - start
-                    copies = sel.copies_for(rank[lo:hi], plan.selected_for(kb.labels[take]), plan.per_class,
-                                            plan.upsample)
-                    out = pa.RecordBatch.from_arrays(
-                        list(batch.take(pa.array(take)).columns) + [pa.array(rank[lo:hi]), pa.array(copies)],
-                        schema=sel_schema)
-                    sel_writer.write_batch(out)
-                    counts["selected_rows"] += int(hi - lo)
-                    counts["total_copies"] += int(copies.sum())
-                bad = np.flatnonzero(~valid)
-                if len(bad):
-                    reasons = np.array(sel.REASONS, dtype=object)[kb.reason[bad] - 1]
-                    for r, c in zip(*np.unique(reasons, return_counts=True)):
-                        counts["rejected"][r] = counts["rejected"].get(r, 0) + int(c)
-                        self.rejected[r].inc(int(c))
-                    out = pa.RecordBatch.from_arrays(
-                        list(batch.take(pa.array(bad)).columns) + [pa.array(reasons, pa.string())],
-                        schema=err_schema)
-                    if err_writer is None:
-                        err_file = fs.create(err_path)
-                        err_writer = parquet_writer(err_file, err_schema)
-                    err_writer.write_batch(out)
-        if err_writer is not None:
-            err_writer.close()
-            err_file.close()
-            yield err_path
+        writers = _LazyWriters()
+        for start, batch, kb in _key_batches(self.ctx, unit, losers, "write", columns=schema.names):
+            n = batch.num_rows
+            counts["input_rows"] += n
+            valid = kb.reason == 0
+            cand = sel.is_candidate(kb, opts.min_confidence)
+            counts["candidates"] += int(cand.sum())
+            counts["below_min_confidence"] += int((valid & ~cand).sum())
+            lo, hi = np.searchsorted(rows, [start, start + n])
+            if hi > lo:
+                take = rows[lo:hi] - start
+                copies = sel.copies_for(rank[lo:hi], plan.selected_for(kb.labels[take]), plan.per_class,
+                                        plan.upsample)
+                out = pa.RecordBatch.from_arrays(
+                    list(batch.take(pa.array(take)).columns) + [pa.array(rank[lo:hi]), pa.array(copies)],
+                    schema=sel_schema)
+                writers.write(sel_path, sel_schema, out)
+                counts["selected_rows"] += int(hi - lo)
+                counts["total_copies"] += int(copies.sum())
+            bad = np.flatnonzero(~valid)
+            if len(bad):
+                reasons = np.array(sel.REASONS, dtype=object)[kb.reason[bad] - 1]
+                for r, c in zip(*np.unique(reasons, return_counts=True)):
+                    counts["rejected"][r] = counts["rejected"].get(r, 0) + int(c)
+                    self.rejected[r].inc(int(c))
+                out = pa.RecordBatch.from_arrays(
+                    list(batch.take(pa.array(bad)).columns) + [pa.array(reasons, pa.string())],
+                    schema=err_schema)
+                writers.write(err_path, err_schema, out)
+        yield from writers.close()
         self.selected.inc(counts["selected_rows"])
         self.copies.inc(counts["total_copies"])
-        yield sel_path
         yield beam.pvalue.TaggedOutput(self.COUNTS, counts)
+
+
+class _LazyWriters:
+    """Parquet files opened at their first batch: a unit that keeps or rejects nothing writes no file."""
+
+    def __init__(self):
+        self.open: dict[str, tuple[Any, pq.ParquetWriter]] = {}
+
+    def write(self, path: str, schema: pa.Schema, batch: pa.RecordBatch) -> None:
+        if path not in self.open:
+            sink = fs.create(path)
+            self.open[path] = (sink, parquet_writer(sink, schema))
+        self.open[path][1].write_batch(batch)
+
+    def close(self) -> list[str]:
+        """The paths written, closed."""
+        for sink, writer in self.open.values():
+            writer.close()
+            sink.close()
+        return sorted(self.open)
 
 
 def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
@@ -498,7 +516,8 @@ def _output_metadata(ctx: RunContext) -> dict:
 # ------------------------------------------------------------------------------------------- pass 6
 
 
-def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tuple[int, float]]) -> dict:
+def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tuple[int, float]],
+                files: list[str]) -> dict:
     opts = ctx.options
     rejected = {r: counts["rejected"][r] for r in sel.REASONS if counts.get("rejected", {}).get(r)}
     expected = int(plan.class_selected.sum())
@@ -524,16 +543,21 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
         "selected_rows": counts.get("selected_rows", 0),
         "total_copies": counts.get("total_copies", 0),
         "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
-        "input_files": sorted({fs.absolute(u.path) for u in ctx.units}),  # valid from any working directory
+        "input_files": sorted({fs.absolute(path) for path in files}),  # valid from any working directory
         "teacher": contract.read_metadata(ctx.schema, contract.TEACHER),  # as label recorded it (class names)
         "classes": classes,
     }
 
 
-def finalize(ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list) -> str:
-    """Moves files from the temp dir into the output, then writes stats.json: the output is complete."""
-    moves = [(path, fs.name(path)) for path in sorted(written)]
-    return ctx.output.publish(moves, build_stats(ctx, plan, counts, min_conf))
+def finalize(ctx: RunContext, written: list[str], plan: sel.Plan, counts: dict, min_conf: list,
+             files: list[str]) -> str:
+    """Moves files from the temp dir into the output, numbered from 0 in unit order (the units that wrote no file
+    leave no gap), then writes stats.json: the output is complete."""
+    data = sorted(p for p in written if fs.name(p).startswith(contract.SELECTION.data_prefix + "-"))
+    errors = sorted(set(written) - set(data))
+    moves = [(path, contract.SELECTION.data_name(i)) for i, path in enumerate(data)]
+    moves += [(path, contract.SELECTION.errors_name(i)) for i, path in enumerate(errors)]
+    return ctx.output.publish(moves, build_stats(ctx, plan, counts, min_conf, files))
 
 
 # ------------------------------------------------------------------------------------------- pipeline
@@ -592,18 +616,20 @@ class Balance(beam.PTransform):
             | "Write" >> beam.ParDo(WriteFn(ctx), as_single(plan), as_single(losers)).with_outputs(
                 WriteFn.COUNTS, main="files"))
         counts = written[WriteFn.COUNTS] | "SumCounts" >> beam.CombineGlobally(SumCounts())
+        files = (units
+                 | "UnitFiles" >> beam.FlatMap(lambda u: u.paths)
+                 | "DistinctFiles" >> beam.Distinct()
+                 | "CollectInputFiles" >> beam.combiners.ToList())
         return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsList(written["files"]), as_single(plan),
-                         as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF]))
+                         as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF]), as_single(files))
 
 
 def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunContext | None:
     """Everything checked before the run: options, inputs and their schema, the output's state.
     None when the output is already complete for these inputs and options."""
     opts.validate()
-    files = contract.table_files(opts.inputs, contract.LABELS)
-    schema, units = inspect_inputs(files, contract.KEY_COLUMNS,
-                                   reserved=tuple(f.name for f in contract.SELECTION_FIELDS) + (contract.REASON,))
-    fingerprint = fs.fingerprint([(f, fs.size(f)) for f in files], opts.rule())
+    inputs, _, identity = resolve_inputs(opts.inputs, contract.LABELS, "labeled", *INPUT_CHECKS)
+    fingerprint = fs.fingerprint(identity, opts.rule())
     output = StageOutput(opts.output, "balance", contract.SELECTION.marker,
                          (contract.SELECTION.data_pattern, contract.SELECTION.errors_pattern), fingerprint)
     state = output.begin(opts.overwrite)
@@ -612,8 +638,9 @@ def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunC
     if state == RESUME:  # the passes keep no finished work: an interrupted run starts over
         echo(f"balance: restarting the interrupted run in {opts.output}")
         output.begin(overwrite=True)
-    return RunContext(options=opts, units=tuple(units), schema=schema, output=output, run_id=uuid.uuid4().hex[:12],
-                      spill=spill.use_files(opts.shuffle, local_runner, opts.output))
+    return RunContext(options=opts, inputs=inputs, schema=inputs.schema, output=output,
+                      run_id=uuid.uuid4().hex[:12], spill=spill.use_files(opts.shuffle, local_runner, opts.output),
+                      total_rows=inputs.estimated_rows)
 
 
 def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:
@@ -626,6 +653,6 @@ def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=p
         echo(already_complete(opts.output))
     else:
         workers = None if ctx.total_rows >= MIN_ROWS_FOR_WORKERS else 1
-        if not run_stage("Balance", ctx.units, Balance(ctx), beam_args, local_workers=workers, compact=True):
+        if not run_stage("Balance", ctx.read_units(), Balance(ctx), beam_args, local_workers=workers, compact=True):
             return None, True
     return fs.read_json(fs.join(opts.output, contract.SELECTION.marker)), ctx is not None

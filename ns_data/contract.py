@@ -190,21 +190,22 @@ IMAGENET_LABEL = "image/class/label"  # labeled ImageNet shards name their class
 # ------------------------------------------------------------------------------------------- finding inputs
 
 
-def table_files(inputs: tuple[str, ...] | list[str], kind: OutputKind) -> list[str]:
-    """The Parquet files named by the inputs: a `kind` output directory gives its data files (once complete);
-    any other directory every *.parquet below it; a file or a glob itself. Sorted, each once."""
-    if not inputs:
-        raise InputError("no input given")
-    found: set[str] = set()
-    for item in inputs:
-        named = fs.is_glob(item) or fs.is_file(item)
-        if not named and kind.is_output(item):
-            files = kind.data_files(item)
-        elif not named and (other := next((k for k in STAGE_OUTPUTS if k.is_output(item)), None)):
-            raise InputError(f"{item} is a {other.stage} output; expected a {kind.stage} output or Parquet files")
-        else:
-            files = [p for p, _ in fs.list_files(item) if p.endswith(".parquet")]
-        if not files:
-            raise InputError(f"input not found or empty: {item}")
-        found.update(files)
-    return sorted(found)
+def stage_output(item: str, kind: OutputKind) -> dict | None:
+    """How a stage finds the previous one's data, input by input: a `kind` output directory gives its data
+    files (its marker returned here; an unfinished output is an error); any other directory every *.parquet
+    below it; a file or a glob itself (None). Another stage's output is an error."""
+    if fs.is_glob(item) or fs.is_file(item):
+        return None
+    if kind.is_output(item):
+        return kind.check_complete(item)
+    if other := next((k for k in STAGE_OUTPUTS if k.is_output(item)), None):
+        raise InputError(f"{item} is a {other.stage} output; expected a {kind.stage} output or Parquet files")
+    return None
+
+
+def input_files(item: str, is_output: bool, kind: OutputKind) -> list[tuple[str, int]]:
+    """(path, size) of an input's Parquet files, sorted: a `kind` output's data files, else as `fs.list_files`
+    finds them."""
+    if is_output:
+        return fs.match(fs.join(item, kind.data_pattern))
+    return [(p, n) for p, n in fs.list_files(item) if p.endswith(".parquet")]

@@ -122,15 +122,19 @@ def launched(output: str) -> str:
 def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None,
               local_workers: int | None = None, compact: bool = False) -> bool:
     """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform; True once it
-    has run to completion, False when the run only launched it (launch_only). On the local runner one worker
-    process per core starts, but no more than `local_workers` (1 when the stage judges the input too small to
-    pay for their start) and than there are units, unless the command line says; `compact`: the local run
-    uses a compact heap (ns_data.memory.compact_heap), for stages that move Arrow data, not models."""
-    units = list(units)
-    local_workers = max(1, min(local_workers or local_cores(), len(units)))
-    options = pipeline_options(beam_args, local_workers)
+    has run to completion, False when the run only launched it (launch_only). `units` is a list, or a
+    PTransform that expands the pipeline's root into the units (they are then made in the pipeline, and the
+    job carries none of them). On the local runner one worker process per core starts,
+    but no more than `local_workers` (1 when the stage judges the input too small to pay for their start) and
+    than there are units in a list, unless the command line says; `compact`: the local run uses a compact heap
+    (ns_data.memory.compact_heap), for stages that move Arrow data, not models."""
+    if not isinstance(units, beam.PTransform):
+        units = list(units)
+        local_workers = min(local_workers or local_cores(), len(units))
+    options = pipeline_options(beam_args, max(1, local_workers or local_cores()))
     pipeline = beam.Pipeline(options=options)
-    spread = pipeline | "WorkUnits" >> beam.Create(units) | "SpreadUnits" >> beam.Reshuffle()
+    made = pipeline | "WorkUnits" >> (units if isinstance(units, beam.PTransform) else beam.Create(units))
+    spread = made | "SpreadUnits" >> beam.Reshuffle()
     _ = spread | name >> stage
     with compact_heap() if compact and runs_locally(options) else contextlib.nullcontext():
         result = pipeline.run()

@@ -15,6 +15,16 @@ from ns_data.balance import BalanceOptions, run_balance
 TIE_VALUES = np.array([0.1, 0.3, 0.5, 0.75, 0.9, 0.99, 1.0], dtype=np.float32)
 
 
+@pytest.fixture(autouse=True)
+def unit_per_row_group(monkeypatch):
+    """Work units of one row group each: small test inputs would otherwise make a single unit (ReadUnits cuts
+    units of reading.UNIT_BYTES), and the stages' paths across units would go untested. Tests of larger units
+    set their own size."""
+    from ns_data import reading
+
+    monkeypatch.setattr(reading, "UNIT_BYTES", 1)
+
+
 def random_table(rng: np.random.Generator, n: int, classes: int, tie_share: float = 0.6) -> pa.Table:
     """Rows with skewed classes and many exact confidence ties, plus pass-through columns."""
     p = 1.0 / np.arange(1, classes + 1)

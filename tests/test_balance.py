@@ -194,14 +194,29 @@ def test_class_with_no_candidate_and_per_class_above_corpus(tmp_path):
     check_invariant(stats)
 
 
-def test_empty_input_writes_an_empty_complete_selection(tmp_path):
+def test_empty_input_writes_a_complete_selection_without_files(tmp_path):
     empty = pa.table({"id": pa.array([], pa.string()), "label": pa.array([], pa.int32()),
                       "confidence": pa.array([], pa.float32())})
     stats, got, errors = balance(write_parts(empty, tmp_path / "in", 1), tmp_path / "out", per_class=5)
     assert got.empty and errors.empty
     assert stats["input_rows"] == stats["selected_rows"] == 0
     assert stats["classes"] == {}
-    assert pq.read_schema(next((tmp_path / "out").glob("selection-*.parquet"))).names[-2:] == ["rank", "copies"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["stats.json"]  # no empty file
+
+
+def test_no_empty_selection_file_and_files_numbered_without_gaps(tmp_path, rng):
+    """Row groups sorted by confidence, a unit each: the low-confidence units keep nothing and write no file;
+    the files written are numbered 0..n-1."""
+    table = random_table(rng, 2000, 4)
+    order = np.argsort(-table.column("confidence").to_numpy(), kind="stable")
+    stats, got, _ = balance(write_parts(table, tmp_path / "in", 4, 100, order=order), tmp_path / "out",
+                            per_class=20, upsample=False)
+    files = sorted((tmp_path / "out").glob("selection-*.parquet"))
+    assert 0 < len(files) < 20  # 20 units, most keep nothing
+    assert [p.name for p in files] == [f"selection-{i:05d}.parquet" for i in range(len(files))]
+    assert all(pq.ParquetFile(p).metadata.num_rows > 0 for p in files)
+    want, _ = reference(table, 20, upsample=False)
+    assert_same(got, want)
 
 
 def test_all_rows_invalid(tmp_path):
@@ -257,8 +272,10 @@ def test_files_with_different_schemas_are_rejected(tmp_path):
     a = pa.table({"id": ["a"], "label": pa.array([0], pa.int32()), "confidence": pa.array([0.5], pa.float32())})
     pq.write_table(a, tmp_path / "a.parquet")
     pq.write_table(a.append_column("extra", pa.array([1])), tmp_path / "b.parquet")
-    with pytest.raises(InputError, match=r"b\.parquet: schema differs from .*a\.parquet"):
-        prepare(BalanceOptions(inputs=(str(tmp_path),), output=str(tmp_path / "out")))
+    # The launcher reads one footer per input; the others are checked in the pipeline, before any output file.
+    with pytest.raises(Exception, match=r"b\.parquet: schema differs from .*a\.parquet"):
+        run_balance(BalanceOptions(inputs=(str(tmp_path),), output=str(tmp_path / "out")), [])
+    assert not list((tmp_path / "out").glob("*.parquet")) and not (tmp_path / "out" / "stats.json").exists()
 
 
 def test_output_is_complete_or_absent_and_never_silently_replaced(tmp_path, rng):
@@ -293,7 +310,7 @@ def test_balance_transform_on_test_pipeline(tmp_path, rng):
     ctx = prepare(BalanceOptions(inputs=tuple(write_parts(table, tmp_path / "in", 2, 100)),
                                  output=str(tmp_path / "out"), per_class=25, unit_rows=10))
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        stats_path = p | beam.Create(list(ctx.units)) | Balance(ctx)
+        stats_path = p | ctx.read_units() | beam.Reshuffle() | Balance(ctx)
         assert_that(stats_path, equal_to([os.path.join(str(tmp_path / "out"), "stats.json")]))
     want, _ = reference(table, 25)
     assert_same(read_output(tmp_path / "out", "selection"), want)
@@ -401,3 +418,38 @@ def test_poisoned_probabilities_and_top_k_classes_are_rejected_with_their_reason
     assert stats["rejected_by_reason"] == errors["reason"].value_counts().to_dict()
     check_invariant(stats)
     assert stats["input_rows"] == table.num_rows == len(got) + len(errors)
+
+
+def test_units_are_cut_by_bytes_across_files_and_the_result_does_not_depend_on_the_files(tmp_path, rng,
+                                                                                         monkeypatch):
+    """With units of reading.UNIT_BYTES, 60 small files make one unit and one selection file; the selection is
+    the same as from one file read a row group per unit."""
+    from ns_data import reading
+
+    table = random_table(rng, 1200, 6)
+    per_rg, _, _ = balance(write_parts(table, tmp_path / "one", 1, 100), tmp_path / "out1", per_class=30)
+    monkeypatch.setattr(reading, "UNIT_BYTES", 64 * 2**20)
+    write_parts(table, tmp_path / "many", 60, 7)
+    stats, got, _ = balance([str(tmp_path / "many")], tmp_path / "out60", per_class=30)
+    assert [p.name for p in (tmp_path / "out60").glob("selection-*.parquet")] == ["selection-00000.parquet"]
+    assert len(stats["input_files"]) == 60
+    assert_same(got, read_output(tmp_path / "out1", "selection"))
+    same = [k for k in stats if k not in ("input_files", "options", "fingerprint")]
+    assert {k: stats[k] for k in same} == {k: per_rg[k] for k in same}
+
+
+def test_the_context_holds_totals_not_units(tmp_path):
+    """prepare reads the label marker's row count; the context carries no list of files or units, so its pickle
+    is the same size for 3 and 60 input files."""
+    import pickle
+
+    from ns_data.synth import SynthOptions, write_pseudo_labels
+
+    sizes = []
+    for files in (3, 60):
+        write_pseudo_labels(SynthOptions(output=str(tmp_path / f"l{files:03d}"), rows=600, files=files, classes=5))
+        ctx = prepare(BalanceOptions(inputs=(str(tmp_path / f"l{files:03d}"),), output=str(tmp_path / f"o{files:03d}")))
+        assert ctx.total_rows == 600 and isinstance(ctx.total_rows, int) and ctx.inputs.marker_rows == 600
+        assert not any(isinstance(v, (list, tuple)) and len(v) >= 3 for v in vars(ctx).values())
+        sizes.append(len(pickle.dumps(ctx)))
+    assert sizes[0] == sizes[1]

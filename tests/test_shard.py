@@ -499,3 +499,65 @@ def test_inspect_names_a_damaged_record_in_one_line(sharded, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.rstrip().splitlines()[-1] == (
         f"Error: {path}: record 1: corrupt_record (CorruptRecord: bad data checksum at byte {offset})"), result.output
+
+
+def test_rows_of_loose_files_cross_the_shuffle_without_schema_metadata(tmp_path):
+    """ReadSelectionFn's elements (what GroupBySource shuffles, with --shuffle beam) hold the rows only: the
+    selection's metadata (the teacher with 1,000 class names) stays out of them."""
+    import dataclasses
+    import pickle
+
+    from ns_data.reading import inspect_inputs
+    from ns_data.shard.pipeline import ReadSelectionFn
+    from ns_data.shard.plan import prepare
+
+    images = write_images(str(tmp_path / "images"), 6, width=32, height=24)
+    n = len(images)
+    teacher = {"num_classes": 1000, "class_names": [f"class number {i}" for i in range(1000)]}
+    table = pa.table({
+        "id": [os.path.basename(p) for p in images], "source": images, "offset": pa.array([None] * n, pa.int64()),
+        "label": pa.array(np.arange(n), pa.int32()), "confidence": pa.array(np.full(n, 0.5), pa.float32()),
+        "rank": pa.array(np.zeros(n), pa.int32()), "copies": pa.array(np.ones(n), pa.int32()),
+    }).replace_schema_metadata(contract.encode_metadata({contract.TEACHER: teacher}))
+    selection = write_selection(tmp_path / "sel", table)
+    ctx = prepare(ShardOptions(inputs=(selection,), output=str(tmp_path / "out"), num_shards=2, shuffle="beam"),
+                  local_runner=False)
+    assert not ctx.spill and len(json.dumps(ctx.teacher)) > 15_000
+    _, units = inspect_inputs(glob.glob(os.path.join(selection, "*.parquet")), contract.READ_BACK_COLUMNS)
+    rows = [e for e in ReadSelectionFn(ctx).process(units[0]) if not isinstance(e, beam_tagged())]
+    assert rows and all(batch.schema.metadata is None for _, batch in rows)
+    assert all(len(pickle.dumps(e)) < 2_000 for e in rows)
+
+
+def beam_tagged():
+    from apache_beam.pvalue import TaggedOutput
+
+    return TaggedOutput
+
+
+def test_the_launcher_reads_a_bounded_sample_of_a_balance_output_with_totals(tmp_path, monkeypatch):
+    """A balance output whose stats.json counts rows and copies: prepare takes the totals from it and reads at
+    most SAMPLE_UNITS row groups (for the image sample), however many the selection has."""
+    from ns_data.shard import plan
+
+    images = write_images(str(tmp_path / "images"), 4, width=32, height=24)
+    n = 400
+    table = pa.table({
+        "id": [f"{i:04d}" for i in range(n)], "source": [images[i % 4] for i in range(n)],
+        "offset": pa.array([None] * n, pa.int64()), "label": pa.array(np.arange(n) % 10, pa.int32()),
+        "confidence": pa.array(np.full(n, 0.5), pa.float32()), "rank": pa.array(np.zeros(n), pa.int32()),
+        "copies": pa.array(1 + np.arange(n) % 3, pa.int32())})
+    selection = write_selection(tmp_path / "sel", table, row_group_size=5)  # 80 row groups
+    copies = int(pc.sum(table.column("copies")).as_py())
+    (tmp_path / "sel" / "stats.json").write_text(json.dumps(
+        {"stage": "balance", "selected_rows": n, "total_copies": copies}))
+    read = []
+    real = plan.read_rows
+    monkeypatch.setattr(plan, "read_rows", lambda unit, columns: read.append(unit) or real(unit, columns))
+    ctx = plan.prepare(ShardOptions(inputs=(selection,), output=str(tmp_path / "out"), num_classes=10))
+    assert len(read) == plan.SAMPLE_UNITS
+    assert (ctx.total_rows, ctx.valid_rows, ctx.total_records) == (n, n, copies)
+    read.clear()  # a marker without the copies: every row group is read
+    (tmp_path / "sel" / "stats.json").write_text(json.dumps({"stage": "balance", "selected_rows": n}))
+    ctx = plan.prepare(ShardOptions(inputs=(selection,), output=str(tmp_path / "out2"), num_classes=10))
+    assert len(read) == 80 and ctx.total_records == copies

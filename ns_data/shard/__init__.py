@@ -98,6 +98,6 @@ def run_shard(opts: ShardOptions, beam_args: list[str] | None = None, echo=print
         echo(already_complete(opts.output))
     else:
         workers = None if ctx.valid_rows >= MIN_IMAGES_FOR_WORKERS else 1
-        if not run_stage("Shard", ctx.units, Shard(ctx), beam_args, local_workers=workers, compact=True):
+        if not run_stage("Shard", ctx.read_units(), Shard(ctx), beam_args, local_workers=workers, compact=True):
             return None, True
     return SHARDS.check_complete(opts.output), ctx is not None

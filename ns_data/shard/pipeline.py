@@ -1,6 +1,7 @@
 """The Beam steps of `shard` and the `Shard` transform that chains them (see the package docstring)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import apache_beam as beam
@@ -216,5 +217,14 @@ class Shard(beam.PTransform):
         counts = ((selected[COUNTS], fetched[COUNTS])
                   | "AllCounts" >> beam.Flatten()
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
-        return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsSingleton(infos),
-                         beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(errors))
+        files = (units
+                 | "UnitFiles" >> beam.FlatMap(lambda u: u.paths)
+                 | "DistinctFiles" >> beam.Distinct()
+                 | "CollectInputFiles" >> beam.combiners.ToList())
+        return after_all(units.pipeline, _finalize, ctx, beam.pvalue.AsSingleton(infos),
+                         beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(errors), beam.pvalue.AsSingleton(files))
+
+
+def _finalize(ctx: ShardContext, infos, counts: dict, errors: list[dict], files: list[str]) -> str:
+    """finalize, with the input files the pipeline listed (the context carries none)."""
+    return finalize(dataclasses.replace(ctx, files=tuple(sorted(files))), infos, counts, errors)

@@ -15,8 +15,9 @@ import pyarrow.compute as pc
 from ns_data import contract, fs
 from ns_data.outputs import COMPLETE, RESUME, StageOutput, resuming
 from ns_data.progress import Progress
+from ns_data.reading import (ReadUnits, TableInputs, WorkUnit, inspect_inputs, list_item, open_parquet,
+                             read_unit, resolve_inputs)
 from ns_data.soft_labels import PROBABILITY_REASONS, probability_checks
-from ns_data.reading import WorkUnit, inspect_inputs, open_parquet
 from ns_data.sources import read_back
 from ns_data.spill import use_files
 from ns_data.stage import InputError, OptionsError
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 FILES_PER_GROUP = 1024  # standalone image files read by one task
 SAMPLE_ROWS = 64
+SAMPLE_UNITS = 16  # row groups the launcher reads of a balance output that records its totals
 DEFAULT_MAX_SHARD_BYTES = 256 * 2**20
 SPILL = "spill"  # the spill files' folder in the temp dir
 HINT = "is this a selection from `ns-data balance`?"
@@ -45,9 +47,12 @@ CHECKED_COLUMNS = {NULL_ID: ("id",), NULL_SOURCE: ("source",), NULL_CONFIDENCE: 
 
 @dataclass(frozen=True)
 class ShardContext:
+    """What the pipeline's steps share. No list of work units or files: the pipeline makes those
+    (reading.ReadUnits); `files` is filled in for the manifest, from the pipeline, when the run finishes."""
+
     options: ShardOptions
     output: StageOutput
-    units: tuple[WorkUnit, ...]
+    inputs: TableInputs
     columns: tuple[str, ...]  # selection columns read
     read_settings: dict  # how `label` read the images: sources.read_back's image_column and input_format
     num_shards: int
@@ -56,7 +61,7 @@ class ShardContext:
     total_rows: int  # rows of the selection
     valid_rows: int  # rows that pass the row checks: images to read
     total_records: int  # their copies: records to write
-    files: tuple[str, ...]
+    files: tuple[str, ...]  # empty until the run's finalize step
     done: frozenset[int]  # shards already in place from an interrupted run with the same fingerprint
     spill: bool  # records go through spill files in the temp dir; only references cross the Beam shuffle
     teacher: dict | None  # the teacher's identity as `label` recorded it in the selection
@@ -77,6 +82,10 @@ class ShardContext:
         """A task's own spill file for what it sends (ns_data.spill), or None: through Beam's shuffle."""
         return self.output.tmp(f"{SPILL}/{task}.arrow") if self.spill else None
 
+    def read_units(self) -> ReadUnits:
+        """The transform that makes the work units in the pipeline."""
+        return ReadUnits(self.inputs, contract.SELECTION, contract.READ_BACK_COLUMNS, hint=HINT)
+
     def progress(self) -> Progress:
         return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images",
                         shared_dir=self.output.tmp_dir)
@@ -86,7 +95,9 @@ class ShardContext:
 
 
 def read_rows(unit: WorkUnit, columns: tuple[str, ...]) -> pa.Table:
-    return open_parquet(unit.path).read_row_group(unit.row_group, columns=list(columns))
+    """A unit's rows without the schema's metadata (the teacher, class names: the context has what is needed),
+    so that what crosses a shuffle holds the data only."""
+    return read_unit(unit, list(columns)).replace_schema_metadata(None)
 
 
 def row_reasons(table: pa.Table, num_classes: int | None) -> np.ndarray:
@@ -146,10 +157,12 @@ def _any_in_row(lists: pa.Array, flagged: np.ndarray) -> np.ndarray:
 
 
 def scan_selection(units: list[WorkUnit], columns: tuple[str, ...], num_classes: int | None,
-                   sample_rows: int = SAMPLE_ROWS) -> tuple[int, int, list[dict]]:
-    """One pass over the selection's small columns, a row group at a time: the rows that pass the checks, their
-    records, and about `sample_rows` of them spread evenly over the row groups (for check_sample)."""
-    picked = set(np.linspace(0, len(units) - 1, min(len(units), 16)).astype(int)) if units else set()
+                   sample_rows: int = SAMPLE_ROWS, picked: set[int] | None = None) -> tuple[int, int, list[dict]]:
+    """A pass over the selection's small columns, a row group at a time: the rows that pass the checks, their
+    records, and about `sample_rows` of them spread evenly over the row groups (for check_sample). `units`
+    are the row groups read (all of them, or a bounded sample of them: sample_units)."""
+    if picked is None:
+        picked = set(np.linspace(0, len(units) - 1, min(len(units), SAMPLE_UNITS)).astype(int)) if units else set()
     per_unit = max(1, sample_rows // max(1, len(picked)))
     valid_rows, records, sample = 0, 0, []
     for i, unit in enumerate(units):
@@ -197,12 +210,12 @@ def resolve_num_shards(opts: ShardOptions, total_records: int, record_bytes: flo
 def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardContext | None:
     """Everything checked before any image is written; None when the output is already complete."""
     opts.validate()
-    files = [fs.absolute(path) for path in contract.table_files(opts.inputs, contract.SELECTION)]
-    schema, units = inspect_inputs(files, contract.READ_BACK_COLUMNS, hint=HINT)
-    total_rows = sum(u.num_rows for u in units)
+    inputs, markers, identity = resolve_inputs(opts.inputs, contract.SELECTION, "selected_rows",
+                                               contract.READ_BACK_COLUMNS, hint=HINT)
+    schema = inputs.schema
     soft = [c for c in contract.SOFT_LABEL_COLUMNS if c in schema.names and (c != "probs" or opts.probabilities)]
     if ("topk_classes" in soft) != ("topk_probs" in soft):
-        raise InputError(f"{files[0]}: has one of topk_classes and topk_probs without the other; {HINT}")
+        raise InputError(f"{inputs.first}: has one of topk_classes and topk_probs without the other; {HINT}")
     settings = contract.read_metadata(schema, contract.INPUT) or {}
     read_settings = {"image_column": settings.get("image_column"), "input_format": settings.get("format", "auto")}
     num_classes = opts.num_classes or contract.num_classes(schema)
@@ -211,7 +224,7 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
                            "(or --no-probabilities)")
     columns = contract.READ_BACK_COLUMNS + tuple(soft)
     small_columns = tuple(c for c in columns if c != "probs")  # all the row checks need
-    valid_rows, total_records, sample = scan_selection(units, small_columns, num_classes)
+    total_rows, valid_rows, total_records, sample = selection_totals(inputs, markers, small_columns, num_classes)
     if total_records == 0:
         raise InputError(f"the selection has no rows to write ({total_rows:,} rows, none valid)")
     record_bytes = check_sample(sample, read_settings) + 4 * (num_classes or 0) * opts.probabilities + 200
@@ -219,7 +232,7 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
     spill = use_files(opts.shuffle, local_runner, opts.output)
     if spill and not fs.is_local(opts.output):
         raise OptionsError("--shuffle files needs a local --output (spill files are read back at random)")
-    fingerprint = fs.fingerprint([(path, fs.size(path)) for path in files], opts.placement(num_shards, num_classes))
+    fingerprint = fs.fingerprint(identity, opts.placement(num_shards, num_classes))
     output = StageOutput(opts.output, contract.SHARDS.stage, contract.SHARDS.marker,
                          (contract.SHARDS.data_pattern, contract.SHARDS.errors_pattern), fingerprint)
     state = output.begin(opts.overwrite)
@@ -230,12 +243,37 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
         fs.delete_dir(output.tmp(SPILL))  # an interrupted run's spill files: never read again
         done = frozenset(s for s in range(num_shards) if _in_place(output, contract.SHARDS.data_name(s, num_shards)))
         echo(resuming(opts.output, "shard") + f": {len(done)} of {num_shards} shards already written")
-    return ShardContext(options=opts, output=output, units=tuple(units), columns=columns, read_settings=read_settings,
+    return ShardContext(options=opts, output=output, inputs=inputs, columns=columns, read_settings=read_settings,
                         num_shards=num_shards, num_classes=num_classes,
                         file_groups=max(1, total_rows // FILES_PER_GROUP), total_rows=total_rows,
-                        valid_rows=valid_rows, total_records=total_records, files=tuple(files), done=done,
+                        valid_rows=valid_rows, total_records=total_records, files=(), done=done,
                         spill=spill, teacher=contract.read_metadata(schema, contract.TEACHER),
                         run_id=uuid.uuid4().hex[:12], started=time.time())
+
+
+def selection_totals(inputs: TableInputs, markers: list[dict], columns: tuple[str, ...], num_classes: int | None
+                     ) -> tuple[int, int, int, list[dict]]:
+    """(rows, rows that pass the checks, their records, a sample of valid rows for check_sample).
+
+    When every input is a balance output whose stats.json counts its rows and copies, the totals are the
+    markers' and the launcher reads SAMPLE_UNITS row groups, spread over the first data file of each input,
+    for the sample; their rows must all pass the checks (balance writes no other), else, as for inputs that are
+    plain Parquet, every footer is read and the small columns are scanned."""
+    first_files = [fs.join(path, contract.SELECTION.data_name(0)) for path, is_output in inputs.items if is_output]
+    if markers and inputs.marker_rows is not None and all("total_copies" in m for m in markers) \
+            and all(fs.exists(f) for f in first_files):
+        units = [WorkUnit(0, path, rg, meta.row_group(rg).num_rows) for path in first_files
+                 for meta in [open_parquet(path).metadata] for rg in range(meta.num_row_groups)]
+        picked = sorted(set(np.linspace(0, len(units) - 1, min(len(units), SAMPLE_UNITS)).astype(int)))
+        sampled = [units[i] for i in picked]
+        valid, _, sample = scan_selection(sampled, columns, num_classes, picked=set(range(len(sampled))))
+        if valid == sum(u.num_rows for u in sampled):
+            rows = inputs.marker_rows
+            return rows, rows, sum(int(m["total_copies"]) for m in markers), sample
+    files = sorted({f for item in inputs.items for f in list_item(item, contract.SELECTION)})
+    _, units = inspect_inputs(files, contract.READ_BACK_COLUMNS, hint=HINT)
+    valid_rows, records, sample = scan_selection(units, columns, num_classes)
+    return sum(u.num_rows for u in units), valid_rows, records, sample
 
 
 def sidecar(output: StageOutput, name: str) -> str:
