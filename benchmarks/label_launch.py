@@ -3,7 +3,7 @@ peak memory.
 
     python -m benchmarks.label_launch 1 3000 30000 [--dir /tmp/label-launch]
 
-For each N, a folder of N tiny JPEG files (hard links of one file) is made once, then `pipelines.label.run` is
+For each N, a folder of N tiny JPEG files (hard links of a few copies of one file) is made once, then `pipelines.label.run` is
 called in a fresh process with Beam's Dataflow runner and `--dry_run`: the job is translated, never submitted
 (nothing is contacted: the project, bucket and image are fake). Printed per N: the job's JSON request (what
 Dataflow's 10 MB limit applies to) and pipeline proto sizes, the seconds from the call to the translated job,
@@ -75,8 +75,12 @@ def make_files(directory: str, n: int) -> str:
         if i % 1000 == 0:
             os.makedirs(sub, exist_ok=True)
         path = os.path.join(sub, f"img-{i:07d}.jpg")
+        source = f"{one}.{i // 50_000}"  # a file system allows some 65,000 links to one file
+        if not os.path.exists(source):
+            with open(one, "rb") as f, open(source, "wb") as g:
+                g.write(f.read())
         if not os.path.exists(path):
-            os.link(one, path)
+            os.link(source, path)
     open(done, "w").close()
     return folder
 
