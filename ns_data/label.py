@@ -2,7 +2,8 @@
 
     input patterns -> sources.PlanUnits (listing, Parquet footers, work units: inside the pipeline) -> units
     without a marker -> LabelUnitFn: read, decode ahead in threads, the teacher's eval transform, the teacher
-    in batches -> the unit's labels and errors files, then its marker -> finalize (one listing of the markers)
+    in batches -> the unit's labels and errors files, then its marker -> once all are done, the units' files
+    merged into output files of about TARGET_FILE_BYTES -> finalize (one listing of the markers)
 
 The launcher lists nothing (sources.plan_inputs checks each input with a bounded listing), and the job holds
 the patterns and options only, so launching costs the same for a hundred images or a billion.
@@ -16,7 +17,10 @@ fingerprint holds the input patterns, not the files they match: the first run re
 units and bytes in the temp dir (`listing.json`), and a resumed run whose listing differs stops with an error
 before it labels anything (a changed file of the same size is not seen). The model is built once per worker
 process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNNN.parquet`,
-`errors-NNNNN.parquet` where images failed (numbered in the order of the units' digests), `stats.json` last.
+`errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
+order of their digests), a row group each, and is about 64 MB or the rest of the run: at most one file per
+64 MB of the run's rows and one more, never an empty one. The teacher's identity is in every file's footer
+(balance, shard and report read it there).
 """
 from __future__ import annotations
 
@@ -155,6 +159,7 @@ class LabelContext:
 
 
 LISTING = "listing.json"  # in the temp dir: what the first run of this fingerprint listed
+TARGET_FILE_BYTES = 64 * 2**20  # units' files are merged into output files of about this size
 
 
 def unit_marker(name: str, counts: dict) -> str:
@@ -336,22 +341,62 @@ def errors_table(errors: list[ImageRecord]) -> pa.Table:
                                   "detail": r.detail} for r in errors], schema=contract.IMAGE_ERROR_SCHEMA)
 
 
-def finalize(ctx: LabelContext, counts_this_run: dict, units: int) -> str:
-    """Moves every unit's files into place under their final names (in the order of the units' names), then
-    writes stats.json. The units' counts come from one listing of their markers' names."""
-    out, moves, total = ctx.output, [], {"labeled": 0, "errors": {}}
-    numbered = {"labels": 0, "errors": 0}
-    markers = dict(parse_marker(fs.name(p)) for p in fs.list_dir(out.tmp_dir, unit_marker_pattern()))
+def _done_units(tmp_dir: str) -> dict[str, dict]:
+    return dict(parse_marker(fs.name(p)) for p in fs.list_dir(tmp_dir, unit_marker_pattern()))
+
+
+def plan_merges(tmp_dir: str, units: int, _counts: dict):
+    """Once every unit is done: (kind, number, unit files) of each output file, the units' files in the order
+    of their names, closed once they reach TARGET_FILE_BYTES. Two listings of the temp dir (markers, and the
+    files with their sizes); no output file is empty."""
+    markers = _done_units(tmp_dir)
     if len(markers) != units:
         raise RuntimeError(f"internal check failed: {len(markers)} of {units} units are done")
-    for name in sorted(markers):
-        counts = markers[name]
+    for kind in ("labels", "errors"):
+        sizes = dict(fs.match(fs.join(tmp_dir, unit_file("*", kind))))
+        group, nbytes, number = [], 0, 0
+        for name in sorted(markers):
+            rows = markers[name]["labeled"] if kind == "labels" else sum(markers[name]["errors"].values())
+            if not rows:
+                continue
+            path = fs.join(tmp_dir, unit_file(name, kind))
+            group.append(path)
+            nbytes += sizes[path]
+            if nbytes >= TARGET_FILE_BYTES:
+                yield kind, number, group
+                group, nbytes, number = [], 0, number + 1
+        if group:
+            yield kind, number, group
+
+
+def merged_file(kind: str, number: int) -> str:
+    return f"merged-{kind}-{number:06d}.parquet"
+
+
+def merge_files(plan: tuple[str, int, list[str]], tmp_dir: str) -> tuple[str, int, str]:
+    """One output file from units' files, each unit's table a row group of it (one unit in memory at a time);
+    returns (kind, number, its path)."""
+    kind, number, paths = plan
+    path = fs.join(tmp_dir, merged_file(kind, number))
+    with fs.create(path) as f:
+        writer = None
+        for unit_path in paths:
+            with fs.open_read(unit_path) as source:
+                table = pq.read_table(source)
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+        writer.close()
+    return kind, number, path
+
+
+def finalize(ctx: LabelContext, counts_this_run: dict, units: int, merged: list[tuple[str, int, str]]) -> str:
+    """Moves the merged files into place under their final names, then writes stats.json. The units' counts
+    come from one listing of their markers' names."""
+    out, total = ctx.output, {"labeled": 0, "errors": {}}
+    for counts in _done_units(out.tmp_dir).values():
         add_counts(total, counts)
-        for kind, n in (("labels", counts["labeled"]), ("errors", sum(counts["errors"].values()))):
-            if n:
-                final = (contract.LABELS.data_name if kind == "labels" else contract.LABELS.errors_name)(numbered[kind])
-                moves.append((out.tmp(unit_file(name, kind)), final))
-                numbered[kind] += 1
+    moves = [(path, (contract.LABELS.data_name if kind == "labels" else contract.LABELS.errors_name)(number))
+             for kind, number, path in sorted(merged)]
     errors = sum(total["errors"].values())
     read_now = counts_this_run.get("labeled", 0) + sum(counts_this_run.get("errors", {}).values())
     seconds = time.time() - ctx.started
@@ -396,8 +441,14 @@ class Label(beam.PTransform):
         counts = (pending
                   | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
+        merged = (units.pipeline
+                  | "MergeTrigger" >> beam.Create([tmp_dir])
+                  | "PlanMerges" >> beam.FlatMap(plan_merges, beam.pvalue.AsSingleton(checked),
+                                                 beam.pvalue.AsSingleton(counts))
+                  | "SpreadMerges" >> beam.Reshuffle()
+                  | "Merge" >> beam.Map(merge_files, tmp_dir))
         return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsSingleton(counts),
-                         beam.pvalue.AsSingleton(checked))
+                         beam.pvalue.AsSingleton(checked), beam.pvalue.AsList(merged))
 
 
 # ------------------------------------------------------------------------------------------- running

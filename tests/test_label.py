@@ -567,3 +567,21 @@ def test_a_parquet_input_without_the_image_column_is_an_error_row(tmp_path, teac
     assert errors["id"].tolist() == ["b.parquet#"] and errors["reason"].tolist() == ["unreadable_file"]
     assert "no column 'image'" in errors["detail"][0]
     assert stats["images_read"] == len(names) + 1
+
+
+def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, images, monkeypatch):
+    from ns_data import label as label_module
+
+    d = write_dir(tmp_path / "imgs", many_images(images))  # 40 images: 3 units
+    stats, merged, _ = label([d], tmp_path / "merged", teacher_files)
+    files = sorted(glob.glob(str(tmp_path / "merged" / "labels-*.parquet")))
+    assert stats["units"] == 3 and len(files) == 1  # far below 64 MB: one file, a row group per unit
+    assert pq.ParquetFile(files[0]).num_row_groups == 3
+    monkeypatch.setattr(label_module, "TARGET_FILE_BYTES", 1)  # every unit's file reaches it: a file each
+    _, apart, _ = label([d], tmp_path / "apart", teacher_files)
+    files = sorted(glob.glob(str(tmp_path / "apart" / "labels-*.parquet")))
+    assert [os.path.basename(f) for f in files] == [f"labels-{i:05d}.parquet" for i in range(3)]
+    assert all(pq.ParquetFile(f).metadata.num_rows > 0 for f in files)  # never an empty file
+    assert apart["id"].tolist() == merged["id"].tolist() == sorted(many_images(images))
+    assert apart["label"].tolist() == merged["label"].tolist()
+    assert json.loads(pq.read_schema(files[0]).metadata[b"ns_data.teacher"])["model"] == MODEL
