@@ -487,10 +487,11 @@ def _interrupted(monkeypatch, inputs, output, teacher_files, keep: int, **kwargs
     def killed(*args, **kw):
         raise RuntimeError("killed before the last step")
 
+    finalize = label_module.finalize
     monkeypatch.setattr(label_module, "finalize", killed)
     with pytest.raises(Exception, match="killed before the last step"):
         label(inputs, output, teacher_files, **kwargs)
-    monkeypatch.undo()
+    monkeypatch.setattr(label_module, "finalize", finalize)
     markers = sorted(glob.glob(os.path.join(str(output), ".tmp-label", "unit-*.json")))
     for path in markers[keep:]:
         os.remove(path)
@@ -501,8 +502,17 @@ def many_images(images, copies: int = 4) -> dict[str, bytes]:
     return {f"{i:02d}-{name}": data for i in range(copies) for name, data in images.items()}
 
 
+@pytest.fixture
+def small_units(monkeypatch):
+    """Units of 16 files or more (128 by default), so that a few dozen images make several units."""
+    from ns_data import sources
+
+    monkeypatch.setattr(sources, "MIN_FILES_PER_UNIT", 16)
+
+
 def test_a_run_resumed_with_another_batch_size_gives_the_rows_of_an_uninterrupted_run(tmp_path, teacher_files,
-                                                                                     images, monkeypatch):
+                                                                                     images, monkeypatch,
+                                                                                     small_units):
     from ns_data.label import parse_marker
 
     files = many_images(images)  # 40 images: 3 units of loose files
@@ -518,7 +528,8 @@ def test_a_run_resumed_with_another_batch_size_gives_the_rows_of_an_uninterrupte
     np.testing.assert_allclose(np.stack(got["probs"]), np.stack(whole["probs"]), rtol=1e-5, atol=1e-6)
 
 
-def test_a_resumed_run_whose_inputs_changed_stops_before_labeling(tmp_path, teacher_files, images, monkeypatch):
+def test_a_resumed_run_whose_inputs_changed_stops_before_labeling(tmp_path, teacher_files, images, monkeypatch,
+                                                                  small_units):
     d = write_dir(tmp_path / "imgs", many_images(images))
     _interrupted(monkeypatch, [d], tmp_path / "out", teacher_files, keep=1)
     write_dir(tmp_path / "imgs", {"new.jpg": images["rgb.jpg"]})
@@ -538,7 +549,7 @@ def test_units_do_not_depend_on_the_listing_order(tmp_path):
         with open(path, "w") as f:
             json.dump(sorted(units), f)
 
-    listed = [Listed(f"/in/{i % 7}/img-{i:04d}.jpg", 100 + i, "files", 0) for i in range(200)]
+    listed = [Listed(f"/in/{i % 7}/img-{i:04d}.jpg", 100 + i, "files", 0) for i in range(2000)]
     listed += [Listed(f"/in/shard-{i}.tar", 5000, "tar", 0) for i in range(3)]
     listed += [Listed("/in/0/img-0000.jpg", 100, "files", 1, repeated=True)]
     runs = []
@@ -551,11 +562,11 @@ def test_units_do_not_depend_on_the_listing_order(tmp_path):
             runs.append(json.load(f))
     assert runs[0] == runs[1]
     files = [u for u in runs[0] if u[1].startswith("files/") and not u[3]]
-    assert len(files) == 13  # 200 files, 16 or more a unit: 13 buckets, each with some files at 200
-    assert sorted(p for u in files for p in u[2]) == sorted(e.path for e in listed[:200])
+    assert len(files) == 16  # 2,000 files, 128 or more a unit: 16 buckets, each with some files
+    assert sorted(p for u in files for p in u[2]) == sorted(e.path for e in listed[:2000])
     assert sum(u[4] for u in runs[0]) == sum(e.size for e in listed)  # the bytes the listing check adds up
     assert [u[2] for u in runs[0] if u[3]] == [["/in/0/img-0000.jpg"]]  # the repeat: a unit of its own
-    assert len(runs[0]) == 13 + 3 + 1
+    assert len(runs[0]) == 16 + 3 + 1
 
 
 def test_a_parquet_input_without_the_image_column_is_an_error_row(tmp_path, teacher_files, images):
@@ -569,7 +580,7 @@ def test_a_parquet_input_without_the_image_column_is_an_error_row(tmp_path, teac
     assert stats["images_read"] == len(names) + 1
 
 
-def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, images, monkeypatch):
+def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, images, monkeypatch, small_units):
     from ns_data import label as label_module
 
     d = write_dir(tmp_path / "imgs", many_images(images))  # 40 images: 3 units
