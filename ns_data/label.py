@@ -1,12 +1,26 @@
 """`label`: run the un-noised teacher over unlabeled images and write the pseudo-label table `balance` reads.
 
-    work units (some image files, or one container) -> LabelUnitFn: read, decode ahead in threads, the
-    teacher's eval transform, the teacher in batches -> the unit's labels and errors files, then its marker
+    input patterns -> sources.PlanUnits (listing, Parquet footers, work units: inside the pipeline) -> units
+    without a marker -> LabelUnitFn: read, decode ahead in threads, the teacher's eval transform, the teacher
+    in batches -> the unit's labels and errors files, then its marker -> once all are done, the units' files
+    merged into output files of about TARGET_FILE_BYTES -> finalize (one listing of the markers)
 
-A unit is the grain of work and of resume: its files and marker `unit-NNNNNN.json` are written in the run's
-temp dir as soon as the unit is done, so a killed run started again with the same command labels only the
-units without a marker. The model is built once per worker process (in `setup`). Output, complete or absent
-(contract.LABELS): `labels-NNNNN.parquet`, `errors-NNNNN.parquet` where images failed, `stats.json` last.
+The launcher lists nothing (sources.plan_inputs checks each input with a bounded listing), and the job holds
+the patterns and options only, so launching costs the same for a hundred images or a billion.
+
+A unit is the grain of work and of resume: its files and marker are written in the run's temp dir as soon as
+the unit is done, named by a digest of the unit's key (`unit-<digest>.labels.parquet`,
+`unit-<digest>~<labeled>~<reason>=<n>,....json`: the marker's name carries its counts). Units are a function of
+the listing, not of --batch-size nor of the workers, so a killed run started again with the same command (any
+--batch-size) labels only the units without a marker, found by one listing of the temp dir. The run's
+fingerprint holds the input patterns, not the files they match: the first run records its listing's count of
+units and bytes in the temp dir (`listing.json`), and a resumed run whose listing differs stops with an error
+before it labels anything (a changed file of the same size is not seen). The model is built once per worker
+process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNNN.parquet`,
+`errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
+order of their digests), a row group each, and is about 64 MB or the rest of the run: at most one file per
+64 MB of the run's rows and one more, never an empty one. The teacher's identity is in every file's footer
+(balance, shard and report read it there).
 """
 from __future__ import annotations
 
@@ -28,9 +42,9 @@ from ns_data import contract, fs
 from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError
 from ns_data.outputs import COMPLETE, RESUME, StageOutput
 from ns_data.progress import Progress
-from ns_data.runner import after_all
-from ns_data.sources import ImageRecord, ImageUnit, ReadSettings, known_total, plan_units, read_unit
-from ns_data.stage import OptionsError
+from ns_data.runner import SumCounts, add_counts, after_all
+from ns_data.sources import ImageRecord, ImageUnit, PlanUnits, ReadSettings, plan_inputs, read_unit
+from ns_data.stage import InputError, OptionsError
 
 NAMESPACE = "ns_data.label"
 
@@ -123,20 +137,20 @@ class LabelOptions:
 
 @dataclass(frozen=True)
 class LabelContext:
-    """What the workers and the last step share: small whatever the number of units (they travel with the job)."""
+    """What the workers and the last step share: small whatever the number of inputs (they travel with the
+    job): no file or unit of the inputs is in it."""
 
     options: LabelOptions
     settings: ReadSettings  # with the Parquet image column resolved
     teacher: dict[str, Any]  # identity: model, weights' digest, preprocessing, precision, num_classes, class names
     output: StageOutput
-    units: int  # of the whole run
-    resumed_units: int  # finished by an interrupted run with the same fingerprint
-    images_to_read: int | None  # by this run, when known without reading containers (for progress)
+    resumed: bool  # an interrupted run with the same fingerprint is being finished
     run_id: str
     started: float
 
     def progress(self) -> Progress:
-        return Progress(self.run_id, "label", self.images_to_read, self.options.progress, unit="images",
+        # The number of images is not known before the pipeline has listed (and read) the inputs: counts only.
+        return Progress(self.run_id, "label", None, self.options.progress, unit="images",
                         shared_dir=self.output.tmp_dir)
 
     def schema(self) -> pa.Schema:
@@ -144,16 +158,60 @@ class LabelContext:
                                                                  contract.INPUT: self.settings.as_metadata()})
 
 
-def unit_marker(index: int) -> str:
-    return f"unit-{index:08d}.json"
+LISTING = "listing.json"  # in the temp dir: what the first run of this fingerprint listed
+TARGET_FILE_BYTES = 64 * 2**20  # units' files are merged into output files of about this size
+
+
+def unit_marker(name: str, counts: dict) -> str:
+    """The marker of a done unit; its name carries the unit's counts, so that one listing finds them all."""
+    errors = ",".join(f"{reason}={n}" for reason, n in sorted(counts["errors"].items()))
+    return f"unit-{name}~{counts['labeled']}~{errors}.json"
+
+
+def parse_marker(filename: str) -> tuple[str, dict]:
+    """(unit name, {"labeled": n, "errors": {reason: n}}) from a marker's file name."""
+    name, labeled, errors = filename[len("unit-"): -len(".json")].split("~")
+    pairs = (e.rsplit("=", 1) for e in errors.split(",") if e)
+    return name, {"labeled": int(labeled), "errors": {reason: int(n) for reason, n in pairs}}
 
 
 def unit_marker_pattern() -> str:
-    return "unit-*.json"
+    return "unit-*~*.json"
 
 
-def unit_file(index: int, kind: str) -> str:
-    return f"unit-{index:08d}.{kind}.parquet"
+def unit_file(name: str, kind: str) -> str:
+    return f"unit-{name}.{kind}.parquet"
+
+
+def finished_units(tmp_dir: str):
+    """(unit name, None) for every unit with a marker: one listing of the temp dir."""
+    for path in fs.list_dir(tmp_dir, unit_marker_pattern()):
+        yield parse_marker(fs.name(path))[0], None
+
+
+def check_listing(summary: tuple[int, int], tmp_dir: str) -> int:
+    """Records the listing's (units, bytes) on a run's first pass; on a resumed run, stops if they differ from
+    the recorded ones (the inputs changed under the same patterns). Returns the number of units."""
+    units, nbytes = summary
+    path = fs.join(tmp_dir, LISTING)
+    now = {"units": units, "bytes": nbytes}
+    if fs.exists(path):
+        before = fs.read_json(path)
+        if before != now:
+            raise InputError(f"the inputs changed since the interrupted run in {tmp_dir} began ({before['units']:,} "
+                             f"units of {before['bytes']:,} bytes then, {units:,} of {nbytes:,} now); pass "
+                             "--overwrite to label them from the start")
+    else:
+        fs.write_json(path, now)
+    return units
+
+
+def _add_pairs(pairs) -> tuple[int, int]:
+    units = nbytes = 0
+    for u, n in pairs:
+        units += u
+        nbytes += n
+    return units, nbytes
 
 
 # ------------------------------------------------------------------------------------------- the work
@@ -239,20 +297,17 @@ class LabelUnitFn(beam.DoFn):
         self.labeled.inc(counts["labeled"])
         self.rejected.inc(sum(counts["errors"].values()))
         self.units.inc()
-        yield counts
+        yield counts | {"units": 1}
 
     def _write(self, unit: ImageUnit, labeled, predictions, errors) -> dict:
         """The unit's files, then its marker (so a marker means the unit is complete)."""
         out = self.ctx.output
         counts = {"labeled": len(labeled), "errors": dict(collections.Counter(r.error for r in errors))}
-        files = {}
         if labeled:
-            files["labels"] = unit_file(unit.index, "labels")
-            _write_table(out.tmp(files["labels"]), labels_table(labeled, predictions, self.ctx.schema()))
+            _write_table(out.tmp(unit_file(unit.name, "labels")), labels_table(labeled, predictions, self.ctx.schema()))
         if errors:
-            files["errors"] = unit_file(unit.index, "errors")
-            _write_table(out.tmp(files["errors"]), errors_table(errors))
-        fs.write_json(out.tmp(unit_marker(unit.index)), counts | {"files": files})
+            _write_table(out.tmp(unit_file(unit.name, "errors")), errors_table(errors))
+        fs.write_json(out.tmp(unit_marker(unit.name, counts)), counts | {"key": unit.key})
         return counts
 
 
@@ -286,62 +341,123 @@ def errors_table(errors: list[ImageRecord]) -> pa.Table:
                                   "detail": r.detail} for r in errors], schema=contract.IMAGE_ERROR_SCHEMA)
 
 
-def finalize(ctx: LabelContext, counts_this_run: list[dict]) -> str:
-    """Moves every unit's files into place under their final names (in unit order), then writes stats.json."""
-    out, moves, total = ctx.output, [], {"labeled": 0, "errors": {}}
-    numbered = {"labels": 0, "errors": 0}
-    markers = fs.list_dir(out.tmp_dir, unit_marker_pattern())
-    if len(markers) != ctx.units:
-        raise RuntimeError(f"internal check failed: {len(markers)} of {ctx.units} units are done")
-    for path in markers:
-        marker = fs.read_json(path)
-        total["labeled"] += marker["labeled"]
-        for reason, n in marker["errors"].items():
-            total["errors"][reason] = total["errors"].get(reason, 0) + n
-        for kind, name in sorted(marker["files"].items()):
-            final = contract.LABELS.data_name(numbered[kind]) if kind == "labels" else contract.LABELS.errors_name(
-                numbered[kind])
-            moves.append((out.tmp(name), final))
-            numbered[kind] += 1
+def _done_units(tmp_dir: str) -> dict[str, dict]:
+    return dict(parse_marker(fs.name(p)) for p in fs.list_dir(tmp_dir, unit_marker_pattern()))
+
+
+def plan_merges(tmp_dir: str, units: int, _counts: dict):
+    """Once every unit is done: (kind, number, unit files) of each output file, the units' files in the order
+    of their names, closed once they reach TARGET_FILE_BYTES. Two listings of the temp dir (markers, and the
+    files with their sizes); no output file is empty."""
+    markers = _done_units(tmp_dir)
+    if len(markers) != units:
+        raise RuntimeError(f"internal check failed: {len(markers)} of {units} units are done")
+    for kind in ("labels", "errors"):
+        sizes = dict(fs.match(fs.join(tmp_dir, unit_file("*", kind))))
+        group, nbytes, number = [], 0, 0
+        for name in sorted(markers):
+            rows = markers[name]["labeled"] if kind == "labels" else sum(markers[name]["errors"].values())
+            if not rows:
+                continue
+            path = fs.join(tmp_dir, unit_file(name, kind))
+            group.append(path)
+            nbytes += sizes[path]
+            if nbytes >= TARGET_FILE_BYTES:
+                yield kind, number, group
+                group, nbytes, number = [], 0, number + 1
+        if group:
+            yield kind, number, group
+
+
+def merged_file(kind: str, number: int) -> str:
+    return f"merged-{kind}-{number:06d}.parquet"
+
+
+def merge_files(plan: tuple[str, int, list[str]], tmp_dir: str) -> tuple[str, int, str]:
+    """One output file from units' files, each unit's table a row group of it (one unit in memory at a time);
+    returns (kind, number, its path)."""
+    kind, number, paths = plan
+    path = fs.join(tmp_dir, merged_file(kind, number))
+    with fs.create(path) as f:
+        writer = None
+        for unit_path in paths:
+            with fs.open_read(unit_path) as source:
+                table = pq.read_table(source)
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+        writer.close()
+    return kind, number, path
+
+
+def finalize(ctx: LabelContext, counts_this_run: dict, units: int, merged: list[tuple[str, int, str]]) -> str:
+    """Moves the merged files into place under their final names, then writes stats.json. The units' counts
+    come from one listing of their markers' names."""
+    out, total = ctx.output, {"labeled": 0, "errors": {}}
+    for counts in _done_units(out.tmp_dir).values():
+        add_counts(total, counts)
+    moves = [(path, (contract.LABELS.data_name if kind == "labels" else contract.LABELS.errors_name)(number))
+             for kind, number, path in sorted(merged)]
     errors = sum(total["errors"].values())
-    labeled_now = sum(c["labeled"] + sum(c["errors"].values()) for c in counts_this_run)
+    read_now = counts_this_run.get("labeled", 0) + sum(counts_this_run.get("errors", {}).values())
     seconds = time.time() - ctx.started
     stats = {
         "images_read": total["labeled"] + errors,
         "labeled": total["labeled"],
         "errors": errors,
         "errors_by_reason": dict(sorted(total["errors"].items())),
-        "units": ctx.units,
-        "resumed_units": ctx.resumed_units,
-        "images_read_this_run": labeled_now,
+        "units": units,
+        "resumed_units": units - counts_this_run.get("units", 0),
+        "images_read_this_run": read_now,
         "teacher": ctx.teacher,
         "input": ctx.settings.as_metadata(),
         "options": dataclasses.asdict(ctx.options) | {"inputs": list(ctx.options.inputs)},
         "wall_seconds": round(seconds, 3),
-        "images_per_second": round(labeled_now / max(seconds, 1e-9), 2),
+        "images_per_second": round(read_now / max(seconds, 1e-9), 2),
     }
     return out.publish(moves, stats)
 
 
 class Label(beam.PTransform):
-    """The pending work units in; the path of the written stats.json out, once everything is in place."""
+    """Every work unit of the run in; the path of the written stats.json out, once everything is in place.
+
+    Units with a marker (done by an interrupted run) are skipped; the listing is checked against the one the
+    run's first pass recorded before any unit is labeled."""
 
     def __init__(self, ctx: LabelContext):
         super().__init__()
         self.ctx = ctx
 
     def expand(self, units):
-        counts = units | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
-        return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsList(counts))
+        tmp_dir = self.ctx.output.tmp_dir
+        checked = (units
+                   | "Sizes" >> beam.Map(lambda u: (1, u.nbytes))
+                   | "Listing" >> beam.CombineGlobally(_add_pairs)
+                   | "CheckListing" >> beam.Map(check_listing, tmp_dir))
+        finished = (units.pipeline
+                    | "FinishedTrigger" >> beam.Create([tmp_dir])
+                    | "ListFinished" >> beam.FlatMap(finished_units))
+        pending = units | "SkipFinished" >> beam.Filter(lambda u, done, _: u.name not in done,
+                                                          beam.pvalue.AsDict(finished), beam.pvalue.AsSingleton(checked))
+        counts = (pending
+                  | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
+                  | "SumCounts" >> beam.CombineGlobally(SumCounts()))
+        merged = (units.pipeline
+                  | "MergeTrigger" >> beam.Create([tmp_dir])
+                  | "PlanMerges" >> beam.FlatMap(plan_merges, beam.pvalue.AsSingleton(checked),
+                                                 beam.pvalue.AsSingleton(counts))
+                  | "SpreadMerges" >> beam.Reshuffle()
+                  | "Merge" >> beam.Map(merge_files, tmp_dir))
+        return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsSingleton(counts),
+                         beam.pvalue.AsSingleton(checked), beam.pvalue.AsList(merged))
 
 
 # ------------------------------------------------------------------------------------------- running
 
 
-def prepare(opts: LabelOptions) -> tuple[LabelContext, list[ImageUnit]] | None:
-    """Everything checked before any image is read: options, teacher, inputs, the output's state; returns the
-    run's context and the units left to label. None when the output is already complete for these inputs and
-    options."""
+def prepare(opts: LabelOptions) -> tuple[LabelContext, PlanUnits] | None:
+    """Everything checked before any image is read: options, teacher, inputs (at a cost that does not grow with
+    them), the output's state; returns the run's context and the transform that plans its units inside the
+    pipeline. None when the output is already complete for these inputs and options."""
     from ns_data.teacher import check_teacher
 
     opts.validate()
@@ -350,22 +466,17 @@ def prepare(opts: LabelOptions) -> tuple[LabelContext, list[ImageUnit]] | None:
         from ns_data.preprocess import decode_identity
 
         teacher["decode"] = decode_identity(teacher["preprocessing"])
-    units, settings = plan_units(opts.inputs, opts.read_settings, opts.max_images, 4 * opts.batch_size)
-    plan = [(u.kind, u.paths, u.row_group, u.limit, u.repeated) for u in units]
-    fingerprint = fs.fingerprint([], plan, opts.decisive(), teacher, settings.as_metadata())
+    patterns, id_root, settings = plan_inputs(opts.inputs, opts.read_settings)
+    fingerprint = fs.fingerprint([], [p.pattern for p in patterns], id_root, opts.decisive(), teacher,
+                                 settings.as_metadata())
     output = StageOutput(opts.output, "label", contract.LABELS.marker,
                          (contract.LABELS.data_pattern, contract.LABELS.errors_pattern), fingerprint)
     state = output.begin(opts.overwrite)
     if state == COMPLETE:
         return None
-    done = set()
-    if state == RESUME:
-        done = {fs.name(p) for p in fs.list_dir(output.tmp_dir, unit_marker_pattern())}
-    pending = [u for u in units if unit_marker(u.index) not in done]
-    ctx = LabelContext(options=opts, settings=settings, teacher=teacher, output=output, units=len(units),
-                       resumed_units=len(units) - len(pending), images_to_read=known_total(pending),
+    ctx = LabelContext(options=opts, settings=settings, teacher=teacher, output=output, resumed=state == RESUME,
                        run_id=uuid.uuid4().hex[:12], started=time.time())
-    return ctx, pending
+    return ctx, PlanUnits(patterns, id_root, settings, opts.max_images)
 
 
 def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:
@@ -379,10 +490,10 @@ def run_label(opts: LabelOptions, beam_args: list[str] | None = None, echo=print
     if prepared is None:
         echo(already_complete(opts.output))
     else:
-        ctx, pending = prepared
-        if ctx.resumed_units:
-            echo(resuming(opts.output, "label") + f": {ctx.resumed_units:,} of {ctx.units:,} units already done")
-        if not run_stage("Label", pending, Label(ctx), beam_args, local_workers=1):  # torch, decoding: every core
+        ctx, plan = prepared
+        if ctx.resumed:
+            echo(resuming(opts.output, "label") + ": units with a marker are kept")
+        if not run_stage("Label", plan, Label(ctx), beam_args, local_workers=1):  # torch, decoding: every core
             return None, True
     return fs.read_json(fs.join(opts.output, contract.LABELS.marker)), prepared is not None
 

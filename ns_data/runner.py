@@ -119,22 +119,24 @@ def launched(output: str) -> str:
     return f"job launched; {output} is complete when the job has written its marker"
 
 
-def run_stage(name: str, units, stage: beam.PTransform, beam_args: list[str] | None,
+def run_stage(name: str, source, stage: beam.PTransform, beam_args: list[str] | None,
               local_workers: int | None = None, compact: bool = False) -> bool:
     """Runs one stage's pipeline: its work units, spread over workers, into the stage's transform; True once it
-    has run to completion, False when the run only launched it (launch_only). `units` is a list, or a
-    PTransform that expands the pipeline's root into the units (they are then made in the pipeline, and the
-    job carries none of them). On the local runner one worker process per core starts,
-    but no more than `local_workers` (1 when the stage judges the input too small to pay for their start) and
-    than there are units in a list, unless the command line says; `compact`: the local run uses a compact heap
-    (ns_data.memory.compact_heap), for stages that move Arrow data, not models."""
-    if not isinstance(units, beam.PTransform):
-        units = list(units)
-        local_workers = min(local_workers or local_cores(), len(units))
-    options = pipeline_options(beam_args, max(1, local_workers or local_cores()))
+    has run to completion, False when the run only launched it (launch_only). `source` is the work units (a
+    list, carried by the job) or a PTransform that makes them inside the pipeline from its start (the job then
+    carries only what the transform holds: the way to keep it the same size whatever the input). On the local
+    runner one worker process per core starts, but no more than `local_workers` (1 when the stage judges the
+    input too small to pay for their start) and than there are units in a list, unless the command line says;
+    `compact`: the local run uses a compact heap (ns_data.memory.compact_heap), for stages that move Arrow data,
+    not models."""
+    local_workers = local_workers or local_cores()
+    if not isinstance(source, beam.PTransform):
+        source = list(source)
+        local_workers = min(local_workers, len(source))
+        source = beam.Create(source)
+    options = pipeline_options(beam_args, max(1, local_workers))
     pipeline = beam.Pipeline(options=options)
-    made = pipeline | "WorkUnits" >> (units if isinstance(units, beam.PTransform) else beam.Create(units))
-    spread = made | "SpreadUnits" >> beam.Reshuffle()
+    spread = pipeline | "WorkUnits" >> source | "SpreadUnits" >> beam.Reshuffle()
     _ = spread | name >> stage
     with compact_heap() if compact and runs_locally(options) else contextlib.nullcontext():
         result = pipeline.run()

@@ -18,15 +18,18 @@ container. A container that cannot be read, or a damaged record, becomes an erro
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tarfile
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from ns_data import fs, tfrecord
 from ns_data.images import IMAGE_EXTENSIONS
@@ -36,7 +39,9 @@ UNREADABLE = "unreadable_file"
 CORRUPT_RECORD = "corrupt_record"
 MISSING_SOURCE = "missing_source"
 DUPLICATE_INPUT = "duplicate_input"
+MIN_FILES_PER_UNIT = 128  # four teacher batches at the default --batch-size
 MAX_FILES_PER_UNIT = 1024
+LAUNCH_CHECK_FILES = 1000  # files the launcher lists per input to check it holds images
 ReadBack = Iterator[tuple[bytes | None, str | None, str]]  # (bytes, None, "") or (None, reason, detail)
 
 
@@ -58,15 +63,23 @@ class ReadSettings:
 
 @dataclass(frozen=True)
 class ImageUnit:
-    """A work unit of `label`: some image files, or one container (one row group of a Parquet file)."""
+    """A work unit of `label`: some image files, or one container (one row group of a Parquet file).
 
-    index: int
+    `key` says which files of the listing it holds (the same for a killed run and its rerun); `name`, a digest
+    of it, names its files and marker."""
+
+    key: str
     kind: str
     paths: tuple[str, ...]  # absolute URIs
     id_root: str
     row_group: int | None = None
     limit: int | None = None  # read at most this many images (--max-images)
     repeated: bool = False  # named by an earlier input too: every image is a duplicate_input error
+    nbytes: int = 0  # bytes of the listing this unit accounts for (a Parquet file's on its first row group)
+
+    @property
+    def name(self) -> str:
+        return hashlib.blake2b(self.key.encode("utf-8", "surrogateescape"), digest_size=10).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,9 +102,6 @@ class ImageFormat:
 
     kind = ""
 
-    def units(self, paths: list[str], id_root: str, files_per_unit: int) -> list[ImageUnit]:
-        return [ImageUnit(0, self.kind, (p,), id_root) for p in paths]
-
     def count(self, unit: ImageUnit, settings: ReadSettings) -> int:
         return sum(1 for _ in self.iterate(unit, settings, with_data=False))
 
@@ -104,10 +114,6 @@ class ImageFormat:
 
 class Files(ImageFormat):
     kind = "files"
-
-    def units(self, paths, id_root, files_per_unit):
-        return [ImageUnit(0, self.kind, tuple(paths[i: i + files_per_unit]), id_root)
-                for i in range(0, len(paths), files_per_unit)]
 
     def count(self, unit, settings):
         return len(unit.paths)
@@ -205,21 +211,30 @@ class Tar(ImageFormat):
 class Parquet(ImageFormat):
     kind = "parquet"
 
-    def units(self, paths, id_root, files_per_unit):
-        return [ImageUnit(0, self.kind, (p,), id_root, row_group=g)
-                for p in paths for g in range(_open(p).num_row_groups)]
-
     def count(self, unit, settings):
+        if unit.row_group is None:
+            return super().count(unit, settings)
         return _open(unit.paths[0]).metadata.row_group(unit.row_group).num_rows
 
     def iterate(self, unit, settings, with_data=True):
+        """A row group's images; a file whose footer, image column or row group cannot be read is one error
+        record (`row_group` None: the planning found it unreadable)."""
         path = unit.paths[0]
         name = fs.relative_to(path, unit.id_root)
-        pf = _open(path)
-        column = settings.image_column or image_column(pf.schema_arrow, path)
-        ids = settings.id_column if settings.id_column in pf.schema_arrow.names else None
-        first = sum(pf.metadata.row_group(g).num_rows for g in range(unit.row_group))
-        table = pf.read_row_group(unit.row_group, columns=[column] + ([ids] if ids else []))
+        try:
+            pf = _open(path)
+            column = settings.image_column or image_column(pf.schema_arrow, path)
+            if column not in pf.schema_arrow.names:
+                raise InputError(f"{path}: no column '{column}' (has: {', '.join(pf.schema_arrow.names)})")
+            if unit.row_group is None:
+                raise InputError(f"{path}: cannot read its row groups")
+            ids = settings.id_column if settings.id_column in pf.schema_arrow.names else None
+            first = sum(pf.metadata.row_group(g).num_rows for g in range(unit.row_group))
+            table = pf.read_row_group(unit.row_group, columns=[column] + ([ids] if ids else []))
+        except Exception as err:  # noqa: BLE001 - an unreadable container is an error record, not a crash
+            where = "" if unit.row_group is None else f"row-group-{unit.row_group}"
+            yield ImageRecord(f"{name}#{where}", path, None, error=UNREADABLE, detail=f"{type(err).__name__}: {err}")
+            return
         values = table.column(column).to_pylist()
         keys = table.column(ids).to_pylist() if ids else [None] * len(values)
         for i, (data, key) in enumerate(zip(values, keys)):
@@ -249,6 +264,7 @@ class Parquet(ImageFormat):
 
 
 FORMATS: dict[str, ImageFormat] = {f.kind: f for f in (Files(), TFRecord(), Tar(), Parquet())}
+_KIND_ORDER = {kind: n for n, kind in enumerate(FORMATS)}
 _EXTENSION_KIND = {".tfrecord": "tfrecord", ".tfrecords": "tfrecord", ".tfr": "tfrecord", ".tar": "tar",
                    ".parquet": "parquet", **{ext: "files" for ext in IMAGE_EXTENSIONS}}
 
@@ -280,6 +296,28 @@ def image_column(schema: pa.Schema, path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- planning
+# The launcher only turns each INPUT into a pattern and checks it cheaply (`plan_inputs`); listing the files,
+# reading Parquet footers and forming work units happen inside the pipeline (`PlanUnits`), so neither the launch
+# nor the job grows with the corpus.
+
+
+@dataclass(frozen=True)
+class InputPattern:
+    """One INPUT as the pipeline lists it: everything below a directory, a glob, or one file."""
+
+    index: int  # position among the inputs: a file named by two inputs belongs to the first
+    pattern: str  # absolute
+
+
+@dataclass(frozen=True)
+class Listed:
+    """An input file found by the pipeline's listing."""
+
+    path: str
+    size: int
+    kind: str
+    input_index: int
+    repeated: bool = False  # named by an earlier input too
 
 
 def _root(item: str) -> str:
@@ -290,68 +328,183 @@ def _root(item: str) -> str:
     return fs.split(item)[0] if fs.is_file(item) else item.rstrip("/")
 
 
-def plan_units(inputs, settings: ReadSettings = ReadSettings(), max_images: int | None = None,
-               min_files_per_unit: int = 16) -> tuple[list[ImageUnit], ReadSettings]:
-    """Work units of the inputs in a stable order, and the settings with the Parquet image column resolved.
+def _pattern(item: str) -> str:
+    item = fs.absolute(item)
+    return item if fs.is_glob(item) or fs.is_file(item) else fs.join(item.rstrip("/"), "**")
 
-    Image files go `min_files_per_unit` or more to a unit (a few teacher batches), about 64 units in all, at most
-    MAX_FILES_PER_UNIT: enough units to spread and resume, few enough files out.
 
-    Errors (an input with nothing to read, a Parquet input without the image column) come before the run."""
+def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
+                ) -> tuple[tuple[InputPattern, ...], str, ReadSettings]:
+    """The inputs' patterns, their id root, and the settings with the Parquet image column resolved, checked at
+    a cost that does not grow with the inputs: each pattern lists at most LAUNCH_CHECK_FILES files, and one
+    Parquet footer (the first Parquet file seen) gives or checks the image column.
+
+    An input whose first LAUNCH_CHECK_FILES files hold no image or container is an error here; past that, the
+    pipeline's listing decides (an input with only other files then adds no rows). Parquet files that lack the
+    column are error rows of the run (`unreadable_file`)."""
     if settings.format not in ("auto",) + tuple(FORMATS):
         raise InputError(f"unknown input format {settings.format!r}; one of auto, {', '.join(FORMATS)}")
     if not inputs:
         raise InputError("give at least one INPUT")
-    listed = []
-    for item in inputs:
-        files = [fs.absolute(p) for p, _ in fs.list_files(fs.absolute(item))]
-        files = [p for p in files if kind_of(p, settings.format)]
-        if not files:
+    patterns, roots, parquet = [], set(), None
+    for index, item in enumerate(inputs):
+        pattern = _pattern(item)
+        found = FileSystems.match([pattern], limits=[LAUNCH_CHECK_FILES])[0].metadata_list
+        kinds = [(m.path, kind_of(m.path, settings.format)) for m in found]
+        kinds = [(p, k) for p, k in kinds if k]
+        if not kinds and len(found) < LAUNCH_CHECK_FILES:
             raise InputError(f"no images or image containers found in {item}" + (
                 " (pass --input-format for files without a known extension)" if settings.format == "auto" else ""))
-        listed.append((_root(item), files))
-    roots = sorted({root for root, _ in listed})
+        parquet = parquet or next((fs.absolute(p) for p, k in kinds if k == "parquet"), None)
+        patterns.append(InputPattern(index, pattern))
+        roots.add(_root(item))
+    roots = sorted(roots)
     id_root = roots[0] if len(roots) == 1 else fs.common_root(roots)
-    settings = _resolve_image_column(settings, [p for _, files in listed for p in files
-                                                if kind_of(p, settings.format) == "parquet"])
-    total = sum(len(files) for _, files in listed)
-    files_per_unit = min(MAX_FILES_PER_UNIT, max(min_files_per_unit, math.ceil(total / 64)))
-    units: list[ImageUnit] = []
-    seen: set[str] = set()
-    for _, files in listed:
-        for repeated in (False, True):
-            mine = [p for p in files if (p in seen) == repeated]
-            for kind, fmt in FORMATS.items():
-                paths = [p for p in mine if kind_of(p, settings.format) == kind]
-                units += [replace(u, repeated=repeated) for u in fmt.units(paths, id_root, files_per_unit)]
-        seen.update(files)
-    units = [replace(u, index=i) for i, u in enumerate(units)]
-    return (_apply_limit(units, max_images, settings) if max_images is not None else units), settings
-
-
-def _resolve_image_column(settings: ReadSettings, parquet_files: list[str]) -> ReadSettings:
-    """One image column for every Parquet input: the one given (checked), or the one each file suggests."""
-    columns = set()
-    for path in parquet_files:
-        schema = _open(path).schema_arrow
+    if parquet is not None:
+        schema = _open(parquet).schema_arrow
         if settings.image_column is not None and settings.image_column not in schema.names:
-            raise InputError(f"{path}: no column '{settings.image_column}' (has: {', '.join(schema.names)})")
-        columns.add(settings.image_column or image_column(schema, path))
-    if len(columns) > 1:
-        raise InputError(f"the Parquet inputs hold images in different columns ({sorted(columns)}); "
-                         "pass --image-column")
-    return replace(settings, image_column=columns.pop()) if columns else settings
+            raise InputError(f"{parquet}: no column '{settings.image_column}' (has: {', '.join(schema.names)})")
+        settings = replace(settings, image_column=settings.image_column or image_column(schema, parquet))
+    return tuple(patterns), id_root, settings
 
 
-def _apply_limit(units: list[ImageUnit], max_images: int, settings: ReadSettings) -> list[ImageUnit]:
-    limited, left = [], max_images
-    for unit in units:
+def list_input(pattern: InputPattern, input_format: str) -> Iterator[tuple[str, tuple[int, int, str]]]:
+    """(path, (input index, size, kind)) of the input files a pattern matches."""
+    for m in FileSystems.match([pattern.pattern])[0].metadata_list:
+        kind = kind_of(m.path, input_format)
+        if kind:
+            yield fs.absolute(m.path), (pattern.index, m.size_in_bytes, kind)
+
+
+def mark_repeats(element) -> Iterator[Listed]:
+    """A file found by several inputs: the first input's, then a repeat for each other input."""
+    path, found = element
+    found = sorted(found)
+    for n, (index, nbytes, kind) in enumerate(found):
+        yield Listed(path, nbytes, kind, index, repeated=n > 0)
+
+
+def files_per_unit(total_files: int) -> int:
+    """Image files go MIN_FILES_PER_UNIT or more to a unit, about 64 units in all, at most MAX_FILES_PER_UNIT:
+    enough units to spread and resume, few enough files out. Not a function of --batch-size."""
+    return min(MAX_FILES_PER_UNIT, max(MIN_FILES_PER_UNIT, math.ceil(total_files / 64)))
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+
+
+def file_bucket(entry: Listed, total_files: int) -> tuple[str, tuple[str, int]]:
+    """(unit key, (path, size)) of a loose image file: its bucket is a hash of its path into as many buckets as the
+    listing's count of loose files asks, so units do not depend on the order of the listing nor on workers."""
+    buckets = max(1, math.ceil(total_files / files_per_unit(total_files)))
+    repeated = "/repeated" if entry.repeated else ""
+    return f"files/{_digest(entry.path) % buckets:06d}-of-{buckets:06d}{repeated}", (entry.path, entry.size)
+
+
+def files_unit(element, id_root: str) -> ImageUnit:
+    key, files = element
+    files = sorted(files)
+    return ImageUnit(key, "files", tuple(p for p, _ in files), id_root, repeated=key.endswith("/repeated"),
+                     nbytes=sum(n for _, n in files))
+
+
+def container_units(entry: Listed, id_root: str, settings: ReadSettings) -> list[ImageUnit]:
+    """A TFRecord or tar: one unit. A Parquet file: one unit per row group (its footer read here); one unit that
+    reads as an error record when the footer or the image column is not there."""
+    key = f"{entry.kind}/{entry.path}" + ("/repeated" if entry.repeated else "")
+    unit = ImageUnit(key, entry.kind, (entry.path,), id_root, repeated=entry.repeated, nbytes=entry.size)
+    if entry.kind != "parquet":
+        return [unit]
+    try:
+        pf = _open(entry.path)
+        column = settings.image_column or image_column(pf.schema_arrow, entry.path)
+        if column not in pf.schema_arrow.names:
+            raise InputError(f"{entry.path}: no column '{column}'")
+        groups = pf.num_row_groups
+    except Exception:  # noqa: BLE001 - read again by the unit, which makes the reason its error record
+        return [unit]
+    return [replace(unit, key=f"{key}#{g}", row_group=g, nbytes=entry.size if g == 0 else 0) for g in range(groups)]
+
+
+def order_key(entry: Listed) -> tuple:
+    """The inputs' order for --max-images: input by input, its own files before its repeats, by format, by path."""
+    return entry.input_index, entry.repeated, _KIND_ORDER[entry.kind], entry.path
+
+
+def limited_units(entries: list[Listed], max_images: int, id_root: str, settings: ReadSettings
+                  ) -> Iterator[ImageUnit]:
+    """--max-images: units holding the first `max_images` images of the inputs in `order_key` order (files are
+    one image each; containers are counted through). Among the first `max_images` files listed (the most that
+    can be needed unless containers are empty)."""
+    entries = sorted(entries, key=order_key)
+    group = max(MIN_FILES_PER_UNIT, min(MAX_FILES_PER_UNIT, max_images // 64))
+    units: list[ImageUnit] = []
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if entry.kind == "files":
+            run = [entry]
+            while (len(run) < group and i + len(run) < len(entries) and entries[i + len(run)].kind == "files"
+                   and entries[i + len(run)].repeated == entry.repeated):
+                run.append(entries[i + len(run)])
+            units.append(ImageUnit("", "files", tuple(e.path for e in run), id_root, repeated=entry.repeated,
+                                   nbytes=sum(e.size for e in run)))
+            i += len(run)
+        else:
+            units += container_units(entry, id_root, settings)
+            i += 1
+    left = max_images
+    for n, unit in enumerate(units):
         if left <= 0:
-            break
-        n = FORMATS[unit.kind].count(unit, settings)
-        limited.append(replace(unit, limit=min(n, left)))
-        left -= n
-    return limited
+            return
+        count = FORMATS[unit.kind].count(unit, settings)
+        yield replace(unit, key=f"limited/{n:06d}", limit=min(count, left))
+        left -= count
+
+
+class PlanUnits(beam.PTransform):
+    """The run's work units from its input patterns, inside the pipeline: the patterns are listed (a file named
+    by two inputs is labeled once and reported once more as `duplicate_input`), loose image files grouped by a
+    hash of their path into buckets sized by the listing's count, containers one unit each (a Parquet file one
+    per row group). Units are a function of the listing only: the same for a killed run and its rerun."""
+
+    def __init__(self, patterns: tuple[InputPattern, ...], id_root: str, settings: ReadSettings,
+                 max_images: int | None = None):
+        super().__init__()
+        self.patterns, self.id_root, self.settings, self.max_images = patterns, id_root, settings, max_images
+
+    def expand(self, pbegin):
+        listed = (pbegin
+                  | "Patterns" >> beam.Create(list(self.patterns))
+                  | "List" >> beam.FlatMap(list_input, self.settings.format)
+                  | "ByPath" >> beam.GroupByKey()
+                  | "MarkRepeats" >> beam.FlatMap(mark_repeats))
+        return listed | "FormUnits" >> FormUnits(self.id_root, self.settings, self.max_images)
+
+
+class FormUnits(beam.PTransform):
+    """The work units of the listed files (`Listed`), whatever the order they come in."""
+
+    def __init__(self, id_root: str, settings: ReadSettings, max_images: int | None = None):
+        super().__init__()
+        self.id_root, self.settings, self.max_images = id_root, settings, max_images
+
+    def expand(self, listed):
+        if self.max_images is not None:
+            return (listed
+                    | "FirstListed" >> beam.combiners.Top.Smallest(self.max_images, key=order_key)
+                    | "LimitedUnits" >> beam.FlatMap(limited_units, self.max_images, self.id_root, self.settings))
+        loose = listed | "LooseFiles" >> beam.Filter(lambda e: e.kind == "files")
+        count = loose | "CountFiles" >> beam.combiners.Count.Globally()
+        file_units = (loose
+                      | "Bucket" >> beam.Map(file_bucket, beam.pvalue.AsSingleton(count))
+                      | "GroupBuckets" >> beam.GroupByKey()
+                      | "FileUnits" >> beam.Map(files_unit, self.id_root))
+        container = (listed
+                     | "Containers" >> beam.Filter(lambda e: e.kind != "files")
+                     | "ContainerUnits" >> beam.FlatMap(container_units, self.id_root, self.settings))
+        return (file_units, container) | "Units" >> beam.Flatten()
 
 
 def read_unit(unit: ImageUnit, settings: ReadSettings) -> Iterator[ImageRecord]:
@@ -364,13 +517,6 @@ def read_unit(unit: ImageUnit, settings: ReadSettings) -> Iterator[ImageRecord]:
         if unit.repeated and not record.error:
             record = replace(record, error=DUPLICATE_INPUT, detail="named by an earlier input too; labeled once")
         yield record
-
-
-def known_total(units: list[ImageUnit]) -> int | None:
-    """Images the units hold, when known without reading containers (for progress)."""
-    if all(u.limit is not None or u.kind == "files" for u in units):
-        return sum(u.limit if u.limit is not None else len(u.paths) for u in units)
-    return None
 
 
 # ------------------------------------------------------------------------------------------- reading back

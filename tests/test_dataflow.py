@@ -237,6 +237,27 @@ def test_each_pipeline_translates_to_a_dataflow_job_on_the_worker_image(stage, i
     check_job(job, stage, tmp_path)
 
 
+def test_the_label_job_does_not_grow_with_the_input_files(dry_run, tmp_path):
+    """The launcher lists no input file and the job carries none (no file or unit list in a Create, a DoFn or
+    the options): 2,000 input files translate to the job of 50, byte for byte but for the folder's name."""
+    from pipelines import label
+
+    one = tmp_path / "one.jpg"
+    write_images(str(tmp_path / "synth"), 1, width=8, height=8)
+    one.write_bytes((tmp_path / "synth" / "img-000000.jpg").read_bytes())
+    sizes = {}
+    for n in (50, 2000):
+        folder = tmp_path / f"in-{n:05d}"  # names of the same length in both jobs
+        for i in range(n):
+            sub = folder / f"{i // 500:02d}"
+            sub.mkdir(parents=True, exist_ok=True)
+            os.link(one, sub / f"img-{i:05d}.jpg")
+        argv = [f"--inputs={folder}", f"--output={tmp_path / f'out-{n:05d}'}", "--teacher=test_efficientnet",
+                "--random_weights=true", "--num_classes=10"]
+        sizes[n] = len(dry_run(label.run, argv).proto_pipeline.SerializeToString())
+    assert abs(sizes[2000] - sizes[50]) <= 200, sizes
+
+
 def test_the_command_line_launch_translates_too(inputs, dry_run, tmp_path):
     """`ns-data balance INPUT --output DIR ... --runner DataflowRunner ...` (docs/dataflow.md), the CLI's own
     spelling."""

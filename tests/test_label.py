@@ -19,6 +19,7 @@ from timm.data import create_transform, resolve_data_config
 
 from ns_data import tfrecord
 from ns_data.label import LabelOptions, prepare, run_label
+from ns_data.sources import ReadSettings
 from ns_data.stage import OutputExists
 from ns_data.teacher import TeacherError
 from tests.conftest import balance
@@ -473,3 +474,125 @@ def test_fast_decode_is_recorded_close_to_exact_and_exact_for_other_formats(tmp_
         prepare(LabelOptions(inputs=(d,), output=str(tmp_path / "exact"), teacher=MODEL,
                              checkpoint=str(teacher_files["dir"] / "teacher.safetensors"), fast_decode=True,
                              **KNOWN_OPTIONS))
+
+
+# ------------------------------------------------------------------------------------ resume and planning
+
+
+def _interrupted(monkeypatch, inputs, output, teacher_files, keep: int, **kwargs) -> list[str]:
+    """A run whose every unit is done but whose last step failed, with all but `keep` markers removed as if
+    it had been killed; returns the kept markers' names."""
+    from ns_data import label as label_module
+
+    def killed(*args, **kw):
+        raise RuntimeError("killed before the last step")
+
+    finalize = label_module.finalize
+    monkeypatch.setattr(label_module, "finalize", killed)
+    with pytest.raises(Exception, match="killed before the last step"):
+        label(inputs, output, teacher_files, **kwargs)
+    monkeypatch.setattr(label_module, "finalize", finalize)
+    markers = sorted(glob.glob(os.path.join(str(output), ".tmp-label", "unit-*.json")))
+    for path in markers[keep:]:
+        os.remove(path)
+    return [os.path.basename(p) for p in markers[:keep]]
+
+
+def many_images(images, copies: int = 4) -> dict[str, bytes]:
+    return {f"{i:02d}-{name}": data for i in range(copies) for name, data in images.items()}
+
+
+@pytest.fixture
+def small_units(monkeypatch):
+    """Units of 16 files or more (128 by default), so that a few dozen images make several units."""
+    from ns_data import sources
+
+    monkeypatch.setattr(sources, "MIN_FILES_PER_UNIT", 16)
+
+
+def test_a_run_resumed_with_another_batch_size_gives_the_rows_of_an_uninterrupted_run(tmp_path, teacher_files,
+                                                                                     images, monkeypatch,
+                                                                                     small_units):
+    from ns_data.label import parse_marker
+
+    files = many_images(images)  # 40 images: 3 units of loose files
+    d = write_dir(tmp_path / "imgs", files)
+    _, whole, _ = label([d], tmp_path / "whole", teacher_files, batch_size=4, probs=True)
+    kept = _interrupted(monkeypatch, [d], tmp_path / "out", teacher_files, keep=1, batch_size=4, probs=True)
+    stats, got, errors = label([d], tmp_path / "out", teacher_files, batch_size=3, probs=True)
+    assert stats["units"] == 3 and stats["resumed_units"] == 1
+    assert stats["images_read_this_run"] == len(files) - parse_marker(kept[0])[1]["labeled"] > 0
+    assert stats["images_read"] == stats["labeled"] == len(files) and errors is None
+    assert got["id"].tolist() == whole["id"].tolist() == sorted(files)
+    assert got["label"].tolist() == whole["label"].tolist()
+    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(whole["probs"]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_run_whose_inputs_changed_stops_before_labeling(tmp_path, teacher_files, images, monkeypatch,
+                                                                  small_units):
+    d = write_dir(tmp_path / "imgs", many_images(images))
+    _interrupted(monkeypatch, [d], tmp_path / "out", teacher_files, keep=1)
+    write_dir(tmp_path / "imgs", {"new.jpg": images["rgb.jpg"]})
+    with pytest.raises(Exception, match="the inputs changed since the interrupted run"):
+        label([d], tmp_path / "out", teacher_files)
+    assert len(glob.glob(str(tmp_path / "out" / ".tmp-label" / "unit-*.json"))) == 1  # nothing more was labeled
+
+
+def test_units_do_not_depend_on_the_listing_order(tmp_path):
+    """The units are a function of the files listed (and take no batch size): the same whichever order the
+    listing gives the files in."""
+    import apache_beam as beam
+
+    from ns_data.sources import FormUnits, Listed
+
+    def dump(units, path):
+        with open(path, "w") as f:
+            json.dump(sorted(units), f)
+
+    listed = [Listed(f"/in/{i % 7}/img-{i:04d}.jpg", 100 + i, "files", 0) for i in range(2000)]
+    listed += [Listed(f"/in/shard-{i}.tar", 5000, "tar", 0) for i in range(3)]
+    listed += [Listed("/in/0/img-0000.jpg", 100, "files", 1, repeated=True)]
+    runs = []
+    for order in (listed, listed[::-1]):
+        with beam.Pipeline() as p:
+            _ = (p | beam.Create(order) | FormUnits("/in", ReadSettings())
+                 | beam.Map(lambda u: (u.name, u.key, list(u.paths), u.repeated, u.nbytes)) | beam.combiners.ToList()
+                 | beam.Map(dump, str(tmp_path / f"units-{len(runs)}.json")))
+        with open(tmp_path / f"units-{len(runs)}.json") as f:
+            runs.append(json.load(f))
+    assert runs[0] == runs[1]
+    files = [u for u in runs[0] if u[1].startswith("files/") and not u[3]]
+    assert len(files) == 16  # 2,000 files, 128 or more a unit: 16 buckets, each with some files
+    assert sorted(p for u in files for p in u[2]) == sorted(e.path for e in listed[:2000])
+    assert sum(u[4] for u in runs[0]) == sum(e.size for e in listed)  # the bytes the listing check adds up
+    assert [u[2] for u in runs[0] if u[3]] == [["/in/0/img-0000.jpg"]]  # the repeat: a unit of its own
+    assert len(runs[0]) == 16 + 3 + 1
+
+
+def test_a_parquet_input_without_the_image_column_is_an_error_row(tmp_path, teacher_files, images):
+    names = sorted(images)
+    pq.write_table(pa.table({"id": names, "image": [images[n] for n in names]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["x"], "thumb": [images["rgb.jpg"]]}), tmp_path / "b.parquet")
+    stats, got, errors = label([tmp_path / "a.parquet", tmp_path / "b.parquet"], tmp_path / "out", teacher_files)
+    assert sorted(got["id"]) == names
+    assert errors["id"].tolist() == ["b.parquet#"] and errors["reason"].tolist() == ["unreadable_file"]
+    assert "no column 'image'" in errors["detail"][0]
+    assert stats["images_read"] == len(names) + 1
+
+
+def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, images, monkeypatch, small_units):
+    from ns_data import label as label_module
+
+    d = write_dir(tmp_path / "imgs", many_images(images))  # 40 images: 3 units
+    stats, merged, _ = label([d], tmp_path / "merged", teacher_files)
+    files = sorted(glob.glob(str(tmp_path / "merged" / "labels-*.parquet")))
+    assert stats["units"] == 3 and len(files) == 1  # far below 64 MB: one file, a row group per unit
+    assert pq.ParquetFile(files[0]).num_row_groups == 3
+    monkeypatch.setattr(label_module, "TARGET_FILE_BYTES", 1)  # every unit's file reaches it: a file each
+    _, apart, _ = label([d], tmp_path / "apart", teacher_files)
+    files = sorted(glob.glob(str(tmp_path / "apart" / "labels-*.parquet")))
+    assert [os.path.basename(f) for f in files] == [f"labels-{i:05d}.parquet" for i in range(3)]
+    assert all(pq.ParquetFile(f).metadata.num_rows > 0 for f in files)  # never an empty file
+    assert apart["id"].tolist() == merged["id"].tolist() == sorted(many_images(images))
+    assert apart["label"].tolist() == merged["label"].tolist()
+    assert json.loads(pq.read_schema(files[0]).metadata[b"ns_data.teacher"])["model"] == MODEL
