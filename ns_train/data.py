@@ -3,8 +3,9 @@
 Labeled shards hold `image/encoded` and `label` (or ImageNet's `image/class/label`, with `label_offset`);
 pseudo-labeled shards come from `ns-data shard`. Training streams never end: epoch after epoch, each with a new
 shard order, records shuffled again in a buffer inside each worker, so a set smaller than a batch simply cycles.
-Images are decoded (by label's decode, `ns_data.images.decode_image`) and transformed in the DataLoader workers; the unlabeled stream also turns the teacher's top-k
-into the soft target there.
+Images are decoded (by label's decode, `ns_data.images.decode_image`) and transformed in the DataLoader workers;
+the unlabeled stream also turns the teacher's top-k into the soft target there. A record that cannot be used is a
+BadRecord naming its shard file, index and id, or with `skip_bad_records` a `skipped:` line on stderr.
 
 A stream resumes exactly where it was: torchdata's `StatefulDataLoader` keeps each worker's position (epoch,
 records yielded in it) as of the last batch taken, and which worker is next. On resume a worker reads its epoch's

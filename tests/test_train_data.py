@@ -94,7 +94,8 @@ def test_a_damaged_shard_stops_eval_and_training_naming_the_record_or_is_skipped
     rng = np.random.default_rng(0)
     path, offset = damaged_shard(tmp_path / "s", rng)
     cfg = config(str(tmp_path / "s"))
-    message = f"{path}: record 2: corrupt_record (bad data checksum at byte {offset}); the rest of the file is unreadable"
+    message = (f"{path}: record 2: corrupt_record (bad data checksum at byte {offset}); the rest of the file is "
+               "unreadable")
     for stream in (EvalSet(str(tmp_path / "s"), cfg), TrainStream(str(tmp_path / "s"), cfg, pseudo=False)):
         with pytest.raises(BadRecord) as err:
             list(itertools.islice(iter(stream), 6))
