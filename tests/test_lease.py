@@ -135,6 +135,17 @@ def test_this_process_takes_its_own_lease_over_silently_and_the_heartbeat_renews
     assert not tmp_dir.exists()
 
 
+def test_a_run_killed_while_creating_its_lease_leaves_nothing_in_the_way(tmp_path):
+    """Killed between writing the lease under its own name and linking it: the next run starts NEW."""
+    tmp_dir = tmp_path / "out" / ".tmp-x"
+    tmp_dir.mkdir(parents=True)
+    (tmp_dir / f"{lease.LEASE}.tmp-999999").write_text("{}")
+    out = StageOutput(str(tmp_path / "out"), "x", "marker.json", ("x-*",), "f1")
+    assert out.begin(False) == NEW
+    assert sorted(os.listdir(tmp_dir)) == [lease.LEASE, "plan.json"]
+    lease.held()[0].release()
+
+
 def test_stage_output_holds_the_lease_from_begin_to_publish(tmp_path, sleeper):
     out = StageOutput(str(tmp_path / "out"), "x", "marker.json", ("x-*",), "f1")
     assert out.begin(False) == NEW
