@@ -2,6 +2,9 @@
 subdirectories, two levels down at most. An output is a directory with its kind's marker (complete), or with the
 kind's temp dir and no marker (unfinished: listed, not read); data files alone (labeled shards a user made) are
 no output. Kinds are contract.OutputKind: the three stages' and an `ns-train` run directory's.
+
+Each given directory is listed once (one recursive match); outputs, markers (each read once) and an output's
+data files are all taken from that listing, so finding does not list any directory again.
 """
 from __future__ import annotations
 
@@ -105,16 +108,15 @@ def _outputs_in(directory: str) -> list[Found]:
     signs = {s for kind in KINDS for s in _signs(kind)}
     candidates = set()
     for parent, names in by_dir.items():
-        for name in names:
-            path = fs.join(parent, name)
-            for sign in signs:
-                if not path.endswith("/" + sign):
-                    continue
-                holder = path[: -len(sign) - 1]
-                depth = _depth(holder, directory)
-                if depth is not None and 0 < depth <= SEARCH_DEPTH and not any(
-                        part.startswith(".tmp-") for part in holder[len(directory):].split("/")):
-                    candidates.add(holder)
+        up, last = fs.split(parent)
+        holders = [parent] if signs & set(names) else []
+        if f"{last}/{PLAN}" in signs and PLAN in names:
+            holders.append(up.rstrip("/"))
+        for holder in holders:
+            depth = _depth(holder, directory)
+            if depth is not None and 0 < depth <= SEARCH_DEPTH and not any(
+                    part.startswith(".tmp-") for part in holder[len(directory):].split("/")):
+                candidates.add(holder)
     return [f for f in (_classify(c, by_dir, markers) for c in sorted(candidates)) if f]
 
 
