@@ -409,6 +409,8 @@ def test_options_are_checked_once():
         ReportOptions(dirs=("x",), output="r.html", samples_per_class=-1)
     with pytest.raises(OptionsError, match="DIR"):
         ReportOptions(dirs=(), output="r.html")
+    with pytest.raises(OptionsError, match="--sample-rows and --sample-files"):
+        ReportOptions(dirs=("x",), output="r.html", sample_files=0)
 
 
 def test_runs_of_the_same_name_are_told_apart_by_their_parents():
