@@ -431,6 +431,10 @@ def inspect(directory, records, class_names) -> None:
               help="Largest side of a sample thumbnail, in pixels.")
 @click.option("--batch-rows", default=131_072, show_default=True, type=click.IntRange(min=1),
               help="Rows per Arrow batch read from Parquet.")
+@click.option("--sample-rows", default=2_000_000, show_default=True, type=click.IntRange(min=1),
+              help="A table of more rows is read as a sample of evenly spaced row groups up to this many rows.")
+@click.option("--sample-files", default=256, show_default=True, type=click.IntRange(min=1),
+              help="The most data files of a table the sample is drawn from (evenly spaced in name order).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress lines on stderr.")
 def report(dirs, **kwargs) -> None:
     """Write one self-contained HTML page showing what outputs hold: pseudo labels, selections, shards, runs.

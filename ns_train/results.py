@@ -1,5 +1,9 @@
 """The loop's results: test top-1 of every model of every run, pseudo-label accuracy against a ground truth,
-as one table (printed, results.txt), results.json and a picture (results.png)."""
+as one table (printed, results.txt), results.json and a picture (results.png).
+
+Everything is read from the runs' results.json and the labels' stats.json; the labels files are listed once per
+labels directory and joined with the ground truth within the report's sample budget (a large output is scored
+on a sample, and the table says so), so reading the results does not grow with the corpus."""
 from __future__ import annotations
 
 import json
@@ -21,15 +25,23 @@ def test_top1(run_dir: str) -> float | None:
     return evaluation["top1"] if evaluation else None
 
 
-def pseudo_label_accuracy(labels_dir: str, ground_truth: str) -> dict:
-    """The labels against the ground truth, per teacher-confidence bin (the report's bins)."""
-    from ns_data.contract import LABELS
-    from ns_data.report.collect import read_ground_truth, scan_table
+def pseudo_label_accuracy(labels_dir: str, ground_truth: str, max_rows: int | None = None,
+                          max_files: int | None = None) -> dict:
+    """The labels against the ground truth, per teacher-confidence bin (the report's bins). The labels are read
+    as the report reads them: the marker once, the directory listed once, and a table beyond the report's sample
+    budget (collect.SAMPLE_ROWS rows, collect.SAMPLE_FILES files) joined as a sample of evenly spaced row groups,
+    which `sampled` and `rows_read` say."""
+    from ns_data import contract
+    from ns_data.report.collect import SAMPLE_FILES, SAMPLE_ROWS, read_ground_truth, scan_table
 
-    scan = scan_table(LABELS.data_files(labels_dir), truth=read_ground_truth(ground_truth), samples_per_class=0,
-                      batch_rows=65_536, progress=False, echo=print)
+    marker = contract.LABELS.check_complete(labels_dir)
+    files = fs.list_dir(labels_dir, contract.LABELS.data_pattern)
+    scan = scan_table(files, truth=read_ground_truth(ground_truth), samples_per_class=0, batch_rows=65_536,
+                      progress=False, echo=print, max_rows=max_rows or SAMPLE_ROWS, max_files=max_files or SAMPLE_FILES,
+                      total_rows=marker.get("labeled"))
     return {"accuracy": scan.accuracy.overall, "rows": scan.accuracy.rows.tolist(),
-            "correct": scan.accuracy.correct.tolist()}
+            "correct": scan.accuracy.correct.tolist(), "sampled": scan.sampled, "rows_read": scan.rows,
+            "labels_rows": scan.table_rows}
 
 
 def collect(plan, seed: int | None) -> dict:
@@ -66,6 +78,13 @@ def format_table(done: dict, comparisons: list[tuple[str, str]]) -> str:
             values = [done[s]["pseudo_labels"][it]["accuracy"] for s in seeds]
             lines.append(f"  {it + '/labels':<28}" + "".join(" " + _cell(v) for v in values) + " "
                          + _cell(_mean(values)))
+        for it in iterations:
+            for s in seeds:
+                scored = done[s]["pseudo_labels"][it]
+                if scored.get("sampled"):
+                    of = f" of {scored['labels_rows']:,}" if scored.get("labels_rows") is not None else ""
+                    lines.append(f"  ({it}/labels of {heads[seeds.index(s)]}: scored on a sample of "
+                                 f"{scored['rows_read']:,}{of} rows)")
     rows = []
     for model, baseline in comparisons:
         pairs = [(done[s]["top1"].get(model), done[s]["top1"].get(baseline)) for s in seeds]

@@ -239,3 +239,44 @@ def test_a_corpus_with_broken_files_from_another_directory(digits, tmp_path):
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     assert sum(runs["0"]["pseudo_labels"]["iter-1"]["rows"]) == len(good)
     assert (tmp_path / "out" / "seed-0" / "iter-1" / "student.safetensors").exists()
+
+
+def test_pseudo_label_accuracy_reads_a_bounded_sample_and_lists_once(tmp_path, monkeypatch):
+    """The same labels in 20 and in 200 files: scoring them opens at most max_files labels files and lists the
+    directory once; beyond the budget the result and the table say it is a sample; within it, it is exact."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ns_data import fs
+    from ns_train.results import pseudo_label_accuracy
+    from tests.test_seams import invoke, read_table
+
+    for files in (20, 200):
+        invoke("synth", "pseudo-labels", "--output", tmp_path / f"pl-{files}", "--rows", 4000, "--classes", 10,
+               "--files", files)
+    labels = read_table(tmp_path / "pl-20", "labels-*.parquet")
+    truth = labels[["id", "label"]].copy()
+    flip = np.random.default_rng(0).random(len(truth)) < 0.3
+    truth.loc[flip, "label"] = (truth.loc[flip, "label"] + 1) % 10
+    truth_path = str(tmp_path / "truth.parquet")
+    pq.write_table(pa.Table.from_pandas(truth, preserve_index=False), truth_path)
+    whole = pseudo_label_accuracy(str(tmp_path / "pl-20"), truth_path)
+    joined = labels.merge(truth, on="id", suffixes=("", "_true"))
+    assert not whole["sampled"] and whole["accuracy"] == pytest.approx((joined.label == joined.label_true).mean())
+    assert whole["rows_read"] == whole["labels_rows"] == sum(whole["rows"]) == 4000
+
+    opened, listed = [], []
+    parquet_file, match = pq.ParquetFile, fs.match
+    monkeypatch.setattr(pq, "ParquetFile", lambda source, *a, **k: opened.append(str(source)) or parquet_file(
+        source, *a, **k))
+    monkeypatch.setattr(fs, "match", lambda pattern: listed.append(pattern) or match(pattern))
+    for files in (20, 200):
+        opened.clear()
+        listed.clear()
+        scored = pseudo_label_accuracy(str(tmp_path / f"pl-{files}"), truth_path, max_rows=1000, max_files=8)
+        assert len({p for p in opened if p != truth_path}) <= 8 and len(listed) == 1, (opened, listed)
+        assert scored["sampled"] and scored["labels_rows"] == 4000 and 0 < sum(scored["rows"]) == scored[
+            "rows_read"] <= 1000
+    table = format_table({0: {"top1": {"student": 0.5}, "pseudo_labels": {"iter-1": scored}}}, [])
+    assert f"(iter-1/labels of seed 0: scored on a sample of {scored['rows_read']:,} of 4,000 rows)" in table

@@ -409,6 +409,8 @@ def test_options_are_checked_once():
         ReportOptions(dirs=("x",), output="r.html", samples_per_class=-1)
     with pytest.raises(OptionsError, match="DIR"):
         ReportOptions(dirs=(), output="r.html")
+    with pytest.raises(OptionsError, match="--sample-rows and --sample-files"):
+        ReportOptions(dirs=("x",), output="r.html", sample_files=0)
 
 
 def test_runs_of_the_same_name_are_told_apart_by_their_parents():
@@ -467,3 +469,62 @@ def test_percentiles_from_the_histogram_are_within_a_bin():
     for row, v in zip(got, values):
         assert np.all(np.abs(row - np.percentile(v, [10, 50, 90])) <= 1.0 / CONFIDENCE_BINS)
     assert np.isnan(got[-1]).all()
+
+
+def test_a_report_reads_a_bounded_sample_and_lists_each_directory_once(tmp_path, monkeypatch):
+    """The same rows in 20 and in 200 files: the files opened stay within --sample-files and the listings are
+    the same few whatever the files; the page says it shows a sample, and of how many rows."""
+    from ns_data import fs
+
+    for files in (20, 200):
+        invoke("synth", "pseudo-labels", "--output", tmp_path / f"pl-{files}", "--rows", 4000, "--classes", 10,
+               "--files", files)
+    opened, listed = [], []
+    parquet_file, match = pq.ParquetFile, fs.match
+
+    def counting_parquet(source, *args, **kwargs):
+        opened.append(str(source))
+        return parquet_file(source, *args, **kwargs)
+
+    def counting_match(pattern):
+        listed.append(pattern)
+        return match(pattern)
+
+    monkeypatch.setattr(pq, "ParquetFile", counting_parquet)
+    monkeypatch.setattr(fs, "match", counting_match)
+    seen = {}
+    for files in (20, 200):
+        opened.clear()
+        listed.clear()
+        page, text = report(tmp_path, tmp_path / f"pl-{files}", name=f"r-{files}.html", sample_rows=1000,
+                            sample_files=8, sample_classes=0)
+        section = page.section_id(tmp_path / f"pl-{files}")
+        summary = page.values(f"{section}-summary")
+        assert len(set(opened)) <= 8 and summary["sampled"] == "true"
+        assert int(summary["rows in the labels files"]) == 4000 and 0 < int(summary["rows read"]) <= 1000
+        images = sum(int(r["images"]) for r in page.tables[f"{section}-classes"])
+        assert images == int(summary["rows read"]) - int(summary["invalid rows (label or confidence)"])
+        assert f'id="{section}-sample"' in text and "come from a sample of the table" in text
+        seen[files] = (len(set(opened)), len(listed))
+    assert seen[20][1] == seen[200][1] == 1, seen  # one listing of the directory given
+    assert seen[200][0] == 8 and seen[20][0] == 5, seen  # 1000 rows at 200 rows a file: 5 files
+
+    again, _ = report(tmp_path, tmp_path / "pl-200", name="again.html", sample_rows=1000, sample_files=8,
+                      sample_classes=0)
+    assert again.tables == page.tables  # the same sample every time
+    listed.clear()
+    report(tmp_path, tmp_path, name="both.html", sample_rows=1000, sample_files=8, sample_classes=0)
+    assert len(listed) == 1, listed  # outputs found below a root: still one listing of it
+
+
+def test_a_table_within_the_sample_budget_is_read_whole(tmp_path):
+    invoke("synth", "pseudo-labels", "--output", tmp_path / "pl", "--rows", 500, "--classes", 5, "--files", 4)
+    page, text = report(tmp_path, tmp_path / "pl", sample_rows=500, sample_files=4, sample_classes=0)
+    section = page.section_id(tmp_path / "pl")
+    summary = page.values(f"{section}-summary")
+    labels = read_table(tmp_path / "pl", "labels-*.parquet")
+    assert summary["sampled"] == "false" and int(summary["rows read"]) == len(labels) == 500
+    assert f'id="{section}-sample"' not in text
+    valid = labels[(labels["label"] >= 0) & labels["confidence"].between(0, 1)]
+    assert {c: int(r["images"]) for c, r in page.by_class(f"{section}-classes").items()} == \
+        valid["label"].value_counts().to_dict()

@@ -7,8 +7,10 @@
     html.py     the page, every number in a parseable table
 
 Statistics come from each stage's marker where it has them; a labels (or selection) table is read once, a row
-group at a time and only the columns needed, into fixed-size arrays, so memory does not grow with its rows.
-Images are read only for the samples shown: from the selection when the report has one, else from the labels.
+group at a time and only the columns needed, into fixed-size arrays, so memory does not grow with its rows; a
+large table is read as a bounded, deterministic sample (collect.choose_sample), and the page says so. Each
+directory given is listed once (find.py), and the outputs' data files are taken from that listing. Images are
+read only for the samples shown: from the selection when the report has one, else from the labels.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import pyarrow as pa
 from ns_data import class_names, contract, fs
 from ns_data.reading import open_parquet
 from ns_data.report import html
-from ns_data.report.collect import (LabelsReport, SelectionReport, ShardsReport, read_ground_truth, read_run,
-                                    scan_table, selection_classes)
+from ns_data.report.collect import (SAMPLE_FILES, SAMPLE_ROWS, LabelsReport, SelectionReport, ShardsReport,
+                                    read_ground_truth, read_run, scan_table, selection_classes)
 from ns_data.report.find import TRAIN_RUN, Found, find_outputs
 from ns_data.report.plots import require_matplotlib
 from ns_data.report.samples import choose_classes, read_samples
@@ -39,6 +41,8 @@ class ReportOptions:
     samples_per_class: int = 3  # the most confident and as many least confident rows per class
     thumbnail_size: int = 96
     batch_rows: int = 131_072
+    sample_rows: int = SAMPLE_ROWS  # a table of more rows (or files) is read as a sample of this many rows
+    sample_files: int = SAMPLE_FILES  # ... drawn from at most this many of its files
     progress: bool = True
 
     def __post_init__(self):
@@ -52,6 +56,8 @@ class ReportOptions:
             raise OptionsError(f"--thumbnail-size must be in [16, 512], got {self.thumbnail_size}")
         if self.batch_rows < 1:
             raise OptionsError("--batch-rows must be >= 1")
+        if self.sample_rows < 1 or self.sample_files < 1:
+            raise OptionsError("--sample-rows and --sample-files must be >= 1")
 
     @property
     def samples_wanted(self) -> bool:
@@ -81,9 +87,10 @@ class _Report:
             return class_names.of_teacher(teacher)
         return class_names.read_file(self.opts.class_names, num_classes) if num_classes else self.user_names
 
-    def scan(self, files: list[str], samples: bool):
+    def scan(self, files: list[str], samples: bool, total_rows: int | None):
         return scan_table(files, truth=self.truth, samples_per_class=self.opts.samples_per_class if samples else 0,
-                          batch_rows=self.opts.batch_rows, progress=self.opts.progress, echo=self.echo)
+                          batch_rows=self.opts.batch_rows, progress=self.opts.progress, echo=self.echo,
+                          max_rows=self.opts.sample_rows, max_files=self.opts.sample_files, total_rows=total_rows)
 
     def samples(self, scan, sizes: np.ndarray):
         if scan is None or scan.samples is None or not {"id", "source", "offset"} <= set(scan.schema.names):
@@ -92,7 +99,7 @@ class _Report:
         return read_samples(scan.samples, scan.units, scan.schema, classes, sizes, self.opts.thumbnail_size)
 
     def labels(self, found: Found, samples: bool) -> LabelsReport:
-        scan = self.scan(found.kind.data_files(found.path), samples)
+        scan = self.scan(list(found.files), samples, found.marker.get("labeled"))
         report = LabelsReport(found, self.names(found.marker.get("teacher"), scan.num_classes), scan)
         report.samples = self.samples(scan, scan.per_class)
         return report
@@ -100,9 +107,9 @@ class _Report:
     def selection(self, found: Found) -> SelectionReport:
         stats = found.marker
         per_class = selection_classes(stats)
-        files = found.kind.data_files(found.path)
+        files = list(found.files)
         wanted = self.opts.samples_wanted or self.truth is not None
-        scan = self.scan(files, self.opts.samples_wanted) if wanted else None
+        scan = self.scan(files, self.opts.samples_wanted, stats.get("selected_rows")) if wanted else None
         schema = scan.schema if scan else open_parquet(files[0]).schema_arrow if files else pa.schema([])
         num_classes = contract.num_classes(schema) or (stats.get("options") or {}).get("num_classes")
         teacher = contract.read_metadata(schema, contract.TEACHER) or stats.get("teacher")

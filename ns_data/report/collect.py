@@ -5,12 +5,18 @@ per-class confidence comes from one pass over only the columns needed (label, co
 ground truth), a row group at a time, into fixed-size arrays: a class x confidence-bin histogram (per-class
 counts are its row sums, percentiles are read off it), an entropy histogram, accuracy per confidence bin, and
 the few rows per class a sample grid may show. Nothing grows with the number of rows.
+
+Nor does the reading grow with the table: a table of more than SAMPLE_ROWS rows or SAMPLE_FILES files is read
+as a deterministic sample (at most SAMPLE_FILES files evenly spaced in name order, and of their row groups evenly
+spaced ones up to SAMPLE_ROWS rows; see choose_sample), and the page says so. A smaller table is read whole, so
+its figures are exact.
 """
 from __future__ import annotations
 
 import json
+import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -28,6 +34,8 @@ CONFIDENCE_BINS = 100  # per-class percentiles are exact to 1/CONFIDENCE_BINS
 ENTROPY_BIN_WIDTH = 0.02  # nats; the histogram grows to the largest entropy seen
 ACCURACY_BINS = 10
 PERCENTILES = (10, 25, 50, 75, 90)
+SAMPLE_ROWS = 2_000_000  # a table of more rows is read as a sample of evenly spaced row groups
+SAMPLE_FILES = 256  # the most data files a table's sample is drawn from
 
 
 def confidence_bin(confidence: np.ndarray, bins: int) -> np.ndarray:
@@ -105,6 +113,14 @@ class TableScan:
     entropy: np.ndarray | None = None  # counts per ENTROPY_BIN_WIDTH bin, when the table has entropy
     accuracy: Accuracy | None = None
     samples: SampleTracker | None = None
+    files: int = 0  # the table's data files
+    files_read: int = 0  # of them, the files the sampled row groups were chosen from
+    table_rows: int | None = None  # rows of the whole table (None: not known, some footers not read)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the scan read fewer rows than the table holds (the figures are of a sample)."""
+        return self.files_read < self.files or sum(u.num_rows for u in self.units) != self.table_rows
 
     def add(self, batch: pa.RecordBatch, first_position: int, truth: GroundTruth | None) -> None:
         labels = batch.column("label").fill_null(-1).to_numpy().astype(np.int64)  # nulls: invalid
@@ -164,20 +180,72 @@ def histogram_percentiles(hist: np.ndarray, quantiles: np.ndarray) -> np.ndarray
     return out
 
 
+def evenly_spaced(count: int, total: int) -> list[int]:
+    """`count` indexes of range(total) spread evenly, the first and the last included (all when count >= total)."""
+    if count >= total:
+        return list(range(total))
+    if count <= 0:
+        return []
+    if count == 1:
+        return [0]
+    return [int(i) for i in np.unique(np.round(np.linspace(0, total - 1, count)).astype(np.int64))]
+
+
+@dataclass(frozen=True)
+class TableSample:
+    """The row groups a scan reads: all of them when the table fits the budget, else evenly spaced ones."""
+
+    schema: pa.Schema
+    units: list[WorkUnit]
+    files: int  # data files of the table
+    files_read: int  # of them, the files whose footers were read
+    table_rows: int | None  # rows of the whole table: summed from the footers when all were read, else as given
+
+
+def choose_sample(files: list[str], required: tuple[str, ...], *, max_rows: int, max_files: int,
+                  total_rows: int | None = None) -> TableSample:
+    """At most `max_files` files (evenly spaced in name order; no more than the row budget needs at the
+    table's average rows per file when `total_rows` is given) are opened, and of their row groups, evenly spaced
+    ones up to `max_rows` rows (at least one) are read. A table within both budgets is read whole."""
+    if not files:
+        return TableSample(pa.schema([]), [], 0, 0, 0)
+    count = min(len(files), max_files)
+    if total_rows is not None:
+        per_file = max(total_rows / len(files), 1.0)
+        count = min(count, max(1, math.ceil(max_rows / per_file)))
+    opened = [files[i] for i in evenly_spaced(count, len(files))]
+    schema, units = inspect_inputs(opened, required, hint="the report reads label and confidence")
+    in_files = sum(u.num_rows for u in units)
+    if len(opened) == len(files):
+        total_rows = in_files
+    if in_files > max_rows:
+        picked = [units[i] for i in evenly_spaced(max(1, len(units) * max_rows // in_files), len(units))]
+        rows = np.cumsum([u.num_rows for u in picked])
+        units = picked[: max(1, int((rows <= max_rows).sum()))]
+    units = [replace(u, index=i) for i, u in enumerate(units)]
+    return TableSample(schema, units, len(files), len(opened), total_rows)
+
+
 def scan_table(files: list[str], *, truth: GroundTruth | None, samples_per_class: int, batch_rows: int,
-               progress: bool, echo: Callable[[str], None]) -> TableScan:
-    """One pass over the Parquet files of an output (only the columns the report needs); the class count is
-    the one recorded in their metadata, when it is. No files (every image failed): an empty scan."""
-    schema, units = inspect_inputs(files, ("label", "confidence") + (("id",) if truth else ()),
-                                   hint="the report reads label and confidence") if files else (pa.schema([]), [])
-    scan = TableScan(units, schema, contract.num_classes(schema),
+               progress: bool, echo: Callable[[str], None], max_rows: int = SAMPLE_ROWS,
+               max_files: int = SAMPLE_FILES, total_rows: int | None = None) -> TableScan:
+    """One pass over (a bounded sample of, see choose_sample) the Parquet files of an output, only the columns
+    the report needs; the class count is the one recorded in their metadata, when it is. `total_rows` is the
+    table's row count from its marker, when known. No files (every image failed): an empty scan."""
+    sample = choose_sample(files, ("label", "confidence") + (("id",) if truth else ()), max_rows=max_rows,
+                           max_files=max_files, total_rows=total_rows)
+    schema, units = sample.schema, sample.units
+    scan = TableScan(units, schema, contract.num_classes(schema), files=sample.files, files_read=sample.files_read,
+                     table_rows=sample.table_rows,
                      entropy=np.zeros(0, np.int64) if "entropy" in schema.names else None,
                      accuracy=Accuracy(len(truth.labels)) if truth else None,
                      samples=SampleTracker(samples_per_class) if samples_per_class else None)
     columns = [c for c in ("id", "label", "confidence", "entropy") if c in schema.names and (c != "id" or truth)]
     total = sum(u.num_rows for u in units)
     if progress and files:
-        echo(f"report: reading {fs.split(files[0])[0]}: {total:,} rows in {len(files):,} file(s)")
+        rows = f"{scan.table_rows:,} rows" if scan.table_rows is not None else "rows"
+        of = f" (a sample: the table has {rows} in {len(files):,} files)" if scan.sampled else ""
+        echo(f"report: reading {fs.split(files[0])[0]}: {total:,} rows in {sample.files_read:,} file(s){of}")
     meter = Progress(uuid.uuid4().hex[:12], "report", total, progress)
     position = 0
     for unit in units:

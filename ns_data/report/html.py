@@ -15,7 +15,7 @@ import numpy as np
 from ns_data.class_names import display
 from ns_data.report import plots
 from ns_data.report.collect import (ACCURACY_BINS, ENTROPY_BIN_WIDTH, PERCENTILES, Accuracy, LabelsReport,
-                                    RunReport, SelectionReport, ShardsReport)
+                                    RunReport, SelectionReport, ShardsReport, TableScan)
 from ns_data.report.find import Found
 from ns_data.report.samples import ClassSamples
 
@@ -152,6 +152,17 @@ def _samples(section: str, groups: list[ClassSamples], names: list[str] | None, 
             f'<div class="samples" id="{section}-samples">{"".join(rows)}</div>')
 
 
+def _sample_note(section: str, scan: TableScan | None, shown: str, more: str = "") -> str:
+    """A line saying that `shown` comes from a sample of the table, and of how many rows; none when the whole
+    table was read."""
+    if scan is None or not scan.sampled:
+        return ""
+    rows = f"{scan.table_rows:,}" if scan.table_rows is not None else "unknown"
+    return (f'<p class="muted" id="{section}-sample" data-rows="{scan.rows}" data-files="{scan.files_read}">'
+            f"{escape(shown)} come from a sample of the table: {scan.rows:,} rows of {rows} in {len(scan.units):,} "
+            f"evenly spaced row groups of {scan.files_read:,} of its {scan.files:,} files.{escape(more)}</p>")
+
+
 def labels_section(section: str, report: LabelsReport) -> str:
     stats, scan = report.stats, report.scan
     counts = scan.per_class
@@ -159,10 +170,12 @@ def labels_section(section: str, report: LabelsReport) -> str:
     teacher = stats.get("teacher") or {}
     summary = key_values(f"{section}-summary", [
         ("images read", stats.get("images_read")), ("labeled", stats.get("labeled")),
-        ("errors", stats.get("errors")), ("rows in the labels files", scan.rows),
+        ("errors", stats.get("errors")), ("rows in the labels files", scan.table_rows),
+        ("rows read", scan.rows), ("sampled", scan.sampled),
         ("invalid rows (label or confidence)", scan.invalid_rows), ("teacher", teacher.get("model")),
         ("classes of the teacher", scan.num_classes), ("classes with rows", len(classes))])
-    parts = [summary]
+    parts = [summary, _sample_note(section, scan, "The figures, the per-class table, the accuracy and the samples",
+                                      " Images per class are counts in the sample.")]
     if len(classes):
         by_size = classes[np.lexsort((classes, -counts[classes]))]
         parts.append(_img(plots.class_sizes(counts[by_size], _names(by_size, report.names),
@@ -194,7 +207,7 @@ def selection_section(section: str, report: SelectionReport) -> str:
         ("not kept", stats.get("not_kept")), ("kept (unique rows)", stats.get("selected_rows")),
         ("rows with copies", stats.get("total_copies")), ("--per-class", options.get("per_class")),
         ("--min-confidence", options.get("min_confidence")), ("--upsample", options.get("upsample"))])
-    parts = [summary]
+    parts = [summary, _sample_note(section, report.scan, "The accuracy and the samples")]
     if len(report.classes):
         order = np.lexsort((report.classes, -report.candidates))
         with np.errstate(invalid="ignore", divide="ignore"):
