@@ -11,10 +11,10 @@ import click
 
 
 class _DropNoise(logging.Filter):
-    """Beam warns about optional GCP client libraries on import, and RunInference about memory measurements
-    it cannot take; neither concerns the user."""
+    """Beam warns about optional GCP client libraries on import, and its local worker processes about a staging
+    directory they do not need; neither concerns the user."""
 
-    NOISE = ("apitools not found", "Resource module is not available", "No semi_persistent_directory found")
+    NOISE = ("apitools not found", "No semi_persistent_directory found")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in self.NOISE)

@@ -20,6 +20,14 @@ from ns_data import fs
 from ns_data.stage import InputError
 
 
+TMP_PREFIX = ".tmp-"
+
+
+def tmp_dir_name(stage: str) -> str:
+    """The directory a run of `stage` writes into, inside its output, until it publishes."""
+    return f"{TMP_PREFIX}{stage}"
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """One stage's output directory: data files, errors files and the marker written last."""
@@ -40,7 +48,7 @@ class OutputKind:
 
     @property
     def tmp_name(self) -> str:
-        return f".tmp-{self.stage}"
+        return tmp_dir_name(self.stage)
 
     def data_name(self, index: int, total: int | None = None) -> str:
         of = f"-of-{total:05d}" if total is not None else ""

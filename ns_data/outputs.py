@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ns_data import fs, lease
+from ns_data import contract, fs, lease
 from ns_data.stage import OutputExists
 
 PLAN = "plan.json"
@@ -54,7 +54,7 @@ class StageOutput:
 
     @property
     def tmp_dir(self) -> str:
-        return fs.join(self.path, f".tmp-{self.stage}")
+        return fs.join(self.path, contract.tmp_dir_name(self.stage))
 
     def tmp(self, name: str) -> str:
         return fs.join(self.tmp_dir, name)
@@ -120,7 +120,7 @@ class StageOutput:
     def _finish_publishing(self, plan: dict) -> str:
         """The moves of `plan` not done yet, the marker, then the temp dir dropped; safe to repeat."""
         prefix = self.tmp_dir.rstrip("/") + "/"
-        below = f"/.tmp-{self.stage}/"  # names below the temp dir, however the listing spells its scheme
+        below = f"/{contract.tmp_dir_name(self.stage)}/"  # names below the temp dir, however the listing spells its scheme
         left = {path.split(below, 1)[-1] for path, _ in fs.match(prefix + "**")}
         todo = [(src, name) for src, name in plan["moves"] if src in left]
         gone = [name for src, name in plan["moves"] if src not in left]

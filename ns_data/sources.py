@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from ns_data import fs, tfrecord
 from ns_data.images import IMAGE_EXTENSIONS
+from ns_data.reading import open_parquet
 from ns_data.stage import InputError
 
 UNREADABLE = "unreadable_file"
@@ -214,7 +215,7 @@ class Parquet(ImageFormat):
     def count(self, unit, settings):
         if unit.row_group is None:
             return super().count(unit, settings)
-        return _open(unit.paths[0]).metadata.row_group(unit.row_group).num_rows
+        return open_parquet(unit.paths[0]).metadata.row_group(unit.row_group).num_rows
 
     def iterate(self, unit, settings, with_data=True):
         """A row group's images; a file whose footer, image column or row group cannot be read is one error
@@ -222,7 +223,7 @@ class Parquet(ImageFormat):
         path = unit.paths[0]
         name = fs.relative_to(path, unit.id_root)
         try:
-            pf = _open(path)
+            pf = open_parquet(path)
             column = settings.image_column or image_column(pf.schema_arrow, path)
             if column not in pf.schema_arrow.names:
                 raise InputError(f"{path}: no column '{column}' (has: {', '.join(pf.schema_arrow.names)})")
@@ -246,7 +247,7 @@ class Parquet(ImageFormat):
                 yield ImageRecord(rid, path, row, data)
 
     def read_back(self, source, offsets, settings):
-        pf = _open(source)
+        pf = open_parquet(source)
         column = settings.image_column or image_column(pf.schema_arrow, source)
         ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
         groups = np.searchsorted(ends, np.asarray(offsets), side="right")
@@ -274,13 +275,6 @@ def kind_of(path: str, input_format: str) -> str | None:
     if input_format != "auto":
         return input_format
     return _EXTENSION_KIND.get(os.path.splitext(path)[1].lower())
-
-
-def _open(path: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path if fs.is_local(path) else fs.open_read(path))
-    except (OSError, pa.ArrowInvalid) as err:
-        raise InputError(f"{path}: cannot read as Parquet: {err}") from err
 
 
 def image_column(schema: pa.Schema, path: str) -> str:
@@ -361,7 +355,7 @@ def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
     roots = sorted(roots)
     id_root = roots[0] if len(roots) == 1 else fs.common_root(roots)
     if parquet is not None:
-        schema = _open(parquet).schema_arrow
+        schema = open_parquet(parquet).schema_arrow
         if settings.image_column is not None and settings.image_column not in schema.names:
             raise InputError(f"{parquet}: no column '{settings.image_column}' (has: {', '.join(schema.names)})")
         settings = replace(settings, image_column=settings.image_column or image_column(schema, parquet))
@@ -417,7 +411,7 @@ def container_units(entry: Listed, id_root: str, settings: ReadSettings) -> list
     if entry.kind != "parquet":
         return [unit]
     try:
-        pf = _open(entry.path)
+        pf = open_parquet(entry.path)
         column = settings.image_column or image_column(pf.schema_arrow, entry.path)
         if column not in pf.schema_arrow.names:
             raise InputError(f"{entry.path}: no column '{column}'")

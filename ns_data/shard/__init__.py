@@ -28,7 +28,7 @@ from typing import Any
 from ns_data.contract import SHARDS
 from ns_data.outputs import already_complete
 from ns_data.runner import is_local, run_stage
-from ns_data.shard.manifest import format_summary, inspect_records
+from ns_data.shard.summary import format_summary, inspect_records
 from ns_data.shard.pipeline import Shard
 from ns_data.shard.plan import prepare
 from ns_data.spill import SHUFFLES
