@@ -221,14 +221,23 @@ def held() -> list[Lease]:
     return list(_HELD.values())
 
 
+def run_failed() -> None:
+    """This process's run failed: its leases are given back (a rerun resumes from the temp dir)."""
+    for lease in held():
+        try:
+            lease.release()
+        except Exception:  # noqa: BLE001 - an unreachable lease is stale for the next run anyway
+            _HELD.pop(lease.path, None)
+
+
 def launched(job: str | None) -> None:
     """This process launched its job without waiting: its leases name the job (none to name: a dry run, which
     writes nothing, releases them)."""
     for lease in held():
-        if job:
-            lease.record_job(job)
-        else:
-            lease.release()
+        try:
+            lease.record_job(job) if job else lease.release()
+        except Exception:  # noqa: BLE001 - a lease this process can no longer reach is not this launch's
+            _HELD.pop(lease.path, None)
 
 
 def _lease_file(name: str) -> bool:

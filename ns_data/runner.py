@@ -139,11 +139,15 @@ def run_stage(name: str, source, stage: beam.PTransform, beam_args: list[str] | 
     spread = pipeline | "WorkUnits" >> source | "SpreadUnits" >> beam.Reshuffle()
     _ = spread | name >> stage
     with compact_heap() if compact and runs_locally(options) else contextlib.nullcontext():
-        result = pipeline.run()
-        if launch_only(options):
-            lease.launched(launched_job(options, result))
-            return False
-        result.wait_until_finish()
+        try:
+            result = pipeline.run()
+            if launch_only(options):
+                lease.launched(launched_job(options, result))
+                return False
+            result.wait_until_finish()
+        except BaseException:
+            lease.run_failed()  # the run is over: its output's lease goes, its temp dir stays for a rerun
+            raise
     return True
 
 

@@ -250,13 +250,13 @@ def made(root, monkeypatch, *commands) -> None:
 @needs_strace
 def test_label_killed_at_any_rename_is_completed_by_a_rerun(images, monkeypatch):
     points = check_every_kill_point(LABEL, str(images), "labels", monkeypatch)
-    assert len(points) >= 5  # plan, three moves, marker
+    assert len(points) >= 3  # plan, the move of the one labels file (units are merged by bytes), marker
 
 
 @needs_strace
 def test_balance_killed_at_any_rename_is_completed_by_a_rerun(images, monkeypatch):
     made(images, monkeypatch, LABEL)
-    assert len(check_every_kill_point(BALANCE, str(images), "selection", monkeypatch)) >= 4
+    assert len(check_every_kill_point(BALANCE, str(images), "selection", monkeypatch)) >= 3  # plan, move, marker
 
 
 @needs_strace
@@ -343,7 +343,8 @@ def test_shard_on_a_full_device_says_so_and_finishes_once_there_is_room(images, 
     args = ["shard", "selection", "--num-shards", "3", "--output", output, "--no-progress"]
     failed = CliRunner().invoke(main, args)
     assert failed.exit_code != 0
-    assert "No space left on device" in str(failed.exception) and output in str(failed.exception)
+    error = failed.output.strip().splitlines()[-1]  # one line, Error: ..., naming the file on the full device
+    assert error.startswith("Error: ") and "No space left on device" in error and output in error, failed.output
     assert not os.path.exists(os.path.join(output, "manifest.json"))
     remount("8m")
     result = CliRunner().invoke(main, args, catch_exceptions=False)
