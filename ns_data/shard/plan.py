@@ -241,7 +241,7 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
     done: frozenset[int] = frozenset()
     if state == RESUME:
         fs.delete_dir(output.tmp(SPILL))  # an interrupted run's spill files: never read again
-        done = frozenset(s for s in range(num_shards) if _in_place(output, contract.SHARDS.data_name(s, num_shards)))
+        done = finished_shards(output, num_shards)
         echo(resuming(opts.output, "shard") + f": {len(done)} of {num_shards} shards already written")
     return ShardContext(options=opts, output=output, inputs=inputs, columns=columns, read_settings=read_settings,
                         num_shards=num_shards, num_classes=num_classes,
@@ -281,6 +281,9 @@ def sidecar(output: StageOutput, name: str) -> str:
     return output.tmp(f"{name}.json")
 
 
-def _in_place(output: StageOutput, name: str) -> bool:
-    """Whether an interrupted run finished this shard: its sidecar written, the shard renamed into place."""
-    return fs.exists(sidecar(output, name)) and fs.exists(output.final(name))
+def finished_shards(output: StageOutput, num_shards: int) -> frozenset[int]:
+    """The shards an interrupted run finished (their sidecar written, the shard renamed into place), from one
+    listing of the temp dir's sidecars and one of the output's shards: no request per shard."""
+    noted = {fs.name(p)[:-len(".json")] for p in fs.list_dir(output.tmp_dir, contract.SHARDS.data_pattern + ".json")}
+    placed = {fs.name(p) for p in fs.list_dir(output.path, contract.SHARDS.data_pattern)}
+    return frozenset(s for s in range(num_shards) if contract.SHARDS.data_name(s, num_shards) in noted & placed)
