@@ -140,7 +140,14 @@ def selection(n: int, base: Path = DATA) -> Path:
     one = base / "selection-one.parquet"
     if not one.exists():
         pq.write_table(selection_table(sorted(str(p) for p in images(2, base).glob("img-*")), 0), one)
-    return _linked(base / f"selection-{n:09d}", n, one, "selection-{:07d}.parquet", {"stage": "balance"})
+    rows = 2 * n  # images(2): two rows a file
+    return _linked(base / f"selection-{n:09d}", n, one, "selection-{:05d}.parquet", selection_marker(rows))
+
+
+def selection_marker(rows: int) -> dict:
+    """What a balance output's stats.json says of its rows (shard's launcher reads its totals from it)."""
+    return {"stage": "balance", "selected_rows": rows, "total_copies": rows, "input_rows": rows,
+            "fingerprint": f"scale-{rows}"}
 
 
 def containers(n: int, base: Path = DATA) -> Path:
@@ -272,8 +279,8 @@ def requests_run(stage: str, n: int, shards: int | None = None) -> dict:
                                          for i in range(first, first + SELECTION_ROWS)], first)
                 buf = pa.BufferOutputStream()
                 pq.write_table(table, buf)
-                upload(f"gs://bucket/in/selection-{f:07d}.parquet", buf.getvalue().to_pybytes())
-            upload("gs://bucket/in/stats.json", json.dumps({"stage": "balance"}).encode())
+                upload(f"gs://bucket/in/selection-{f:05d}.parquet", buf.getvalue().to_pybytes())
+            upload("gs://bucket/in/stats.json", json.dumps(selection_marker(SELECTION_ROWS * n)).encode())
         emu.reset()
         began = time.perf_counter()
         argv = stage_argv(stage, "gs://bucket/in", "gs://bucket/out", shards or max(1, n // 10))
