@@ -143,16 +143,16 @@ class TFRecord(ImageFormat):
         index = 0
         try:
             with fs.open_read(path) as f:
-                for offset, record in tfrecord.read_records(f):
+                for offset, record, damage in tfrecord.scan_records(f):
                     rid = f"{name}#{index}"
                     index += 1
-                    if not with_data:
+                    if damage:
+                        yield ImageRecord(rid, path, offset, error=CORRUPT_RECORD, detail=damage)
+                    elif not with_data:
                         yield ImageRecord(rid, path, offset)
-                        continue
-                    data, reason, detail = self._image(record, offset)
-                    yield ImageRecord(rid, path, offset, data, reason, detail)
-        except tfrecord.CorruptRecord as err:
-            yield ImageRecord(f"{name}#{index}", path, None, error=CORRUPT_RECORD, detail=str(err))
+                    else:
+                        data, reason, detail = self._image(record, offset)
+                        yield ImageRecord(rid, path, offset, data, reason, detail)
         except Exception as err:  # noqa: BLE001
             yield ImageRecord(f"{name}#{index}", path, None, error=UNREADABLE, detail=str(err))
 
