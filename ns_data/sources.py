@@ -373,6 +373,10 @@ def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
         raise InputError("give at least one INPUT")
     patterns, roots, parquet = [], set(), None
     for index, item in enumerate(inputs):
+        if _plain_local(item) and os.path.lexists(item) and not os.path.isdir(item):
+            for _, _, reason, detail in _walk(fs.absolute(item), frozenset()):
+                if reason:  # an INPUT that is a FIFO, a dangling link...: said now, as a missing file is
+                    raise InputError(detail)
         pattern = _pattern(item)
         found = list(itertools.islice(match_input(pattern), LAUNCH_CHECK_FILES))
         kinds = [(p, input_kind(p, reason, settings.format)) for p, _, reason, _ in found]
@@ -463,7 +467,8 @@ def _walk(path: str, above: frozenset) -> Iterator[Found]:
         return
     key = (st.st_dev, st.st_ino)
     if key in above:
-        yield path, 0, SYMLINK_LOOP, f"{path}: links back to a directory above it ({os.path.realpath(path)}); not followed"
+        yield path, 0, SYMLINK_LOOP, (f"{path}: links back to a directory above it ({os.path.realpath(path)}); "
+                                      "not followed")
         return
     inside = above | {key}
     try:
@@ -488,7 +493,7 @@ def _local_match(pattern: str) -> Iterator[Found]:
         found: Iterator[Found] = _walk(pattern, frozenset())
     else:
         prefix = re.match(r"^[^[*?]*", pattern).group(0)
-        top = prefix if prefix.endswith("/") else os.path.dirname(prefix)
+        top = (prefix if prefix.endswith("/") else os.path.dirname(prefix)).rstrip("/")
         matches = re.compile(FileSystem.translate_pattern(pattern)).match
         deep = "**" in pattern
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from ns_data import tfrecord
 from ns_data.label import LabelOptions, run_label
-from ns_data.sources import match_input
+from ns_data.sources import match_input, plan_inputs
+from ns_data.stage import InputError
 
 TEACHER = dict(teacher="test_efficientnet", random_weights=True, num_classes=10, batch_size=4, topk=3)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,3 +171,12 @@ def test_an_unreadable_directory_and_file_are_error_rows(tmp_path):
     assert dict(zip(errors["id"], errors["reason"])) == {"locked": "unreadable_directory",
                                                          "secret.jpg": "unreadable_file"}
     assert stats["images_read"] == stats["labeled"] + stats["errors"] == 4
+
+
+def test_an_input_named_on_the_command_line_that_cannot_be_read_is_a_one_line_error(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("nowhere.jpg", tmp_path / "dangling.jpg")
+    with pytest.raises(InputError, match="a FIFO; not opened"):
+        plan_inputs([str(tmp_path / "pipe.jpg")])
+    with pytest.raises(InputError, match="links to nowhere.jpg, which does not exist"):
+        plan_inputs([str(tmp_path / "dangling.jpg")])
