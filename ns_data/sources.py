@@ -209,7 +209,11 @@ class Tar(ImageFormat):
         try:
             with fs.open_read(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
-                    if not member.isfile() or os.path.splitext(member.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    if member.isdir() or os.path.splitext(member.name)[1].lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    if not member.isfile():  # a link or device with an image's name: no bytes of its own
+                        yield ImageRecord(f"{name}/{member.name}", path, member.offset_data,
+                                          error=NOT_A_REGULAR_FILE, detail=f"tar member of type {member.type!r}")
                         continue
                     data = tar.extractfile(member).read() if with_data else None
                     yield ImageRecord(f"{name}/{member.name}", path, member.offset_data, data)

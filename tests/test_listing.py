@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -180,3 +181,17 @@ def test_an_input_named_on_the_command_line_that_cannot_be_read_is_a_one_line_er
         plan_inputs([str(tmp_path / "pipe.jpg")])
     with pytest.raises(InputError, match="links to nowhere.jpg, which does not exist"):
         plan_inputs([str(tmp_path / "dangling.jpg")])
+
+
+def test_a_tar_member_with_an_image_name_that_is_a_link_is_an_error_row(tmp_path):
+    os.makedirs(tmp_path / "in")
+    with tarfile.open(tmp_path / "in" / "shard.tar", "w") as tar:
+        info = tarfile.TarInfo("k0.jpg")
+        data = jpeg(1)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("k1.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "k0.jpg"
+        tar.addfile(link)
+    stats, labeled, errors = label([tmp_path / "in"], tmp_path / "out")
+    assert labeled == {"shard.tar/k0.jpg"} and errors == {"shard.tar/k1.jpg": "not_a_regular_file"}
