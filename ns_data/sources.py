@@ -152,7 +152,11 @@ class Files(ImageFormat):
             yield ImageRecord(rid, path, None, data)
 
     def read_back(self, source, offsets, settings):
-        data = fs.read_bytes(source)
+        try:
+            data = _read_file(source)
+        except _NotUsable as err:  # e.g. replaced by a FIFO since it was labeled: never read, never blocks
+            yield from _failed(offsets, err.reason, err.detail)
+            return
         for _ in offsets:
             yield data, None, ""
 
@@ -453,11 +457,12 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-def _walk(path: str, above: frozenset) -> Iterator[Found]:
-    """Everything at and below `path` that is not a directory, following links; `above` holds the (device,
-    inode) of the directories above it, so a link back to one of them is a `symlink_loop` entry, not a walk
-    without end. A directory that cannot be listed is one `unreadable_directory` entry. Only the open directories
-    of the current branch are held, whatever the number of files."""
+def _walk(path: str, above: frozenset, levels: int | None = None) -> Iterator[Found]:
+    """Everything at and below `path` that is not a directory, following links, at most `levels` directories
+    down (None: all); `above` holds the (device, inode) of the directories above it, so a link back to one of
+    them is a `symlink_loop` entry, not a walk without end. A directory that cannot be listed is one
+    `unreadable_directory` entry. Only the open directories of the current branch are held, whatever the number
+    of files."""
     try:
         st = os.stat(path)
     except OSError as err:
@@ -469,6 +474,8 @@ def _walk(path: str, above: frozenset) -> Iterator[Found]:
     if not stat.S_ISDIR(st.st_mode):
         yield path, 0, NOT_A_REGULAR_FILE, f"{path}: a {_file_type(st.st_mode)}; not opened"
         return
+    if levels == 0:
+        return
     key = (st.st_dev, st.st_ino)
     if key in above:
         yield path, 0, SYMLINK_LOOP, (f"{path}: links back to a directory above it ({os.path.realpath(path)}); "
@@ -478,7 +485,7 @@ def _walk(path: str, above: frozenset) -> Iterator[Found]:
     try:
         with os.scandir(path) as entries:
             for entry in entries:
-                yield from _walk(entry.path, inside)
+                yield from _walk(entry.path, inside, None if levels is None else levels - 1)
     except OSError as err:
         yield path, 0, UNREADABLE_DIRECTORY, f"{path}: {err.strerror or err}; nothing below it was listed"
 
@@ -508,7 +515,8 @@ def _local_match(pattern: str) -> Iterator[Found]:
             return reason in (UNREADABLE_DIRECTORY, SYMLINK_LOOP) and (path + "/").startswith(prefix) and (
                 deep or path.count("/") < pattern.count("/"))
 
-        found = (e for e in _walk(top or "/", frozenset()) if wanted(e))
+        levels = None if deep else pattern.count("/") - top.count("/")  # no deeper than the pattern reaches
+        found = (e for e in _walk(top or "/", frozenset(), levels) if wanted(e))
     for path, size, reason, detail in found:
         try:
             path.encode("utf-8")

@@ -195,3 +195,25 @@ def test_a_tar_member_with_an_image_name_that_is_a_link_is_an_error_row(tmp_path
         tar.addfile(link)
     stats, labeled, errors = label([tmp_path / "in"], tmp_path / "out")
     assert labeled == {"shard.tar/k0.jpg"} and errors == {"shard.tar/k1.jpg": "not_a_regular_file"}
+
+
+def test_a_glob_walks_no_deeper_than_it_reaches(tmp_path, links):
+    write(links / "sub" / "deep.jpg", jpeg(5))
+    found = {os.path.relpath(p, links): reason for p, _, reason, _ in match_input(f"{links}/*/*.jpg")}
+    # self.jpg loops: whether it would be a file or a directory cannot be known, so it is reported where the
+    # pattern would enter a directory; sub/up (a loop found inside sub/) is below where the pattern reaches.
+    assert found == {"linked/t0.jpg": "", "linked/t1.jpg": "", "sub/deep.jpg": "", "self.jpg": "symlink_loop"}
+    calls = []
+    original = os.scandir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "scandir", lambda path: calls.append(path) or original(path))
+        list(match_input(f"{links}/*.jpg"))
+    assert calls == [str(links)]
+
+
+def test_a_file_read_back_that_became_a_fifo_is_an_error_not_a_hang(tmp_path):
+    from ns_data.sources import read_back
+
+    os.mkfifo(tmp_path / "was.jpg")
+    (data, reason, detail), = read_back(str(tmp_path / "was.jpg"), [None])
+    assert data is None and reason == "not_a_regular_file"
