@@ -15,12 +15,21 @@ there is one input or all share one root; with several roots, it is their longes
 `label a/ b/` names `a/x.jpg` and `b/x.jpg` apart. The same file named twice (`label a/ a/`) is read once;
 its second appearance is reported as a `duplicate_input` error. `source` is the absolute URI of the file or
 container. A container that cannot be read, or a damaged record, becomes an error record, never a stopped run.
+
+Every file listed is an image or an error record. Local inputs are listed by walking the directories
+(`match_input`): links are followed, and a dangling link, a link loop, a directory that cannot be listed, a
+FIFO/socket/device and a name that is not UTF-8 (escaped `\\xNN` for its id) are listed with a reason that
+becomes their error record; object stores are listed by Beam's FileSystems.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import math
 import os
+import re
+import stat
 import tarfile
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -29,6 +38,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from ns_data import fs, tfrecord
@@ -40,6 +50,11 @@ UNREADABLE = "unreadable_file"
 CORRUPT_RECORD = "corrupt_record"
 MISSING_SOURCE = "missing_source"
 DUPLICATE_INPUT = "duplicate_input"
+DANGLING_LINK = "dangling_link"
+SYMLINK_LOOP = "symlink_loop"
+UNREADABLE_DIRECTORY = "unreadable_directory"
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+NON_UTF8_NAME = "non_utf8_name"
 MIN_FILES_PER_UNIT = 128  # four teacher batches at the default --batch-size
 MAX_FILES_PER_UNIT = 1024
 LAUNCH_CHECK_FILES = 1000  # files the launcher lists per input to check it holds images
@@ -77,6 +92,7 @@ class ImageUnit:
     limit: int | None = None  # read at most this many images (--max-images)
     repeated: bool = False  # named by an earlier input too: every image is a duplicate_input error
     nbytes: int = 0  # bytes of the listing this unit accounts for (a Parquet file's on its first row group)
+    faults: tuple[tuple[str, str, str], ...] = ()  # (path, reason, detail): paths the listing found unusable
 
     @property
     def name(self) -> str:
@@ -120,17 +136,28 @@ class Files(ImageFormat):
         return len(unit.paths)
 
     def iterate(self, unit, settings, with_data=True):
+        faults = {path: (reason, detail) for path, reason, detail in unit.faults}
         for path in unit.paths:
             rid = fs.relative_to(path, unit.id_root)
+            if path in faults:
+                yield ImageRecord(rid, path, None, error=faults[path][0], detail=faults[path][1])
+                continue
             try:
-                data = fs.read_bytes(path) if with_data else None
+                data = _read_file(path) if with_data else None
+            except _NotUsable as err:
+                yield ImageRecord(rid, path, None, error=err.reason, detail=err.detail)
+                continue
             except Exception as err:  # noqa: BLE001 - an unreadable file is data, not a crash
                 yield ImageRecord(rid, path, None, error=UNREADABLE, detail=str(err))
                 continue
             yield ImageRecord(rid, path, None, data)
 
     def read_back(self, source, offsets, settings):
-        data = fs.read_bytes(source)
+        try:
+            data = _read_file(source)
+        except _NotUsable as err:  # e.g. replaced by a FIFO since it was labeled: never read, never blocks
+            yield from _failed(offsets, err.reason, err.detail)
+            return
         for _ in offsets:
             yield data, None, ""
 
@@ -144,16 +171,16 @@ class TFRecord(ImageFormat):
         index = 0
         try:
             with fs.open_read(path) as f:
-                for offset, record in tfrecord.read_records(f):
+                for offset, record, damage in tfrecord.scan_records(f):
                     rid = f"{name}#{index}"
                     index += 1
-                    if not with_data:
+                    if damage:
+                        yield ImageRecord(rid, path, offset, error=CORRUPT_RECORD, detail=damage)
+                    elif not with_data:
                         yield ImageRecord(rid, path, offset)
-                        continue
-                    data, reason, detail = self._image(record, offset)
-                    yield ImageRecord(rid, path, offset, data, reason, detail)
-        except tfrecord.CorruptRecord as err:
-            yield ImageRecord(f"{name}#{index}", path, None, error=CORRUPT_RECORD, detail=str(err))
+                    else:
+                        data, reason, detail = self._image(record, offset)
+                        yield ImageRecord(rid, path, offset, data, reason, detail)
         except Exception as err:  # noqa: BLE001
             yield ImageRecord(f"{name}#{index}", path, None, error=UNREADABLE, detail=str(err))
 
@@ -187,7 +214,11 @@ class Tar(ImageFormat):
         try:
             with fs.open_read(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
-                    if not member.isfile() or os.path.splitext(member.name)[1].lower() not in IMAGE_EXTENSIONS:
+                    if member.isdir() or os.path.splitext(member.name)[1].lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    if not member.isfile():  # a link or device with an image's name: no bytes of its own
+                        yield ImageRecord(f"{name}/{member.name}", path, member.offset_data,
+                                          error=NOT_A_REGULAR_FILE, detail=f"tar member of type {member.type!r}")
                         continue
                     data = tar.extractfile(member).read() if with_data else None
                     yield ImageRecord(f"{name}/{member.name}", path, member.offset_data, data)
@@ -312,6 +343,8 @@ class Listed:
     kind: str
     input_index: int
     repeated: bool = False  # named by an earlier input too
+    reason: str = ""  # the listing found it unusable (an error row of kind files): why
+    detail: str = ""
 
 
 def _root(item: str) -> str:
@@ -342,10 +375,14 @@ def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
         raise InputError("give at least one INPUT")
     patterns, roots, parquet = [], set(), None
     for index, item in enumerate(inputs):
+        if _plain_local(item) and os.path.lexists(item) and not os.path.isdir(item):
+            for _, _, reason, detail in _walk(fs.absolute(item), frozenset()):
+                if reason:  # an INPUT that is a FIFO, a dangling link...: said now, as a missing file is
+                    raise InputError(detail)
         pattern = _pattern(item)
-        found = FileSystems.match([pattern], limits=[LAUNCH_CHECK_FILES])[0].metadata_list
-        kinds = [(m.path, kind_of(m.path, settings.format)) for m in found]
-        kinds = [(p, k) for p, k in kinds if k]
+        found = list(itertools.islice(match_input(pattern), LAUNCH_CHECK_FILES))
+        kinds = [(p, input_kind(p, reason, settings.format)) for p, _, reason, _ in found]
+        kinds = [(p, k) for p, k in kinds if k]  # an unusable file is kind files: never taken for a footer
         if not kinds and len(found) < LAUNCH_CHECK_FILES:
             raise InputError(f"no images or image containers found in {item}" + (
                 " (pass --input-format for files without a known extension)" if settings.format == "auto" else ""))
@@ -362,20 +399,159 @@ def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
     return tuple(patterns), id_root, settings
 
 
-def list_input(pattern: InputPattern, input_format: str) -> Iterator[tuple[str, tuple[int, int, str]]]:
-    """(path, (input index, size, kind)) of the input files a pattern matches."""
-    for m in FileSystems.match([pattern.pattern])[0].metadata_list:
-        kind = kind_of(m.path, input_format)
+# A local listing walks the directories itself (os.scandir), so that nothing below an input is dropped without
+# a row: links to files and directories are followed, and what cannot be used is an entry with a reason (its
+# error row). Object stores have no links, FIFOs or permissions on prefixes: FileSystems.match lists them.
+Found = tuple[str, int, str, str]  # (path, size, reason, detail); reason "" for a regular file to read
+
+
+class _NotUsable(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _plain_local(path: str) -> bool:
+    return not path.startswith("file://") and fs.is_local(path)
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "file of another type"
+
+
+def _path_fault(path: str, err: OSError) -> tuple[str, str]:
+    """The reason and detail of a path that stat or open refused."""
+    if err.errno == errno.ELOOP:
+        return SYMLINK_LOOP, f"{path}: the symbolic links loop; not followed"
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return DANGLING_LINK, f"{path}: links to {os.readlink(path)}, which does not exist"
+    return UNREADABLE, f"{path}: {err.strerror or err}"
+
+
+def _read_file(path: str) -> bytes:
+    """A file's bytes. A local file is read only when it is a regular file (checked before opening it, and on
+    the opened file): a FIFO, socket or device is never read, so it cannot block the run."""
+    if not _plain_local(path):
+        return fs.read_bytes(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotUsable(NOT_A_REGULAR_FILE, f"{path}: a {_file_type(st.st_mode)}; not opened")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise _NotUsable(*_path_fault(path, err)) from err
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotUsable(NOT_A_REGULAR_FILE, f"{path}: a {_file_type(mode)}; not read")
+        return f.read()
+
+
+def _walk(path: str, above: frozenset, levels: int | None = None) -> Iterator[Found]:
+    """Everything at and below `path` that is not a directory, following links, at most `levels` directories
+    down (None: all); `above` holds the (device, inode) of the directories above it, so a link back to one of
+    them is a `symlink_loop` entry, not a walk without end. A directory that cannot be listed is one
+    `unreadable_directory` entry. Only the open directories of the current branch are held, whatever the number
+    of files."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        yield (path, 0, *_path_fault(path, err))
+        return
+    if stat.S_ISREG(st.st_mode):
+        yield path, st.st_size, "", ""
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        yield path, 0, NOT_A_REGULAR_FILE, f"{path}: a {_file_type(st.st_mode)}; not opened"
+        return
+    if levels == 0:
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in above:
+        yield path, 0, SYMLINK_LOOP, (f"{path}: links back to a directory above it ({os.path.realpath(path)}); "
+                                      "not followed")
+        return
+    inside = above | {key}
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                yield from _walk(entry.path, inside, None if levels is None else levels - 1)
+    except OSError as err:
+        yield path, 0, UNREADABLE_DIRECTORY, f"{path}: {err.strerror or err}; nothing below it was listed"
+
+
+def _escaped(path: str) -> str:
+    """A path whose name is not UTF-8 (os.fsdecode's surrogateescape), its undecodable bytes written \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _local_match(pattern: str) -> Iterator[Found]:
+    """What a local pattern (as `_pattern` makes them) matches, as Beam's glob matches it (FileSystem's
+    translation: `*` within a name, `**` across directories), with faults as entries. A directory fault is kept
+    when the pattern reaches below that directory. A path that is not UTF-8 is a `non_utf8_name` entry under its
+    escaped path (`_escaped`): it cannot be an id or a source of the Parquet output as it is."""
+    if not fs.is_glob(pattern):
+        found: Iterator[Found] = _walk(pattern, frozenset())
+    else:
+        prefix = re.match(r"^[^[*?]*", pattern).group(0)
+        top = (prefix if prefix.endswith("/") else os.path.dirname(prefix)).rstrip("/")
+        matches = re.compile(FileSystem.translate_pattern(pattern)).match
+        deep = "**" in pattern
+
+        def wanted(entry: Found) -> bool:
+            path, reason = entry[0], entry[2]
+            if matches(path):
+                return True
+            return reason in (UNREADABLE_DIRECTORY, SYMLINK_LOOP) and (path + "/").startswith(prefix) and (
+                deep or path.count("/") < pattern.count("/"))
+
+        levels = None if deep else pattern.count("/") - top.count("/")  # no deeper than the pattern reaches
+        found = (e for e in _walk(top or "/", frozenset(), levels) if wanted(e))
+    for path, size, reason, detail in found:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            path, size = _escaped(path), 0
+            reason, detail = NON_UTF8_NAME, f"{path}: the name is not UTF-8 (its bytes shown as \\xNN); not read"
+        yield path, size, reason, detail
+
+
+def match_input(pattern: str) -> Iterator[Found]:
+    """(path, size, reason, detail) of every file a pattern matches; reason "" for a file to read."""
+    if _plain_local(pattern):
+        yield from _local_match(pattern)
+        return
+    for m in FileSystems.match([pattern])[0].metadata_list:
+        yield m.path, m.size_in_bytes, "", ""
+
+
+def input_kind(path: str, reason: str, input_format: str) -> str | None:
+    """The format of a listed path (None: not an input). A path the listing found unusable is an error row of a
+    files unit (never opened as a container): when its name is an input's, or when it is a directory fault."""
+    kind = kind_of(path, input_format)
+    if not reason:
+        return kind
+    return "files" if kind or reason in (UNREADABLE_DIRECTORY, SYMLINK_LOOP) else None
+
+
+def list_input(pattern: InputPattern, input_format: str) -> Iterator[tuple[str, tuple[int, int, str, str, str]]]:
+    """(path, (input index, size, kind, reason, detail)) of the input files a pattern matches."""
+    for path, size, reason, detail in match_input(pattern.pattern):
+        kind = input_kind(path, reason, input_format)
         if kind:
-            yield fs.absolute(m.path), (pattern.index, m.size_in_bytes, kind)
+            yield fs.absolute(path), (pattern.index, size, kind, reason, detail)
 
 
 def mark_repeats(element) -> Iterator[Listed]:
     """A file found by several inputs: the first input's, then a repeat for each other input."""
     path, found = element
     found = sorted(found)
-    for n, (index, nbytes, kind) in enumerate(found):
-        yield Listed(path, nbytes, kind, index, repeated=n > 0)
+    for n, (index, nbytes, kind, reason, detail) in enumerate(found):
+        yield Listed(path, nbytes, kind, index, repeated=n > 0, reason=reason, detail=detail)
 
 
 def files_per_unit(total_files: int) -> int:
@@ -388,19 +564,20 @@ def _digest(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
 
 
-def file_bucket(entry: Listed, total_files: int) -> tuple[str, tuple[str, int]]:
+def file_bucket(entry: Listed, total_files: int) -> tuple[str, tuple[str, int, str, str]]:
     """(unit key, (path, size)) of a loose image file: its bucket is a hash of its path into as many buckets as the
     listing's count of loose files asks, so units do not depend on the order of the listing nor on workers."""
     buckets = max(1, math.ceil(total_files / files_per_unit(total_files)))
     repeated = "/repeated" if entry.repeated else ""
-    return f"files/{_digest(entry.path) % buckets:06d}-of-{buckets:06d}{repeated}", (entry.path, entry.size)
+    return (f"files/{_digest(entry.path) % buckets:06d}-of-{buckets:06d}{repeated}",
+            (entry.path, entry.size, entry.reason, entry.detail))
 
 
 def files_unit(element, id_root: str) -> ImageUnit:
     key, files = element
     files = sorted(files)
-    return ImageUnit(key, "files", tuple(p for p, _ in files), id_root, repeated=key.endswith("/repeated"),
-                     nbytes=sum(n for _, n in files))
+    return ImageUnit(key, "files", tuple(f[0] for f in files), id_root, repeated=key.endswith("/repeated"),
+                     nbytes=sum(f[1] for f in files), faults=tuple((p, r, d) for p, _, r, d in files if r))
 
 
 def container_units(entry: Listed, id_root: str, settings: ReadSettings) -> list[ImageUnit]:
@@ -443,7 +620,8 @@ def limited_units(entries: list[Listed], max_images: int, id_root: str, settings
                    and entries[i + len(run)].repeated == entry.repeated):
                 run.append(entries[i + len(run)])
             units.append(ImageUnit("", "files", tuple(e.path for e in run), id_root, repeated=entry.repeated,
-                                   nbytes=sum(e.size for e in run)))
+                                   nbytes=sum(e.size for e in run),
+                                   faults=tuple((e.path, e.reason, e.detail) for e in run if e.reason)))
             i += len(run)
         else:
             units += container_units(entry, id_root, settings)

@@ -53,6 +53,47 @@ def read_records(stream: BinaryIO, start_offset: int = 0) -> Iterator[tuple[int,
         offset += 12 + length + 4
 
 
+def scan_records(stream: BinaryIO, start_offset: int = 0) -> Iterator[tuple[int, bytes | None, str]]:
+    """(byte offset, data, "") for each record, (byte offset, None, what is wrong) for each damaged one; never
+    raises CorruptRecord.
+
+    A record whose data checksum is wrong has a sound length (its own checksum held), so the scan goes on with
+    the next record. When the framing itself is lost (a bad length checksum, a truncated header or record), the
+    rest of the file is one damaged entry that says how many bytes were lost, and the scan ends there. The rest is
+    read in chunks to count it, never held.
+    """
+    offset = start_offset
+    while True:
+        header = stream.read(12)
+        if not header:
+            return
+        problem, taken = "", len(header)
+        if len(header) < 12:
+            problem = "truncated record header"
+        else:
+            length, length_crc = struct.unpack("<QI", header)
+            if _masked_crc(header[:8]) != length_crc:
+                problem = "bad length checksum"
+            else:
+                body = stream.read(length + 4)
+                taken += len(body)
+                if len(body) < length + 4:
+                    problem = "truncated record"
+                else:
+                    data, data_crc = body[:length], struct.unpack("<I", body[length:])[0]
+                    if _masked_crc(data) != data_crc:
+                        yield offset, None, f"bad data checksum in the record at byte {offset}; skipped"
+                    else:
+                        yield offset, data, ""
+                    offset += 12 + length + 4
+                    continue
+        while chunk := stream.read(1 << 20):
+            taken += len(chunk)
+        yield offset, None, (f"{problem} at byte {offset}: the framing is lost, the remaining {taken} bytes of "
+                             "the file were not read as records")
+        return
+
+
 def read_record_at(stream: BinaryIO, offset: int) -> bytes:
     """The record that starts at `offset` (as given by read_records)."""
     stream.seek(offset)

@@ -53,3 +53,27 @@ def test_record_parts_frame_the_same_example_without_copying_the_image():
     (_, data), = tfrecord.read_records(io.BytesIO(head + body + tail))  # checksums verified here
     assert tfrecord.parse_example(data) == tfrecord.parse_example(
         tfrecord.make_example(features | {"copy": 2, "image/encoded": image}))
+
+
+def test_a_bad_data_checksum_is_skipped_and_the_records_after_it_are_read():
+    records = [b"rec%d" % i for i in range(6)]
+    framed = bytearray(b"".join(tfrecord.frame_record(r) for r in records))
+    framed[2 * 20 + 12] ^= 0xFF  # record 2's data (each record is 12 + 4 + 4 bytes here)
+    got = list(tfrecord.scan_records(io.BytesIO(bytes(framed))))
+    assert [d for _, d, _ in got] == [b"rec0", b"rec1", None, b"rec3", b"rec4", b"rec5"]
+    assert got[2][0] == 40 and "bad data checksum" in got[2][2]
+    assert [o for o, _, _ in got] == [0, 20, 40, 60, 80, 100]
+
+
+@pytest.mark.parametrize("damage, lost", [("length", 4 * 20), ("truncate", 20 - 3)])
+def test_lost_framing_ends_the_file_with_one_entry_counting_the_bytes_lost(damage, lost):
+    framed = bytearray(b"".join(tfrecord.frame_record(b"rec%d" % i) for i in range(6)))
+    if damage == "length":
+        framed[2 * 20] ^= 0xFF  # record 2's length: its checksum no longer holds
+    else:
+        framed = framed[:-3]
+    got = list(tfrecord.scan_records(io.BytesIO(bytes(framed))))
+    good = 2 if damage == "length" else 5
+    assert [d for _, d, _ in got[:good]] == [b"rec%d" % i for i in range(good)]
+    assert len(got) == good + 1 and got[-1][1] is None
+    assert f"remaining {lost} bytes" in got[-1][2]
