@@ -115,7 +115,8 @@ IMAGE_ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("
 
 
 def pseudo_label_schema(probs: bool, metadata: dict[str, dict]) -> pa.Schema:
-    fields = list(PSEUDO_LABEL_SCHEMA) + list(CONTENT_FIELDS) + [OPTIONAL_LABEL_FIELDS[0]] + ([OPTIONAL_LABEL_FIELDS[1]] if probs else [])
+    fields = (list(PSEUDO_LABEL_SCHEMA) + list(CONTENT_FIELDS) + [OPTIONAL_LABEL_FIELDS[0]]
+              + ([OPTIONAL_LABEL_FIELDS[1]] if probs else []))
     return pa.schema(fields, metadata=encode_metadata(metadata))
 
 
