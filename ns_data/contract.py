@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import google_crc32c
 import pyarrow as pa
 
 from ns_data import fs
@@ -101,6 +102,14 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("topk_classes", pa.list_(pa.int32())),
     ("topk_probs", pa.list_(pa.float32())),
 ])
+# The content fingerprint of each image, written by `label`, passed through by `balance`, checked by `shard`
+# against the bytes it reads back (a mismatch is an error row SOURCE_CHANGED). Nullable: older label outputs and
+# a user's own Parquet have no such columns, and `shard` then warns once (NO_FINGERPRINT) and checks nothing.
+CONTENT_FIELDS = (pa.field("content_bytes", pa.int64()),  # the image's length in bytes
+                  pa.field("content_crc32c", pa.int64()))  # the CRC32C of its bytes (0 .. 2**32 - 1)
+CONTENT_COLUMNS = tuple(f.name for f in CONTENT_FIELDS)
+SOURCE_CHANGED = "source_changed"
+NO_FINGERPRINT = "no content fingerprint: images are not checked against what was labeled"
 OPTIONAL_LABEL_FIELDS = (pa.field("entropy", pa.float32()), pa.field("probs", pa.list_(pa.float32())))
 KEY_COLUMNS = ("id", "label", "confidence")  # all that `balance` needs; every other column passes through
 SELECTION_FIELDS = (pa.field("rank", pa.int32()), pa.field("copies", pa.int32()))
@@ -114,8 +123,27 @@ IMAGE_ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("
 
 
 def pseudo_label_schema(probs: bool, metadata: dict[str, dict]) -> pa.Schema:
-    fields = list(PSEUDO_LABEL_SCHEMA) + [OPTIONAL_LABEL_FIELDS[0]] + ([OPTIONAL_LABEL_FIELDS[1]] if probs else [])
+    fields = (list(PSEUDO_LABEL_SCHEMA) + list(CONTENT_FIELDS) + [OPTIONAL_LABEL_FIELDS[0]]
+              + ([OPTIONAL_LABEL_FIELDS[1]] if probs else []))
     return pa.schema(fields, metadata=encode_metadata(metadata))
+
+
+def content_fingerprint(data: bytes) -> tuple[int, int]:
+    """(content_bytes, content_crc32c) of an image's bytes."""
+    return len(data), google_crc32c.value(data)
+
+
+def content_changed(row: dict, data: bytes) -> str | None:
+    """The error detail when `data` is not the image `row`'s fingerprint describes; None when it is, or when the
+    row has no fingerprint."""
+    expected = (row.get("content_bytes"), row.get("content_crc32c"))
+    if None in expected:
+        return None
+    actual = content_fingerprint(data)
+    if actual == expected:
+        return None
+    return (f"labeled {expected[0]} bytes with CRC32C {expected[1]:08x}; "
+            f"now {actual[0]} bytes with CRC32C {actual[1]:08x}")
 
 
 def selection_schema(input_schema: pa.Schema) -> pa.Schema:
@@ -130,6 +158,8 @@ _TYPE_CHECKS = {
     "id": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
     "source": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
     "offset": (pa.types.is_integer, "an integer type (int64)"),
+    "content_bytes": (pa.types.is_integer, "an integer type (int64)"),
+    "content_crc32c": (pa.types.is_integer, "an integer type (int64)"),
     "label": (pa.types.is_integer, "an integer type (int32)"),
     "confidence": (pa.types.is_floating, "a float type (float32)"),
     "rank": (pa.types.is_integer, "an integer type (int32)"),

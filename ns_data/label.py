@@ -20,7 +20,8 @@ process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNN
 `errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
 order of their digests), a row group each, and is about 64 MB or the rest of the run: at most one file per
 64 MB of the run's rows and one more, never an empty one. The teacher's identity is in every file's footer
-(balance, shard and report read it there).
+(balance, shard and report read it there). Each row carries its image's content fingerprint, the length and
+CRC32C of the bytes labeled (contract.CONTENT_FIELDS), which `shard` checks against the bytes it reads back.
 """
 from __future__ import annotations
 
@@ -276,7 +277,8 @@ class LabelUnitFn(beam.DoFn):
                 errors.append(dataclasses.replace(record, data=None, error=result.reason, detail=str(result)))
                 self.progress.add(0, errors=1)
                 return
-            batch.append((dataclasses.replace(record, data=None), result))
+            batch.append((dataclasses.replace(record, data=None, content=contract.content_fingerprint(record.data)),
+                          result))
             if len(batch) == opts.batch_size:
                 run_batch()
 
@@ -322,7 +324,9 @@ def labels_table(records: list[ImageRecord], predictions: list[dict[str, np.ndar
     pred = {k: np.concatenate([p[k] for p in predictions]) for k in predictions[0]}
     columns = {"id": pa.array([r.id for r in records], pa.string()),
                "source": pa.array([r.source for r in records], pa.string()),
-               "offset": pa.array([r.offset for r in records], pa.int64())}
+               "offset": pa.array([r.offset for r in records], pa.int64()),
+               "content_bytes": pa.array([r.content[0] for r in records], pa.int64()),
+               "content_crc32c": pa.array([r.content[1] for r in records], pa.int64())}
     for field in schema:
         if field.name in columns:
             continue

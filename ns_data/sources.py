@@ -107,6 +107,7 @@ class ImageRecord:
     data: bytes | None = None  # None when `error` is set
     error: str | None = None  # a reason; `detail` says more
     detail: str = ""
+    content: tuple[int, int] | None = None  # contract.content_fingerprint(data), kept when `data` is let go
 
 
 def _failed(offsets, reason: str, detail: str) -> ReadBack:

@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import google_crc32c
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -19,6 +20,7 @@ from timm.data import create_transform, resolve_data_config
 
 from ns_data import tfrecord
 from ns_data.label import LabelOptions, prepare, run_label
+from ns_data.shard import ShardOptions, run_shard
 from ns_data.sources import ReadSettings
 from ns_data.stage import OutputExists
 from ns_data.teacher import TeacherError
@@ -245,6 +247,12 @@ def test_every_input_kind_gives_the_same_labels_with_documented_ids(tmp_path, te
     def by_image(df, key):
         return {key(i): (l, round(float(c), 5)) for i, l, c in zip(df["id"], df["label"], df["confidence"])}
 
+    # Each row's content fingerprint is the length and CRC32C of its image's bytes (not of the container).
+    for df, name in ((fil, lambda i: i), (par, lambda i: i), (tar, lambda i: i.split("/", 1)[1]),
+                     (tfr, lambda i: names[int(i.split("#")[1])])):
+        assert {i: (int(n), int(c)) for i, n, c in zip(df["id"], df["content_bytes"], df["content_crc32c"])} == {
+            i: (len(images[name(i)]), google_crc32c.value(images[name(i)])) for i in df["id"]}
+
     reference = by_image(fil, lambda i: i)
     assert by_image(par, lambda i: i) == reference
     assert by_image(tar, lambda i: i.split("/", 1)[1]) == reference
@@ -286,6 +294,28 @@ def test_balance_reads_the_output_unchanged(tmp_path, teacher_files, images):
     assert set(selection.columns) >= {"id", "source", "offset", "topk_classes", "topk_probs", "entropy", "rank",
                                       "copies"}
     assert (selection.groupby("label")["copies"].sum() == 3).all()
+
+
+def test_an_image_changed_between_label_and_shard_is_a_source_changed_error(tmp_path, teacher_files, images):
+    """label -> balance -> shard, with selected images replaced by HTML, emptied, and changed to other bytes of
+    the same length in between: those are error rows, the rest is written, and the counts add up."""
+    label([write_dir(tmp_path / "imgs", images)], tmp_path / "labels", teacher_files)
+    _, selection, _ = balance([tmp_path / "labels"], tmp_path / "sel", per_class=1, min_confidence=0.0,
+                              num_classes=CLASSES)
+    assert set(selection.columns) >= {"content_bytes", "content_crc32c"}  # passed through by balance
+    html, empty, same_length = selection["id"][:3]
+    open(tmp_path / "imgs" / html, "wb").write(b"<html><body>moved</body></html>")
+    open(tmp_path / "imgs" / empty, "wb").close()
+    changed = bytearray(images[same_length])
+    changed[-3] ^= 0x01
+    open(tmp_path / "imgs" / same_length, "wb").write(changed)
+    manifest, _ = run_shard(ShardOptions(inputs=(str(tmp_path / "sel"),), output=str(tmp_path / "shards"),
+                                         num_shards=2), [], echo=lambda m: None)
+    errors = pq.read_table(tmp_path / "shards" / "errors-00000.parquet").to_pandas()
+    assert sorted(errors["id"]) == sorted([html, empty, same_length])
+    assert set(errors["reason"]) == {"source_changed"}
+    assert manifest["unique_images"] + manifest["errors"] == len(selection)
+    assert manifest["records"] == int(selection[~selection["id"].isin(errors["id"])]["copies"].sum())
 
 
 def test_ids_and_labels_are_stable_across_runs_and_teacher_formats(tmp_path, teacher_files, images):

@@ -14,6 +14,7 @@ import tarfile
 import time
 from collections import Counter
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -310,6 +311,72 @@ def test_missing_and_damaged_sources_become_errors(corpus, tmp_path):
     assert manifest["unique_images"] + manifest["errors"] == manifest["input"]["rows"] == len(rows)
     written = {f["id"][0].decode() for recs in read_shards(tmp_path / "out").values() for f in recs}
     assert written == {r["id"] for r in rows} - lost
+
+
+def with_fingerprints(table: pa.Table, images: dict[str, bytes]) -> pa.Table:
+    """The selection with `label`'s content fingerprint of each row's image, computed here from the bytes."""
+    ids = table.column("id").to_pylist()
+    table = table.append_column("content_bytes", pa.array([len(images[i]) for i in ids], pa.int64()))
+    return table.append_column("content_crc32c", pa.array([google_crc32c.value(images[i]) for i in ids], pa.int64()))
+
+
+def test_a_source_changed_after_labeling_is_an_error_row_and_never_written(corpus, tmp_path):
+    """Images replaced by an HTML page, emptied, or changed to other bytes of the same length after `label` are
+    `source_changed` error rows; the unchanged images of the same sources are written as they were labeled."""
+    table = with_fingerprints(corpus["table"], corpus["bytes"])
+    rows = table.to_pylist()
+    files = [r for r in rows if r["offset"] is None][:4]
+    copies = {}
+    for r in files:
+        copies[r["source"]] = str(tmp_path / os.path.basename(r["source"]))
+        open(copies[r["source"]], "wb").write(corpus["bytes"][r["id"]])
+    tar = next(r["source"] for r in rows if r["source"].endswith(".tar"))
+    copies[tar] = str(tmp_path / "c.tar")
+    open(copies[tar], "wb").write(open(tar, "rb").read())
+    table = with_column(table, "source", [copies.get(r["source"], r["source"]) for r in rows])
+    rows = table.to_pylist()
+    html = b"<html><body>Not Found</body></html>"
+    open(rows[0]["source"], "wb").write(html)
+    open(rows[1]["source"], "wb").close()
+    flipped = bytearray(corpus["bytes"][rows[2]["id"]])
+    flipped[len(flipped) // 2] ^= 0xFF
+    open(rows[2]["source"], "wb").write(flipped)
+    member = next(r for r in rows if r["source"] == copies[tar])  # a tar member changed in place, same length
+    with open(copies[tar], "r+b") as f:
+        f.seek(member["offset"] + 100)
+        byte = f.read(1)
+        f.seek(member["offset"] + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    changed = {rows[0]["id"], rows[1]["id"], rows[2]["id"], member["id"]}
+
+    notes = []
+    manifest, _ = run_shard(ShardOptions(inputs=(write_selection(tmp_path / "sel", table),),
+                                         output=str(tmp_path / "out"), num_shards=3, num_classes=CLASSES),
+                            [], echo=notes.append)
+    assert not any(contract.NO_FINGERPRINT in n for n in notes)
+    errors = {e["id"]: e for e in read_errors(tmp_path / "out")}
+    assert set(errors) == changed and {e["reason"] for e in errors.values()} == {"source_changed"}
+    original = corpus["bytes"][rows[0]["id"]]
+    assert errors[rows[0]["id"]]["detail"] == (
+        f"labeled {len(original)} bytes with CRC32C {google_crc32c.value(original):08x}; "
+        f"now {len(html)} bytes with CRC32C {google_crc32c.value(html):08x}")
+    assert f"now 0 bytes with CRC32C {google_crc32c.value(b''):08x}" in errors[rows[1]["id"]]["detail"]
+    assert f"now {len(flipped)} bytes" in errors[rows[2]["id"]]["detail"]
+    assert manifest["errors_by_reason"] == {"source_changed": len(changed)}
+    assert manifest["unique_images"] + manifest["errors"] == manifest["input"]["rows"] == len(rows)
+    assert manifest["records_lost_to_errors"] == sum(r["copies"] for r in rows if r["id"] in changed)
+    written = {f["id"][0].decode(): f["image/encoded"][0] for recs in read_shards(tmp_path / "out").values()
+               for f in recs}
+    assert written == {r["id"]: corpus["bytes"][r["id"]] for r in rows if r["id"] not in changed}
+
+
+def test_a_selection_without_fingerprints_warns_once_and_is_sharded(corpus, sharded, tmp_path):
+    notes = []
+    manifest, _ = run_shard(ShardOptions(inputs=(corpus["selection"],), output=str(tmp_path / "out"), num_shards=7,
+                                         num_classes=CLASSES), [], echo=notes.append)
+    assert [n for n in notes if "fingerprint" in n] == [f"warning: {contract.NO_FINGERPRINT}"]
+    assert manifest["errors"] == 0 and manifest["unique_images"] == corpus["table"].num_rows
+    assert shard_bytes(tmp_path / "out") == shard_bytes(sharded[0])
 
 
 def test_bad_rows_become_error_rows_and_the_rest_is_written(corpus, tmp_path):

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from ns_data import spill, tfrecord
+from ns_data.contract import SOURCE_CHANGED, content_changed
 from ns_data.memory import release_freed_memory
 from ns_data.reading import WorkUnit
 from ns_data.runner import SumCounts, after_all
@@ -96,6 +97,8 @@ class FetchFn(beam.DoFn):
             results = read_back(source, [rows[i]["offset"] for i in members], **ctx.read_settings)
             for i, (data, reason, detail) in zip(members, results):
                 row = rows[i]
+                if data is not None and (changed := content_changed(row, data)):
+                    data, reason, detail = None, SOURCE_CHANGED, changed
                 if data is None:
                     self.failed.inc()
                     counts["errors"][reason] = counts["errors"].get(reason, 0) + 1

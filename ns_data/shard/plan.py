@@ -222,8 +222,12 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
     if opts.probabilities and num_classes is None and "probs" not in schema.names:
         raise OptionsError("the number of classes is not recorded in the selection: pass --num-classes "
                            "(or --no-probabilities)")
-    columns = contract.READ_BACK_COLUMNS + tuple(soft)
-    small_columns = tuple(c for c in columns if c != "probs")  # all the row checks need
+    content = tuple(c for c in contract.CONTENT_COLUMNS if c in schema.names)
+    if len(content) < len(contract.CONTENT_COLUMNS):
+        echo(f"warning: {contract.NO_FINGERPRINT}")
+        content = ()
+    columns = contract.READ_BACK_COLUMNS + tuple(soft) + content
+    small_columns = tuple(c for c in columns if c not in ("probs",) + content)  # all the row checks need
     total_rows, valid_rows, total_records, sample = selection_totals(inputs, markers, small_columns, num_classes)
     if total_records == 0:
         raise InputError(f"the selection has no rows to write ({total_rows:,} rows, none valid)")
