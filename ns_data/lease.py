@@ -240,18 +240,6 @@ def launched(job: str | None) -> None:
             _HELD.pop(lease.path, None)
 
 
-def _lease_file(name: str) -> bool:
-    """The lease, or the file a run killed while creating it left (`_create`'s own name)."""
-    return name == LEASE or name.startswith(LEASE + ".tmp-")
-
-
-def others(tmp_dir: str) -> bool:
-    """Whether the temp dir holds anything but the lease."""
-    if fs.is_local(tmp_dir):
-        return os.path.isdir(tmp_dir) and not all(map(_lease_file, os.listdir(tmp_dir)))
-    return not all(_lease_file(fs.name(p)) for p, _ in fs.match(fs.join(tmp_dir, "**")))
-
-
 def clear_dir(tmp_dir: str) -> None:
     """Deletes everything in the temp dir but the lease."""
     lease = fs.join(tmp_dir, LEASE)

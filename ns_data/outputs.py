@@ -86,7 +86,9 @@ class StageOutput:
                 held_by = f"a complete {self.stage} output" if state == COMPLETE else f"an unfinished {self.stage} run"
                 raise OutputExists(f"{self.path} holds {held_by} of other inputs or options; pass --overwrite to "
                                    "replace it")
-            if not found and (self._stage_files() or lease.others(self.tmp_dir)) and not overwrite:
+            # A temp dir without its plan is a run killed before it began work (begin writes the plan first):
+            # nothing in it is worth keeping, and it is cleared below. Data files without a marker are refused.
+            if not found and self._stage_files() and not overwrite:
                 raise OutputExists(f"{self.path} already holds {self.stage} files; pass --overwrite to replace them")
             fs.delete([self.final(self.marker)])  # as clear(), keeping the lease
             fs.delete(self._stage_files())

@@ -344,7 +344,8 @@ def test_shard_on_a_full_device_says_so_and_finishes_once_there_is_room(images, 
     failed = CliRunner().invoke(main, args)
     assert failed.exit_code != 0
     error = failed.output.strip().splitlines()[-1]  # one line, Error: ..., naming the file on the full device
-    assert error.startswith("Error: ") and "No space left on device" in error and output in error, failed.output
+    assert error.startswith("Error: ") and "no space left on device" in error.lower() and output in error, \
+        failed.output
     assert not os.path.exists(os.path.join(output, "manifest.json"))
     remount("8m")
     result = CliRunner().invoke(main, args, catch_exceptions=False)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,3 +197,34 @@ def test_a_checkpoint_of_an_older_ns_train_is_one_clear_error(data, tmp_path):
     torch.save(state, path)
     with pytest.raises(StageError, match="older ns-train.*--overwrite"):
         train_mod.train(cfg, str(tmp_path / "run"), echo=lambda m: None)
+
+
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace): SIGKILL is injected at "
+                                           "a rename with it")
+def test_a_run_killed_at_any_rename_of_its_files_is_completed_by_the_same_command(data, tmp_path):
+    """SIGKILL injected at the first, a middle and the last two renames of a run (config.yaml, each checkpoint.pt,
+    results.json, which marks the run finished), then the same command: the run finishes with the losses and
+    weights of a run that was never killed, each step logged once, and no temp file left."""
+    whole = tmp_path / "whole"
+    traced = tmp_path / "renames.log"
+    done = subprocess.run([STRACE, "-f", "-qq", "-e", "trace=rename", "-o", str(traced),
+                           *command(data, whole, 0)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    renames = [line for line in traced.read_text().splitlines() if "rename(" in line and "= 0" in line]
+    assert any("results.json" in line for line in renames[-1:]), renames[-3:]
+    points = sorted({1, len(renames) // 2, len(renames) - 1, len(renames)})
+    for n in points:
+        run = tmp_path / f"killed-{n}"
+        killed = subprocess.run([STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=rename", "-e",
+                                 f"inject=rename:signal=SIGKILL:when={n}", *command(data, run, 0)],
+                                capture_output=True, text=True, timeout=600, env=ENV)
+        assert killed.returncode != 0, f"not killed at rename {n}"
+        assert not (run / "results.json").exists()
+        again = subprocess.run(command(data, run, 0), capture_output=True, text=True, timeout=600, env=ENV)
+        assert again.returncode == 0, (n, again.stderr[-3000:])
+        assert (run / "results.json").exists()
+        assert_same_run(run, whole)
+        assert not [p for p in os.listdir(run) if ".tmp" in p], os.listdir(run)

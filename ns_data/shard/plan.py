@@ -224,7 +224,6 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
                            "(or --no-probabilities)")
     content = tuple(c for c in contract.CONTENT_COLUMNS if c in schema.names)
     if len(content) < len(contract.CONTENT_COLUMNS):
-        echo(f"warning: {contract.NO_FINGERPRINT}")
         content = ()
     columns = contract.READ_BACK_COLUMNS + tuple(soft) + content
     small_columns = tuple(c for c in columns if c not in ("probs",) + content)  # all the row checks need
@@ -242,6 +241,8 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
     state = output.begin(opts.overwrite)
     if state == COMPLETE:
         return None
+    if not content:  # said once the run goes ahead (not by a run that refuses or finds its output complete)
+        echo(f"warning: {contract.NO_FINGERPRINT}")
     done: frozenset[int] = frozenset()
     if state == RESUME:
         fs.delete_dir(output.tmp(SPILL))  # an interrupted run's spill files: never read again
