@@ -25,6 +25,18 @@ def unit_per_row_group(monkeypatch):
     monkeypatch.setattr(reading, "UNIT_BYTES", 1)
 
 
+@pytest.fixture
+def object_store(tmp_path):
+    """An object store with GCS's semantics (tests/fake_store.py), empty, its requests counted."""
+    from tests.fake_store import FakeObjectStore
+
+    FakeObjectStore.root = str(tmp_path / "store")
+    FakeObjectStore.requests.clear()
+    os.makedirs(FakeObjectStore.root)
+    yield "fakestore://bucket"
+    FakeObjectStore.root = None
+
+
 def random_table(rng: np.random.Generator, n: int, classes: int, tie_share: float = 0.6) -> pa.Table:
     """Rows with skewed classes and many exact confidence ties, plus pass-through columns."""
     p = 1.0 / np.arange(1, classes + 1)

@@ -255,31 +255,26 @@ def labels(tmp_path_factory):
     return write_parts(random_table(np.random.default_rng(5), 3000, 4), root, 2, 500)
 
 
-def test_two_balance_runs_on_one_output(labels, tmp_path):
-    args = [*labels, "--per-class", "300", "--direct_num_workers", "1"]
+def one_writer(stage: str, args: list[str], tmp_path) -> None:
+    """Two runs of `stage` on one output, and a run killed then started again: each output equals a single run's."""
     single = tmp_path / "single"
-    done = subprocess.run([*NS_DATA, "balance", *args, "--output", str(single)], capture_output=True, text=True)
+    done = subprocess.run([*NS_DATA, stage, *args, "--output", str(single)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     out = str(tmp_path / "out")
-    two_runs([*NS_DATA, "balance", *args, "--output", out], out, ".tmp-balance")
+    two_runs([*NS_DATA, stage, *args, "--output", out], out, f".tmp-{stage}")
     assert files(out) == files(single)
     out = str(tmp_path / "killed")
-    killed_then_again([*NS_DATA, "balance", *args, "--output", out], out, ".tmp-balance")
+    killed_then_again([*NS_DATA, stage, *args, "--output", out], out, f".tmp-{stage}")
     assert files(out) == files(single)
+
+
+def test_two_balance_runs_on_one_output(labels, tmp_path):
+    one_writer("balance", [*labels, "--per-class", "300", "--direct_num_workers", "1"], tmp_path)
 
 
 def test_two_shard_runs_on_one_output(corpus, tmp_path):  # noqa: F811
-    args = [corpus["selection"], "--num-shards", "5", "--num-classes", str(SHARD_CLASSES), "--no-progress",
-            "--direct_num_workers", "1"]
-    single = tmp_path / "single"
-    done = subprocess.run([*NS_DATA, "shard", *args, "--output", str(single)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = str(tmp_path / "out")
-    two_runs([*NS_DATA, "shard", *args, "--output", out], out, ".tmp-shard")
-    assert files(out) == files(single)
-    out = str(tmp_path / "killed")
-    killed_then_again([*NS_DATA, "shard", *args, "--output", out], out, ".tmp-shard")
-    assert files(out) == files(single)
+    one_writer("shard", [corpus["selection"], "--num-shards", "5", "--num-classes", str(SHARD_CLASSES),
+                         "--no-progress", "--direct_num_workers", "1"], tmp_path)
 
 
 def test_two_trainings_on_one_run_directory(tmp_path, data):  # noqa: F811

@@ -22,12 +22,8 @@ from tests.fake_store import FakeObjectStore
 
 
 @pytest.fixture
-def store(tmp_path):
-    FakeObjectStore.root = str(tmp_path / "store")
-    FakeObjectStore.requests.clear()
-    os.makedirs(FakeObjectStore.root)
-    yield "fakestore://bucket"
-    FakeObjectStore.root = None
+def store(object_store):
+    return object_store
 
 
 def put(path: str, data: bytes = b"x") -> str:

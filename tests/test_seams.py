@@ -23,7 +23,6 @@ from ns_data.cli import main
 from ns_data.label import parse_marker
 from ns_data.readers import ShardDataset
 from ns_data.synth import write_images
-from tests.fake_store import FakeObjectStore
 
 TEACHER = ["--teacher", "test_efficientnet", "--random-weights", "--num-classes", "4"]
 CLASSES = 4
@@ -166,15 +165,6 @@ def test_label_killed_half_way_relabels_only_what_was_not_finished(tmp_path):
     assert got["id"].tolist() == want["id"].tolist() and got["label"].tolist() == want["label"].tolist()
     np.testing.assert_array_equal(np.stack(got["topk_probs"]), np.stack(want["topk_probs"]))
     np.testing.assert_array_equal(np.stack(got["topk_classes"]), np.stack(want["topk_classes"]))
-
-
-@pytest.fixture
-def object_store(tmp_path):
-    FakeObjectStore.root = str(tmp_path / "store")
-    FakeObjectStore.requests.clear()
-    os.makedirs(FakeObjectStore.root)
-    yield "fakestore://bucket"
-    FakeObjectStore.root = None
 
 
 def test_every_stage_and_reader_on_an_object_store(object_store, tmp_path):
