@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 

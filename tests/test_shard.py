@@ -571,7 +571,6 @@ def test_inspect_names_a_damaged_record_in_one_line(sharded, tmp_path):
 def test_rows_of_loose_files_cross_the_shuffle_without_schema_metadata(tmp_path):
     """ReadSelectionFn's elements (what GroupBySource shuffles, with --shuffle beam) hold the rows only: the
     selection's metadata (the teacher with 1,000 class names) stays out of them."""
-    import dataclasses
     import pickle
 
     from ns_data.reading import inspect_inputs
