@@ -120,7 +120,7 @@ def test_label_command_and_entry_point(tmp_path):
 
 
 def test_the_program_leaves_with_its_status_its_output_and_its_atexit_functions(tmp_path):
-    """`ns-data` skips the interpreter's teardown once torch is loaded (cli.leave), and loses nothing by it."""
+    """`ns-data` skips the interpreter's teardown once torch is loaded (console.leave), and loses nothing by it."""
     import subprocess
     import sys
 
