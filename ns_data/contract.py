@@ -103,8 +103,8 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("topk_probs", pa.list_(pa.float32())),
 ])
 # The content fingerprint of each image, written by `label`, passed through by `balance`, checked by `shard`
-# against the bytes it reads back (a mismatch is an error row SOURCE_CHANGED). Nullable: older label outputs and
-# a user's own Parquet have no such columns, and `shard` then warns once (NO_FINGERPRINT) and checks nothing.
+# against the bytes it reads back (a mismatch is an error row SOURCE_CHANGED). Nullable: a user's own Parquet has
+# no such columns, and `shard` then warns once (NO_FINGERPRINT) and checks nothing.
 CONTENT_FIELDS = (pa.field("content_bytes", pa.int64()),  # the image's length in bytes
                   pa.field("content_crc32c", pa.int64()))  # the CRC32C of its bytes (0 .. 2**32 - 1)
 CONTENT_COLUMNS = tuple(f.name for f in CONTENT_FIELDS)
