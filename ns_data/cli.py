@@ -88,6 +88,9 @@ def _stage_command(function):
 
 _progress_option = click.option("--progress/--no-progress", default=None,
                                 help="Progress lines (default: on with the local runner).")
+_class_names_option = click.option("--class-names", default=None,
+                                   help="File naming the classes (a line per class, a JSON list or {id: name}); "
+                                        "default: the names the teacher recorded.")
 
 
 def _run_stage(args: tuple[str, ...], kwargs: dict, options_type, run, format_summary) -> None:
@@ -232,9 +235,7 @@ def shard(args, **kwargs) -> None:
 @click.argument("directory")
 @click.option("--records", default=3, show_default=True, type=click.IntRange(min=0),
               help="Records to decode and show from the first shard.")
-@click.option("--class-names", default=None,
-              help="File naming the classes (a line per class, a JSON list or {id: name}); default: the names "
-                   "the teacher recorded.")
+@_class_names_option
 def inspect(directory, records, class_names) -> None:
     """Summarize a shard set from its manifest.json and show a few records decoded."""
     from ns_data import class_names as names_of
@@ -261,9 +262,7 @@ def inspect(directory, records, class_names) -> None:
 @main.command()
 @click.argument("dirs", nargs=-1, required=True, metavar="DIR...")
 @click.option("--output", required=True, help="The HTML file to write (local or any Beam filesystem).")
-@click.option("--class-names", default=None,
-              help="File naming the classes (a line per class, a JSON list or {id: name}); default: the names "
-                   "the teacher recorded.")
+@_class_names_option
 @click.option("--ground-truth", default=None,
               help="Parquet with columns id and label: pseudo-label accuracy against confidence.")
 @click.option("--sample-classes", default=6, show_default=True, type=click.IntRange(min=0),
