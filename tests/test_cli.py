@@ -192,3 +192,15 @@ def test_a_template_launch_with_an_unknown_parameter_fails_before_any_output(tmp
     with pytest.raises(OptionsError, match="no such option --per_clss .*did you mean --per-class"):
         balance_pipeline.run([f"--inputs={pl}", f"--output={out}", "--per_clss=5", "--progress=false"])
     assert not out.exists()
+
+
+def test_the_error_printer_imports_neither_beam_nor_torch():
+    """Both command lines print errors through ns_data.console; ns-train imports it before any model, and Beam's
+    import would log before quiet_logging is set."""
+    import subprocess
+    import sys
+
+    program = ("import sys, ns_data.console; "
+               "print(sorted(m for m in ('apache_beam', 'torch', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
