@@ -114,7 +114,7 @@ OPTIONAL_LABEL_FIELDS = (pa.field("entropy", pa.float32()), pa.field("probs", pa
 KEY_COLUMNS = ("id", "label", "confidence")  # all that `balance` needs; every other column passes through
 SELECTION_FIELDS = (pa.field("rank", pa.int32()), pa.field("copies", pa.int32()))
 READ_BACK_COLUMNS = ("id", "source", "offset", "label", "confidence", "copies")  # what `shard` needs
-SOFT_LABEL_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; read by `shard` when present
+SOFT_LABEL_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; checked by `balance`, read by `shard`
 REASON = "reason"
 # Errors of images (label, shard): one row per image that could not be read, decoded or written.
 IMAGE_ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("offset", pa.int64()),
