@@ -66,21 +66,31 @@ class OneLineErrors(click.Group):
             command = err.ctx.command if err.ctx else self
             where = err.ctx.command_path if err.ctx else ctx.command_path
             raise click.ClickException(str(no_such_option(err.option_name, own_options(command), where))) from err
-        except click.UsageError as err:
-            raise click.ClickException(err.format_message()) from err
         except Exception as err:
-            full = disk_full(err, _output_arg(typed))
-            if full:
-                raise click.ClickException(full) from err
-            if isinstance(err, (StageError, OSError)):
-                raise click.ClickException(str(err)) from err
-            raise
+            line = one_line(err, output_arg(typed))
+            if line is None:
+                raise
+            raise click.ClickException(line) from err
+
+
+def one_line(err: BaseException, output: str | None = None) -> str | None:
+    """The line a user's error is printed as (after `Error: `): a command line click cannot parse, a full disk
+    met anywhere in the command (disk_full; `output`: the command's --output), a StageError or a filesystem
+    error; None for anything else, a bug, whose traceback is shown."""
+    if isinstance(err, click.ClickException):
+        return err.format_message()
+    full = disk_full(err, output)
+    if full:
+        return full
+    if isinstance(err, (StageError, OSError)):
+        return str(err)
+    return None
 
 
 _NO_SPACE = re.compile(r"\[Errno (?:28|122)\] (?:No space left on device|Disk quota exceeded)(?:: '([^']+)')?")
 
 
-def _output_arg(args: list[str]) -> str | None:
+def output_arg(args: list[str]) -> str | None:
     """The command's --output, from its arguments as typed."""
     for i, arg in enumerate(args):
         if arg == "--output" and i + 1 < len(args):

@@ -186,6 +186,23 @@ def test_the_entry_points_refuse_unknown_options_in_one_line(typo, meant, tmp_pa
     assert not out.exists()
 
 
+def test_the_entry_points_print_a_filesystem_error_in_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m pipelines.balance` prints what `ns-data balance` prints for an output it cannot create (its
+    parent is a file): one line, exit 1 (ns_data.console.one_line)."""
+    pl = synth(tmp_path)
+    (tmp_path / "afile").write_text("")
+    argv = [str(pl), "--output", str(tmp_path / "afile" / "sel"), "--per-class", "5", "--no-progress"]
+    cli = CliRunner().invoke(main, ["balance", *argv])
+    assert cli.exit_code == 1 and "Error: [Errno 20] Not a directory" in cli.output, cli.output
+    monkeypatch.setattr("sys.argv", ["pipelines/balance.py", *argv])
+    with pytest.raises(SystemExit) as done:
+        balance_pipeline.run()
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1 and "Error: [Errno 20] Not a directory" in err, err
+    with pytest.raises(NotADirectoryError):
+        balance_pipeline.run(argv)
+
+
 def test_a_template_launch_with_an_unknown_parameter_fails_before_any_output(tmp_path):
     pl = synth(tmp_path)
     out = tmp_path / "out"
