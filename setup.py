@@ -1,9 +1,14 @@
 """ns-data: build Noisy Student pseudo-label corpora at scale (Apache Beam + Arrow)."""
+import re
+
 from setuptools import find_packages, setup
+
+# The version is written once, in ns_data/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', open("ns_data/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="ns-data",
-    version="0.1.0",
+    version=VERSION,
     description="Data engineering for Noisy Student self-training: pseudo labels, balanced selection, shards.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

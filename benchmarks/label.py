@@ -28,8 +28,9 @@ depend on the weights):
       command's wall time exact vs fast on the largest size.
   (4) the ceiling  the forward pass alone on tensors prepared beforehand, as ns-data runs the model.
 
-    .venv/bin/python benchmarks/label.py --timm-repo /work/timm-repo         # about 25 minutes on 2 cores
-    .venv/bin/python benchmarks/label.py --timm-repo /work/timm-repo --baseline-src /tmp/ns-ref --sizes 50 300
+    .venv/bin/python benchmarks/label.py --timm-repo TIMM_REPO         # about 25 minutes on 2 cores
+    .venv/bin/python benchmarks/label.py --timm-repo TIMM_REPO --baseline-src /tmp/ns-ref --sizes 50 300
+    (TIMM_REPO: a checkout of huggingface/pytorch-image-models)
     (/tmp/ns-ref: `git archive 7072d0c | tar -x -C /tmp/ns-ref`, the code before the Preprocessor)
 """
 from __future__ import annotations

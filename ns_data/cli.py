@@ -1,156 +1,11 @@
 """The `ns-data` command line. Each command maps its options one to one onto a typed options dataclass."""
 from __future__ import annotations
 
-import errno
-import logging
-import os
-import re
 import sys
 
 import click
 
-
-class _DropNoise(logging.Filter):
-    """Beam warns about optional GCP client libraries on import, and its local worker processes about a staging
-    directory they do not need; neither concerns the user."""
-
-    NOISE = ("apitools not found", "No semi_persistent_directory found")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.NOISE)
-
-
-class _DropReported(logging.Filter):
-    """Beam logs a step's error with its traceback before raising it; a full disk is then reported by the error
-    printer in one line (disk_full), so Beam's record of it is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not record.name.startswith("apache_beam"):
-            return True
-        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
-        return "No space left on device" not in text and "Disk quota exceeded" not in text
-
-
-def quiet_logging() -> None:
-    """Warnings and errors only, without the import-time noise of optional libraries."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropNoise())
-        handler.addFilter(_DropReported())
-
-
-class OneLineErrors(click.Group):
-    """A user's error (a StageError: bad option, missing input, output in the way), a filesystem error, a full
-    disk met anywhere in the command (disk_full) or a command line click cannot parse (an unknown option: the
-    closest one named) is printed as one line, `Error: ...`, exit status 1; no traceback."""
-
-    def __call__(self, *args, **kwargs):
-        """The `ns-data` program (the console script calls the group; tests and `ns-train loop` call `main`)."""
-        try:
-            return self.main(*args, **kwargs)
-        except SystemExit as done:
-            leave(done)
-
-    def invoke(self, ctx):
-        typed = list(ctx.args)  # the command's arguments (click empties ctx.args when it invokes the command)
-        try:
-            return super().invoke(ctx)
-        except click.NoSuchOption as err:
-            from ns_data.stage import no_such_option
-
-            command = err.ctx.command if err.ctx else self
-            where = err.ctx.command_path if err.ctx else ctx.command_path
-            raise click.ClickException(str(no_such_option(err.option_name, own_options(command), where))) from err
-        except click.UsageError as err:
-            raise click.ClickException(err.format_message()) from err
-        except Exception as err:
-            from ns_data.stage import StageError  # imported late: Beam's import logs before quiet_logging
-
-            full = disk_full(err, _output_arg(typed))
-            if full:
-                raise click.ClickException(full) from err
-            if isinstance(err, (StageError, OSError)):
-                raise click.ClickException(str(err)) from err
-            raise
-
-
-_NO_SPACE = re.compile(r"\[Errno (?:28|122)\] (?:No space left on device|Disk quota exceeded)(?:: '([^']+)')?")
-
-
-def _output_arg(args: list[str]) -> str | None:
-    """The command's --output, from its arguments as typed."""
-    for i, arg in enumerate(args):
-        if arg == "--output" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--output="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def disk_full(err: BaseException, output: str | None = None) -> str | None:
-    """One line for a full disk met anywhere in the command: in this process (an OSError, ENOSPC or EDQUOT, in
-    the exception or what caused it) or in a Beam worker (its error's text). It names the file (when the error
-    does; else the command's `output`) and, when the error says (a `needed` attribute: the trainer's
-    checkpoint), the space needed and the space free."""
-    path = needed = None
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            path, needed = err.filename, getattr(err, "needed", None)
-            break
-        found = _NO_SPACE.search(str(err))
-        if found:
-            path = found.group(1)
-            break
-        err = err.__cause__ or err.__context__
-    else:
-        return None
-    message = ("no space left on device" + (f" writing {path}" if path else f" writing into {output}" if output
-                                            else ""))
-    if needed:
-        free = _free_bytes(path)
-        message += f": it needs about {needed / 1e6:,.1f} MB" + (f", {free / 1e6:,.1f} MB free" if free is not None
-                                                                 else "")
-    return message + "; free some space and run the same command again (it resumes)"
-
-
-def _free_bytes(path: str | None) -> int | None:
-    import shutil
-
-    directory = os.path.dirname(str(path))
-    while directory and not os.path.isdir(directory):
-        directory = os.path.dirname(directory)
-    try:
-        return shutil.disk_usage(directory or ".").free
-    except OSError:
-        return None
-
-
-def leave(done: SystemExit) -> None:
-    """Ends the program once its command is done, without tearing the interpreter down.
-
-    Python's finalization frees every module and object one by one: with torch, timm and Beam loaded that is
-    about 1.3 s on 2 cores, longer than labeling 50 images takes. What it would do that matters is done here:
-    non-daemon threads are joined (threading's own shutdown), the atexit functions run (logging's flush among
-    them), stdout and stderr are flushed; then the process exits with the command's status. A program without
-    torch loaded exits as usual."""
-    import atexit
-    import os
-    import threading
-
-    code = done.code
-    status_is_a_number = code is None or isinstance(code, int)
-    if "torch" not in sys.modules or not status_is_a_number or not hasattr(threading, "_shutdown"):
-        raise done
-    threading._shutdown()  # joins non-daemon threads, as the interpreter does first when it exits
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
-            pass
-    os._exit(code or 0)
+from ns_data.console import OneLineErrors, own_options, quiet_logging
 
 
 def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -163,12 +18,6 @@ def _split_beam_args(args: tuple[str, ...]) -> tuple[list[str], list[str]]:
     ctx = click.get_current_context()
     check_beam_args(args[first_flag:], own_options(ctx.command), ctx.command_path)
     return args[:first_flag], args[first_flag:]
-
-
-def own_options(command: click.Command) -> list[str]:
-    """Every spelling of the command's options (--per-class, --no-upsample, -h...)."""
-    return [o for p in command.get_params(click.Context(command)) for o in (*p.opts, *p.secondary_opts)
-            if o.startswith("-")]
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -226,31 +75,43 @@ def synth_images(**kwargs) -> None:
     click.echo(f"{kwargs['output']}: {len(paths):,} images")
 
 
-def _progress_default(progress: bool | None, beam_args: list[str]) -> bool:
-    """Progress lines by default on the local runner, where the user watches the terminal."""
-    from ns_data.runner import is_local
-
-    return is_local(beam_args) if progress is None else progress
-
-
 def _note(message: str) -> None:
     """A note about the run (resumed, already complete) on stderr, apart from the summary on stdout."""
     click.echo(message, err=True)
 
 
-def _summary(format_summary, marker: dict | None, output: str) -> None:
-    """A stage's summary, or (the job was only launched: a dry run, a template) where its output will be."""
-    from ns_data.runner import launched
+def _stage_command(function):
+    """A stage's command: INPUT... then its options; options it does not declare go on to Beam."""
+    function = click.argument("args", nargs=-1, type=click.UNPROCESSED)(function)
+    return main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(function)
 
-    click.echo(launched(output) if marker is None else format_summary(marker, output))
+
+_progress_option = click.option("--progress/--no-progress", default=None,
+                                help="Progress lines (default: on with the local runner).")
+_class_names_option = click.option("--class-names", default=None,
+                                   help="File naming the classes (a line per class, a JSON list or {id: name}); "
+                                        "default: the names the teacher recorded.")
+
+
+def _run_stage(args: tuple[str, ...], kwargs: dict, options_type, run, format_summary) -> None:
+    """Runs a stage from its command's arguments: the inputs and Beam's options apart, progress lines by default
+    on the local runner (where the user watches the terminal), then its summary, or (the job was only launched:
+    a dry run, a template) where its output will be."""
+    from ns_data.runner import is_local, launched
+
+    inputs, beam_args = _split_beam_args(args)
+    if kwargs["progress"] is None:
+        kwargs["progress"] = is_local(beam_args)
+    opts = options_type(inputs=tuple(inputs), **kwargs)
+    marker, _ = run(opts, beam_args, echo=_note)
+    click.echo(launched(opts.output) if marker is None else format_summary(marker, opts.output))
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
     return None if text is None else tuple(float(v) for v in text.replace(",", " ").split())
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_stage_command
 @click.option("--teacher", required=True,
               help="timm model name (e.g. tf_efficientnet_b0.ns_jft_in1k), a student from `ns-train export` (.safetensors), or a TorchScript file.")
 @click.option("--checkpoint", default=None, help="Teacher weights: .safetensors or a PyTorch state dict.")
@@ -292,7 +153,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--mean", default=None, help="Override normalization mean: three numbers.")
 @click.option("--std", default=None, help="Override normalization std: three numbers.")
 @click.option("--overwrite", is_flag=True, help="Replace labels already in --output.")
-@click.option("--progress/--no-progress", default=None, help="Progress lines (default: on with the local runner).")
+@_progress_option
 def label(args, **kwargs) -> None:
     """Run the un-noised teacher over unlabeled images; write the pseudo-label table.
 
@@ -302,16 +163,11 @@ def label(args, **kwargs) -> None:
     """
     from ns_data.label import LabelOptions, format_summary, run_label
 
-    inputs, beam_args = _split_beam_args(args)
-    kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
     kwargs["mean"], kwargs["std"] = _floats(kwargs["mean"]), _floats(kwargs["std"])
-    opts = LabelOptions(inputs=tuple(inputs), **kwargs)
-    stats, _ = run_label(opts, beam_args, echo=_note)
-    _summary(format_summary, stats, opts.output)
+    _run_stage(args, kwargs, LabelOptions, run_label, format_summary)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_stage_command
 @click.option("--output", required=True, help="Output directory (local or any Beam filesystem, e.g. gs://).")
 @click.option("--per-class", default=130_000, show_default=True, type=int,
               help="Rows kept per class (the most confident).")
@@ -329,8 +185,7 @@ def label(args, **kwargs) -> None:
               help="How the sort keys reach their sort unit: through Beam's shuffle, or through spill files in the "
                    "output's temp dir with only references shuffled (auto: files on the local runner with a "
                    "local --output, as its shuffle is held in memory; beam elsewhere).")
-@click.option("--progress/--no-progress", default=None,
-              help="Print progress lines (default: on with the local runner).")
+@_progress_option
 def balance(args, **kwargs) -> None:
     """Keep the most confident --per-class rows of each class, exactly and deterministically.
 
@@ -341,15 +196,10 @@ def balance(args, **kwargs) -> None:
     from ns_data.balance import BalanceOptions, run_balance
     from ns_data.stats import format_summary
 
-    inputs, beam_args = _split_beam_args(args)
-    kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
-    opts = BalanceOptions(inputs=tuple(inputs), **kwargs)
-    stats, _ = run_balance(opts, beam_args, echo=_note)
-    _summary(format_summary, stats, opts.output)
+    _run_stage(args, kwargs, BalanceOptions, run_balance, format_summary)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_stage_command
 @click.option("--output", required=True, help="Output directory (local or any Beam filesystem, e.g. gs://).")
 @click.option("--num-shards", default=None, type=int, help="Number of shards.")
 @click.option("--records-per-shard", default=None, type=int, help="Or: records per shard.")
@@ -365,7 +215,7 @@ def balance(args, **kwargs) -> None:
                    "output's temp dir with only references shuffled (auto: files on the local runner with a "
                    "local --output, as its shuffle is held in memory; beam elsewhere).")
 @click.option("--overwrite", is_flag=True, help="Replace shards of other inputs or options in --output.")
-@click.option("--progress/--no-progress", default=None, help="Progress lines (default: on with the local runner).")
+@_progress_option
 def shard(args, **kwargs) -> None:
     """Write the selection, copies included, as globally shuffled TFRecord shards of tf.train.Example.
 
@@ -376,22 +226,16 @@ def shard(args, **kwargs) -> None:
     """
     from ns_data.shard import ShardOptions, format_summary, parse_size, run_shard
 
-    inputs, beam_args = _split_beam_args(args)
-    kwargs["progress"] = _progress_default(kwargs["progress"], beam_args)
     if kwargs["max_shard_bytes"] is not None:
         kwargs["max_shard_bytes"] = parse_size(kwargs["max_shard_bytes"])
-    opts = ShardOptions(inputs=tuple(inputs), **kwargs)
-    manifest, _ = run_shard(opts, beam_args, echo=_note)
-    _summary(format_summary, manifest, opts.output)
+    _run_stage(args, kwargs, ShardOptions, run_shard, format_summary)
 
 
 @main.command()
 @click.argument("directory")
 @click.option("--records", default=3, show_default=True, type=click.IntRange(min=0),
               help="Records to decode and show from the first shard.")
-@click.option("--class-names", default=None,
-              help="File naming the classes (a line per class, a JSON list or {id: name}); default: the names "
-                   "the teacher recorded.")
+@_class_names_option
 def inspect(directory, records, class_names) -> None:
     """Summarize a shard set from its manifest.json and show a few records decoded."""
     from ns_data import class_names as names_of
@@ -418,9 +262,7 @@ def inspect(directory, records, class_names) -> None:
 @main.command()
 @click.argument("dirs", nargs=-1, required=True, metavar="DIR...")
 @click.option("--output", required=True, help="The HTML file to write (local or any Beam filesystem).")
-@click.option("--class-names", default=None,
-              help="File naming the classes (a line per class, a JSON list or {id: name}); default: the names "
-                   "the teacher recorded.")
+@_class_names_option
 @click.option("--ground-truth", default=None,
               help="Parquet with columns id and label: pseudo-label accuracy against confidence.")
 @click.option("--sample-classes", default=6, show_default=True, type=click.IntRange(min=0),

@@ -103,8 +103,8 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("topk_probs", pa.list_(pa.float32())),
 ])
 # The content fingerprint of each image, written by `label`, passed through by `balance`, checked by `shard`
-# against the bytes it reads back (a mismatch is an error row SOURCE_CHANGED). Nullable: older label outputs and
-# a user's own Parquet have no such columns, and `shard` then warns once (NO_FINGERPRINT) and checks nothing.
+# against the bytes it reads back (a mismatch is an error row SOURCE_CHANGED). Nullable: a user's own Parquet has
+# no such columns, and `shard` then warns once (NO_FINGERPRINT) and checks nothing.
 CONTENT_FIELDS = (pa.field("content_bytes", pa.int64()),  # the image's length in bytes
                   pa.field("content_crc32c", pa.int64()))  # the CRC32C of its bytes (0 .. 2**32 - 1)
 CONTENT_COLUMNS = tuple(f.name for f in CONTENT_FIELDS)
@@ -114,7 +114,7 @@ OPTIONAL_LABEL_FIELDS = (pa.field("entropy", pa.float32()), pa.field("probs", pa
 KEY_COLUMNS = ("id", "label", "confidence")  # all that `balance` needs; every other column passes through
 SELECTION_FIELDS = (pa.field("rank", pa.int32()), pa.field("copies", pa.int32()))
 READ_BACK_COLUMNS = ("id", "source", "offset", "label", "confidence", "copies")  # what `shard` needs
-SOFT_LABEL_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; read by `shard` when present
+SOFT_LABEL_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; checked by `balance`, read by `shard`
 REASON = "reason"
 # Errors of images (label, shard): one row per image that could not be read, decoded or written.
 IMAGE_ERROR_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("offset", pa.int64()),

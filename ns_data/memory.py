@@ -62,7 +62,7 @@ def keep_freed_memory() -> bool:
     """Lets glibc's malloc keep the memory a forward pass frees, for the next one: no mmap for large blocks,
     no trimming of the heap's top (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB). By default every activation
     above 32 MB (batch 32 of a 224 px EfficientNet has many) is a fresh mmap that the kernel zero-fills page by
-    page and unmaps after the layer: on 2 cores that was a quarter of label's CPU time, in the kernel. The
+    page and unmaps after the layer: on 2 cores that costs a quarter of label's CPU time, in the kernel. The
     process keeps its peak heap instead (about 0.3 GB more peak RSS for b0 at batch 32). Changes no number;
     once per process; False where malloc is not glibc's (nothing to do)."""
     global _KEEPING

@@ -26,11 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ns_data.contract import KEY_COLUMNS, SOFT_LABEL_COLUMNS
 from ns_data.soft_labels import PROBABILITY_REASONS, classes_outside, probability_checks
-
-REQUIRED_COLUMNS = ("id", "label", "confidence")
-KEY_COLUMNS = list(REQUIRED_COLUMNS)
-VALUE_COLUMNS = ("topk_classes", "topk_probs", "probs")  # optional; checked when present (value_columns)
 
 # Reasons a row is rejected; code = index + 1, 0 = valid. The first that applies is reported.
 REASONS = (
@@ -64,14 +61,14 @@ class KeyBatch:
 
 
 def value_columns(names) -> list[str]:
-    """The columns `read_keys` reads from a table with columns `names`: the key columns and the optional
-    VALUE_COLUMNS it has. Every pass over the rows reads these, so that each pass finds the same rows valid."""
-    return KEY_COLUMNS + [c for c in VALUE_COLUMNS if c in names]
+    """The columns `read_keys` reads from a table with columns `names`: the key columns and the soft-label
+    columns it has. Every pass over the rows reads these, so that each pass finds the same rows valid."""
+    return [*KEY_COLUMNS, *(c for c in SOFT_LABEL_COLUMNS if c in names)]
 
 
 def read_keys(batch: pa.RecordBatch | pa.Table, num_classes: int | None) -> KeyBatch:
     """Validate id, label and confidence of every row, and the top-k classes and probabilities of the rows of a
-    batch that has them (VALUE_COLUMNS); duplicates are found elsewhere."""
+    batch that has them (contract.SOFT_LABEL_COLUMNS); duplicates are found elsewhere."""
     ids = batch.column("id")
     labels_arr = batch.column("label")
     conf_arr = batch.column("confidence")

@@ -13,21 +13,23 @@ def run_command(stage: str, argv: list[str] | None) -> None:
     """Runs `ns-data <stage>` with `argv` (default: this process's arguments): the same parsing as the CLI, so
     the entry points and the commands never drift apart. Arguments spelled as a Flex Template passes them are
     accepted too (`from_template`). Run as the process's entry point (`argv` None), a user's error (a StageError,
-    an option neither the command nor Beam declares) is one line, `Error: ...`, exit status 1."""
+    an option neither the command nor Beam declares, a filesystem error, a full disk) is one line, `Error: ...`,
+    exit status 1, as `ns-data` prints it (`ns_data.console.one_line`)."""
     import click
 
     from ns_data import cli
-    from ns_data.stage import StageError
+    from ns_data.console import one_line, output_arg
 
     command = getattr(cli, stage)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = from_template(command, list(sys.argv[1:] if argv is None else argv))
+        args = from_template(command, args)
         command.main(args=args, prog_name=f"pipelines.{stage}", standalone_mode=False)
-    except (StageError, click.ClickException) as err:
-        if argv is not None:
+    except Exception as err:
+        line = None if argv is not None else one_line(err, output_arg(args))
+        if line is None:
             raise
-        message = err.format_message() if isinstance(err, click.ClickException) else str(err)
-        click.echo(f"Error: {message}", err=True)
+        click.echo(f"Error: {line}", err=True)
         sys.exit(1)
 
 

@@ -120,7 +120,7 @@ def test_label_command_and_entry_point(tmp_path):
 
 
 def test_the_program_leaves_with_its_status_its_output_and_its_atexit_functions(tmp_path):
-    """`ns-data` skips the interpreter's teardown once torch is loaded (cli.leave), and loses nothing by it."""
+    """`ns-data` skips the interpreter's teardown once torch is loaded (console.leave), and loses nothing by it."""
     import subprocess
     import sys
 
@@ -186,9 +186,38 @@ def test_the_entry_points_refuse_unknown_options_in_one_line(typo, meant, tmp_pa
     assert not out.exists()
 
 
+def test_the_entry_points_print_a_filesystem_error_in_one_line(tmp_path, monkeypatch, capsys):
+    """`python -m pipelines.balance` prints what `ns-data balance` prints for an output it cannot create (its
+    parent is a file): one line, exit 1 (ns_data.console.one_line)."""
+    pl = synth(tmp_path)
+    (tmp_path / "afile").write_text("")
+    argv = [str(pl), "--output", str(tmp_path / "afile" / "sel"), "--per-class", "5", "--no-progress"]
+    cli = CliRunner().invoke(main, ["balance", *argv])
+    assert cli.exit_code == 1 and "Error: [Errno 20] Not a directory" in cli.output, cli.output
+    monkeypatch.setattr("sys.argv", ["pipelines/balance.py", *argv])
+    with pytest.raises(SystemExit) as done:
+        balance_pipeline.run()
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1 and "Error: [Errno 20] Not a directory" in err, err
+    with pytest.raises(NotADirectoryError):
+        balance_pipeline.run(argv)
+
+
 def test_a_template_launch_with_an_unknown_parameter_fails_before_any_output(tmp_path):
     pl = synth(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(OptionsError, match="no such option --per_clss .*did you mean --per-class"):
         balance_pipeline.run([f"--inputs={pl}", f"--output={out}", "--per_clss=5", "--progress=false"])
     assert not out.exists()
+
+
+def test_the_error_printer_imports_neither_beam_nor_torch():
+    """Both command lines print errors through ns_data.console; ns-train imports it before any model, and Beam's
+    import would log before quiet_logging is set."""
+    import subprocess
+    import sys
+
+    program = ("import sys, ns_data.console; "
+               "print(sorted(m for m in ('apache_beam', 'torch', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

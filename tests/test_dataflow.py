@@ -492,6 +492,17 @@ def test_images_install_the_pinned_versions(image, extras):
     assert names == extra_names(*extras) - {"ns-data"}
 
 
+def test_the_version_is_written_once():
+    """The package's version (the worker image's tag, `ns-data --version`) is `ns_data.__version__`: setup.py
+    reads it from there and spells no version of its own."""
+    import ns_data
+
+    built = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                           check=True, timeout=120)
+    assert built.stdout.split()[-1] == ns_data.__version__
+    assert ns_data.__version__ not in (ROOT / "setup.py").read_text()
+
+
 def test_the_worker_runs_the_python_and_beam_that_launch():
     """DoFns pickled at launch are unpickled by the workers: the same Python minor version and Beam version."""
     dockerfile = (ROOT / "docker" / "worker" / "Dockerfile").read_text()

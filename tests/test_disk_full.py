@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from ns_data.cli import disk_full
+from ns_data.console import disk_full
 from tests.test_lease import NS_DATA, files, labels  # noqa: F401 (a fixture)
 from tests.test_shard import CLASSES as SHARD_CLASSES
 from tests.test_shard import corpus  # noqa: F401 (a fixture)
