@@ -10,6 +10,7 @@ import typing
 
 import click
 
+from ns_data.contract import TRAIN_RUN
 from ns_data.stage import OptionsError
 from ns_train.config import FIELDS, TrainConfig, group_of, load_config
 
@@ -62,8 +63,8 @@ def config_options(command):
 @click.option("--config", "config_path", default=None, help="YAML file of config fields; options given here "
               "override it.")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
-              help="Run directory: config.yaml, checkpoint.pt, metrics.jsonl, results.json (written last). Re-run "
-                   "with the same config to resume.")
+              help=f"Run directory: {', '.join(TRAIN_RUN.files)} (written last). Re-run with the same config to "
+                   "resume.")
 @click.option("--overwrite", is_flag=True, help="Replace a run of another config in --output.")
 @config_options
 def train(config_path, output, overwrite, **overrides) -> None:
@@ -129,5 +130,5 @@ def format_results(results: dict, output: str) -> str:
             r = results[key]
             lines.append(f"  {key.replace('_', ' ')}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
                          f"loss {r['loss']:.4f}  ({r['images']:,} images)")
-    lines.append(f"output: {output} (config.yaml, checkpoint.pt, metrics.jsonl, results.json)")
+    lines.append(f"output: {output} ({', '.join(TRAIN_RUN.files)})")
     return "\n".join(lines)

@@ -6,9 +6,13 @@ targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under
 through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
 `config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it, down to the next
 batch of each data stream), `metrics.jsonl` (a resume cuts it back to the checkpoint's step: each step is logged
-once), and `results.json` (final evaluation), written last: it marks the
-run finished. A run directory follows the output policy of every ns-data stage (ns_data.outputs): a re-run with
-the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
+once), and `results.json` (final evaluation), written last: it marks the run finished (the names are
+contract.TRAIN_RUN's). A run directory follows the output policy of every ns-data stage (ns_data.outputs): a
+re-run with the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
+
+`train` is a few setup steps (start_process, check_inputs, open_run, create_training, resume, create_loaders),
+then the step loop (`train_steps`, which logs, evaluates with `evaluate` and checkpoints as it goes) and
+`finish` (the final evaluation and results.json).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ns_data import fs, outputs
+from ns_data.contract import TRAIN_RUN
 from ns_data.outputs import COMPLETE, StageOutput
 from ns_data.readers import list_shards, shard_manifest
 from ns_data.stage import StageError
@@ -37,10 +42,6 @@ from ns_train.data import (EvalSet, Normalize, TrainStream, count_records, eval_
                            train_loader)
 
 log = logging.getLogger("ns_train")
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"  # the run's marker, written last
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -334,8 +335,8 @@ def check_inputs(cfg: TrainConfig, world: int) -> Plan:
 
 def run_output(cfg: TrainConfig, output: str) -> StageOutput:
     """The run directory as a stage output: results.json its marker, the comparable config its fingerprint."""
-    return StageOutput(output, "train", RESULTS, (CHECKPOINT, CONFIG, METRICS),
-                       fs.fingerprint([], _comparable(cfg)))
+    return StageOutput(output, TRAIN_RUN.stage, TRAIN_RUN.marker, (TRAIN_RUN.checkpoint, TRAIN_RUN.config,
+                       TRAIN_RUN.metrics), fs.fingerprint([], _comparable(cfg)))
 
 
 def open_run(run: StageOutput, overwrite: bool, process: Process) -> tuple[str, dict]:
@@ -436,12 +437,12 @@ def save_run_checkpoint(run: StageOutput, cfg: TrainConfig, plan: Plan, process:
             torch.distributed.all_gather_object(processes, mine)
     if process.main:
         ema = training.ema
-        save_checkpoint(run.final(CHECKPOINT), {
+        save_checkpoint(run.final(TRAIN_RUN.checkpoint), {
             "model": training.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
             "optimizer": training.optimizer.state_dict(), "schedule": training.schedule.state_dict(), "step": step,
             "total_steps": plan.total_steps, "model_name": cfg.model, "num_classes": cfg.num_classes,
             "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
-            run.tmp(CHECKPOINT))
+            run.tmp(TRAIN_RUN.checkpoint))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -467,18 +468,19 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
 
     training = create_training(cfg, model, plan)
     step, data = 0, None
-    if os.path.exists(run.final(CHECKPOINT)):  # only when resuming: a new run starts from an empty directory
-        step, data = resume(run.final(CHECKPOINT), training, cfg, process, echo)
+    checkpoint = run.final(TRAIN_RUN.checkpoint)
+    if os.path.exists(checkpoint):  # only when resuming: a new run starts from an empty directory
+        step, data = resume(checkpoint, training, cfg, process, echo)
         if process.main:
-            truncate_metrics(run.final(METRICS), step)
+            truncate_metrics(run.final(TRAIN_RUN.metrics), step)
             echo(f"resuming {output} at step {step} of {plan.total_steps}")
     elif process.main:
         echo(f"training {plan.describe(cfg)}")
     if process.main:
-        fs.write_atomic(run.final(CONFIG), cfg.to_yaml().encode())
+        fs.write_atomic(run.final(TRAIN_RUN.config), cfg.to_yaml().encode())
     training.distribute(process)
     loaders = create_loaders(cfg, plan, step, process.world, data)
-    metrics = _Metrics(run.final(METRICS) if process.main else None)
+    metrics = _Metrics(run.final(TRAIN_RUN.metrics) if process.main else None)
     step = train_steps(cfg, plan, process, training, loaders, step, metrics, stop_after,
                        checkpoint=lambda at: save_run_checkpoint(run, cfg, plan, process, training, loaders, at))
     results = finish(cfg, plan, process, training, run, step, metrics)
