@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 import yaml
@@ -88,9 +88,14 @@ class Step:
 
     def display(self) -> str:
         if self.processes > 1:
-            return shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(self.processes), "-m",
-                               "ns_train.cli", "train", *self.argv])
+            return shlex.join(torchrun(self.processes, self.argv))
         return shlex.join([*self.program.split(), *self.argv])
+
+
+def torchrun(processes: int, argv: Sequence[str], launcher: Sequence[str] = ("torchrun",)) -> list[str]:
+    """`ns-train train ARGV` as `processes` DDP processes on this machine: `torchrun ...` as a user types it;
+    the loop runs it as `python -m torch.distributed.run ...`, the same launcher from this interpreter."""
+    return [*launcher, "--standalone", "--nproc_per_node", str(processes), "-m", "ns_train.cli", "train", *argv]
 
 
 @dataclass
@@ -372,9 +377,8 @@ def _run_command(step: Step, echo: Callable[[str], None]) -> None:
         echo(f"{step.output} exists; nothing to do")  # export writes its file complete or not at all
         return
     if step.processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(step.processes), "-m", "ns_train.cli", "train"]
-        code = subprocess.run([*launcher, *step.argv]).returncode
+        launcher = (sys.executable, "-m", "torch.distributed.run")
+        code = subprocess.run(torchrun(step.processes, step.argv, launcher)).returncode
         if code:
             raise StageError(f"{step.title}: torchrun exited with status {code}; re-run the loop to resume")
         return
