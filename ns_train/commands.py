@@ -122,9 +122,8 @@ def export(run_dir, output, weights, overwrite, allow_unfinished) -> None:
 def format_results(results: dict, output: str) -> str:
     lines = [f"ns-train: step {results['step']:,} of {results['total_steps']:,}"
              + ("" if results["finished"] else " (stopped early; re-run to resume)")]
-    if "epoch_of" in results:  # runs before epochs were reported have no such keys
-        lines.append(f"  {results['epochs']:g} epochs of the {results['epoch_of']} set ({results['epoch_records']:,} "
-                     f"records, {results['steps_per_epoch']:g} steps each)")
+    lines.append(f"  {results['epochs']:g} epochs of the {results['epoch_of']} set ({results['epoch_records']:,} "
+                 f"records, {results['steps_per_epoch']:g} steps each)")
     for key in ("eval", "eval_ema"):
         if key in results:
             r = results[key]

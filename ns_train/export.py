@@ -26,8 +26,7 @@ def unfinished(run_dir: str, state: dict) -> str | None:
     """What is unfinished about the run ("step 6 of 12"), or None when it finished (its results.json)."""
     if os.path.exists(os.path.join(run_dir, TRAIN_RUN.marker)):
         return None
-    total = state.get("total_steps")
-    return f"step {state['step']}" + (f" of {total}" if total else "")
+    return f"step {state['step']} of {state['total_steps']}"
 
 
 def _checkpoint(run_dir: str, allow_unfinished: bool = False, echo=None) -> dict:
@@ -47,7 +46,7 @@ def _checkpoint(run_dir: str, allow_unfinished: bool = False, echo=None) -> dict
 
 
 def _weights(state: dict, weights: str) -> dict[str, torch.Tensor]:
-    return state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+    return state["ema"] if weights == "ema" and state["ema"] is not None else state["model"]
 
 
 def load_run_model(run_dir: str, weights: str = "ema", allow_unfinished: bool = False,

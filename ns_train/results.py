@@ -82,8 +82,8 @@ def format_table(done: dict, comparisons: list[tuple[str, str]]) -> str:
         for it in iterations:
             for s in seeds:
                 scored = done[s]["pseudo_labels"][it]
-                if scored.get("sampled"):
-                    of = f" of {scored['labels_rows']:,}" if scored.get("labels_rows") is not None else ""
+                if scored["sampled"]:
+                    of = f" of {scored['labels_rows']:,}" if scored["labels_rows"] is not None else ""
                     lines.append(f"  ({it}/labels of {heads[seeds.index(s)]}: scored on a sample of "
                                  f"{scored['rows_read']:,}{of} rows)")
     rows = []

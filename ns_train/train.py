@@ -243,7 +243,7 @@ def truncate_metrics(path: str, step: int) -> None:
                 record = json.loads(line)
             except ValueError:  # the last line, cut short
                 continue
-            if line.endswith(b"\n") and record.get("step", 0) <= step:
+            if line.endswith(b"\n") and record["step"] <= step:
                 kept.append(line)
     fs.write_atomic(path, b"".join(kept))
 
@@ -397,11 +397,8 @@ def resume(path: str, training: Training, cfg: TrainConfig, process: Process, ec
     training.model.load_state_dict(state["model"])
     training.optimizer.load_state_dict(state["optimizer"])
     training.schedule.load_state_dict(state["schedule"])
-    if training.ema is not None and state.get("ema") is not None:
+    if training.ema is not None:
         training.ema.module.load_state_dict(state["ema"])
-    if "processes" not in state:
-        raise StageError(f"{path} was written by an older ns-train, without its data streams' positions: "
-                         "start the run again with --overwrite")
     processes = state["processes"]  # each rank's generator (dropout) and data streams' positions
     if process.rank < len(processes):
         torch.set_rng_state(processes[process.rank]["rng"])
@@ -607,6 +604,8 @@ class FiniteLoss:
 
 
 def _comparable(cfg: TrainConfig) -> dict:
-    """The config a run's fingerprint is made of; bookkeeping fields may change between a run and its resume."""
+    """The config a run's fingerprint is made of. A run and its resume may differ in the fields left out: the
+    bookkeeping (progress, logging, evaluation and checkpoint intervals, workers, the val shards), and
+    skip_bad_records, so that a run stopped by a bad record resumes with --skip-bad-records."""
     skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val", "skip_bad_records"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}

@@ -265,6 +265,8 @@ def test_a_run_directory_follows_the_output_policy(data, tmp_path):
     first = train_mod.train(cfg, str(run), echo=lambda m: None)
     marker = json.loads((run / "results.json").read_text())
     assert marker["fingerprint"] == train_mod.run_output(cfg, str(run)).fingerprint
+    assert marker["fingerprint"] == train_mod.run_output(dataclasses.replace(cfg, skip_bad_records=True),
+                                                         str(run)).fingerprint  # a resume may skip bad records
     assert sorted(os.listdir(run)) == sorted(contract.TRAIN_RUN.files)  # the names the report reads
     said = []
     again = train_mod.train(dataclasses.replace(cfg, log_every=5, workers=1), str(run), echo=said.append)
