@@ -200,14 +200,13 @@ def child_decode(inp: str, method: str, part: int, parts: int, passes: int) -> d
     """One process of (2): its share of the images, decoded and preprocessed `passes` times on one thread."""
     import torch
 
-    from ns_data.preprocess import Preprocessor
-    from ns_data.teacher import make_transform
+    from ns_data.preprocess import Preprocessor, eval_transform
 
     torch.set_num_threads(1)
     files = sorted(Path(inp).glob("*.jpg"))[part::parts]
     blobs = [f.read_bytes() for f in files]
     if method == "before":
-        transform = make_transform(CONFIG)
+        transform = eval_transform(CONFIG)
         fn = lambda b: decode_before(b, transform)  # noqa: E731
     else:
         fn = Preprocessor(CONFIG, fast_decode=method == "fast")

@@ -4,6 +4,7 @@ shard record, each output's file names and completeness marker, and how a stage 
     label  -> LABELS    labels-NNNNN.parquet     (+ errors-NNNNN.parquet)  stats.json last
     balance-> SELECTION selection-NNNNN.parquet  (+ errors-NNNNN.parquet)  stats.json last
     shard  -> SHARDS    train-NNNNN-of-NNNNN.tfrecord (+ errors-00000.parquet) manifest.json last
+    ns-train -> TRAIN_RUN config.yaml, checkpoint.pt, metrics.jsonl                results.json last
 
 An output is complete when its marker exists; the marker names the `stage` that wrote it and holds the
 `fingerprint` of the inputs and options that made it. While a stage runs, its files are in `OUTPUT/.tmp-<stage>/` (with `plan.json`), so a directory with
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 import google_crc32c
 import pyarrow as pa
 
-from ns_data import fs
 from ns_data.stage import InputError
+
+# ns_data.fs (Beam's filesystems) is imported by the functions that look at files: the names and schemas here
+# are read without loading Beam (`ns-train --help` builds its help from them).
 
 
 TMP_PREFIX = ".tmp-"
@@ -61,6 +64,8 @@ class OutputKind:
     def state(self, directory: str) -> tuple[bool, dict | None]:
         """(whether `directory` holds this stage's output, complete or not; its marker when complete). A marker
         that names another stage makes it no output of this one."""
+        from ns_data import fs
+
         path = fs.join(directory, self.marker)
         if fs.exists(path):
             marker = fs.read_json(path)
@@ -82,6 +87,8 @@ class OutputKind:
 
     def data_files(self, directory: str) -> list[str]:
         """The data files of a complete output, sorted."""
+        from ns_data import fs
+
         self.check_complete(directory)
         return fs.list_dir(directory, self.data_pattern)
 
@@ -90,6 +97,32 @@ LABELS = OutputKind("label", "labels", ".parquet", "stats.json")
 SELECTION = OutputKind("balance", "selection", ".parquet", "stats.json")
 SHARDS = OutputKind("shard", "train", ".tfrecord", "manifest.json")
 STAGE_OUTPUTS = (LABELS, SELECTION, SHARDS)
+
+
+@dataclass(frozen=True)
+class RunDirectory(OutputKind):
+    """An `ns-train` run directory: `config` (the resolved config), `checkpoint` (where a re-run resumes),
+    `metrics` (a line per logged step and evaluation, appended during the run) and the marker, written last."""
+
+    config: str = "config.yaml"
+    checkpoint: str = "checkpoint.pt"
+
+    @property
+    def data_pattern(self) -> str:
+        return self.data_prefix + self.data_suffix  # one file, not numbered
+
+    @property
+    def metrics(self) -> str:
+        return self.data_pattern
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file of a finished run, the marker last."""
+        return self.config, self.checkpoint, self.metrics, self.marker
+
+
+TRAIN_RUN = RunDirectory("train", "metrics", ".jsonl", "results.json")
+
 
 # ------------------------------------------------------------------------------------------- tables
 
@@ -232,6 +265,8 @@ def stage_output(item: str, kind: OutputKind) -> dict | None:
     """How a stage finds the previous one's data, input by input: a `kind` output directory gives its data
     files (its marker returned here; an unfinished output is an error); any other directory every *.parquet
     below it; a file or a glob itself (None). Another stage's output is an error."""
+    from ns_data import fs
+
     if fs.is_glob(item) or fs.is_file(item):
         return None
     if kind.is_output(item):
@@ -244,6 +279,8 @@ def stage_output(item: str, kind: OutputKind) -> dict | None:
 def input_files(item: str, is_output: bool, kind: OutputKind) -> list[tuple[str, int]]:
     """(path, size) of an input's Parquet files, sorted: a `kind` output's data files, else as `fs.list_files`
     finds them."""
+    from ns_data import fs
+
     if is_output:
         return fs.match(fs.join(item, kind.data_pattern))
     return [(p, n) for p, n in fs.list_files(item) if p.endswith(".parquet")]

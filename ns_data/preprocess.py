@@ -26,6 +26,18 @@ from ns_data.images import DEFAULT_MAX_PIXELS, decode_image, is_jpeg
 FAST_DECODE_METHOD = "jpeg_dct_scaling"
 
 
+def eval_transform(config: dict[str, Any], uint8: bool = False):
+    """timm's own eval transform for a data config (input_size as (3, H, W) or one side, crop_pct, interpolation,
+    mean, std, crop_mode: the teacher's `preprocessing`): PIL RGB image in, normalized CHW float tensor out; with
+    `uint8`, the uint8 tensor before normalizing. The one eval transform of the teacher (label) and the trainer
+    (ns_train.data, from its config's preprocessing), so a student exported as a teacher sees its images as its
+    evaluation did."""
+    from timm.data import create_transform
+
+    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+    return create_transform(**args, is_training=False, use_prefetcher=uint8)
+
+
 def resize_target(config: dict[str, Any]) -> int | None:
     """The side both of an image's sides must keep for timm's eval transform of `config` to resize down (never
     up) from it: the larger side of the resize target, floor(input size / crop_pct) (timm's
@@ -77,9 +89,7 @@ class Preprocessor:
 
     def __init__(self, config: dict[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS, fast_decode: bool = False,
                  channels_last: bool = True, device: str = "cpu"):
-        from ns_data.teacher import make_transform
-
-        self.transform = make_transform(config)
+        self.transform = eval_transform(config)
         self.max_pixels = max_pixels
         self.min_side = resize_target(config) if fast_decode else None
         steps = list(getattr(self.transform, "transforms", []))

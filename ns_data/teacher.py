@@ -319,14 +319,6 @@ def resolve_preprocessing(spec: TeacherSpec, model: torch.nn.Module) -> dict[str
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
 
 
-def make_transform(config: dict[str, Any]):
-    """timm's own eval transform for a data config: PIL RGB image in, normalized CHW float tensor out."""
-    from timm.data import create_transform
-
-    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
-    return create_transform(**args, is_training=False)
-
-
 def check_teacher(spec: TeacherSpec, class_names_file: str | None = None) -> dict[str, Any]:
     """Builds the teacher once and runs it on one blank image; returns its identity (recorded in outputs), with
     the class names from `class_names_file` (checked against the class count), else timm's ImageNet names

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ns_data.contract import TRAIN_RUN
 from ns_data.stage import StageError
 
 
@@ -101,9 +102,10 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or xla (torch_xla).")
     seed: int = option(0, "Seed of initialization, data order and augmentation.")
     # output
-    log_every: int = option(20, "Write a metrics.jsonl line every this many steps.")
+    log_every: int = option(20, f"Write a {TRAIN_RUN.metrics} line every this many steps.")
     eval_every: int = option(0, "Evaluate on --val every this many steps (0: only at the end).")
-    checkpoint_every: int = option(200, "Write checkpoint.pt every this many steps (the run resumes from it).")
+    checkpoint_every: int = option(200, f"Write {TRAIN_RUN.checkpoint} every this many steps (the run resumes "
+                                        "from it).")
     progress: bool = option(True, "A progress bar on the terminal.")
 
     def validate(self) -> "TrainConfig":

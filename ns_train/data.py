@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from ns_data import tfrecord
+from ns_data import preprocess, tfrecord
 from ns_data.images import DecodeError, decode_image
 from ns_data.readers import ShardDataset, example_to_record, list_shards, shard_manifest
 from ns_data.soft_labels import dense_probabilities, with_temperature
@@ -56,7 +56,7 @@ def read_record(path: str, index: int, data: bytes) -> tuple[dict, Image.Image]:
     except Exception as err:  # noqa: BLE001 - any parser failure is a property of the record
         raise BadRecord(f"{path}: record {index}: corrupt_record ({type(err).__name__}: {err})") from err
     try:
-        return record, decode_rgb(record["image"])
+        return record, decode_image(record["image"])  # the teacher's decode, as it saw the image
     except DecodeError as err:
         raise BadRecord(f"{path}: record {index} (id {record.get('id', '?')}): {err}") from err
 
@@ -71,12 +71,6 @@ def stop(err: StageError) -> None:
     raise BadRecord(str(err))
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """The image of a record as the teacher saw it when labeling: ns_data.images.decode_image (EXIF
-    orientation, bit depths, palettes, first frames, the pixel limit). Raises images.DecodeError."""
-    return decode_image(data)
-
-
 def eval_preprocessing(cfg: TrainConfig) -> dict:
     """The eval data config, in timm's terms; `ns-train export` hands it to `ns-data label` unchanged."""
     return {"input_size": cfg.image_size, "crop_pct": cfg.crop_pct, "interpolation": cfg.interpolation,
@@ -84,11 +78,9 @@ def eval_preprocessing(cfg: TrainConfig) -> dict:
 
 
 def eval_transform(cfg: TrainConfig, uint8: bool = False):
-    """timm's eval transform; with uint8, it stops before normalizing (see train_transform)."""
-    from timm.data import create_transform
-
-    return create_transform((3, cfg.image_size, cfg.image_size), is_training=False, crop_pct=cfg.crop_pct,
-                            interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, use_prefetcher=uint8)
+    """The teacher's eval transform (ns_data.preprocess.eval_transform) of the config's preprocessing; with
+    uint8, it stops before normalizing (see train_transform)."""
+    return preprocess.eval_transform(eval_preprocessing(cfg), uint8)
 
 
 def train_transform(cfg: TrainConfig):

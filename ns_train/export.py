@@ -11,10 +11,11 @@ import os
 import torch
 
 from ns_data import fs
+from ns_data.contract import TRAIN_RUN
 from ns_data.stage import InputError, OutputExists
 from ns_data.teacher import EXPORT_METADATA
 from ns_train.config import TrainConfig, load_config
-from ns_train.train import CHECKPOINT, CONFIG, RESULTS, create_student, load_checkpoint
+from ns_train.train import create_student, load_checkpoint
 
 
 class UnfinishedRun(InputError):
@@ -23,37 +24,36 @@ class UnfinishedRun(InputError):
 
 def unfinished(run_dir: str, state: dict) -> str | None:
     """What is unfinished about the run ("step 6 of 12"), or None when it finished (its results.json)."""
-    if os.path.exists(os.path.join(run_dir, RESULTS)):
+    if os.path.exists(os.path.join(run_dir, TRAIN_RUN.marker)):
         return None
-    total = state.get("total_steps")
-    return f"step {state['step']}" + (f" of {total}" if total else "")
+    return f"step {state['step']} of {state['total_steps']}"
 
 
 def _checkpoint(run_dir: str, allow_unfinished: bool = False, echo=None) -> dict:
     """The run's checkpoint; an unfinished run's only with `allow_unfinished` (then `echo` says which step)."""
-    path = os.path.join(run_dir, CHECKPOINT)
+    path = os.path.join(run_dir, TRAIN_RUN.checkpoint)
     if not os.path.exists(path):
-        raise InputError(f"{run_dir} has no {CHECKPOINT}: not a ns-train run directory")
+        raise InputError(f"{run_dir} has no {TRAIN_RUN.checkpoint}: not a ns-train run directory")
     state = load_checkpoint(path)
     where = unfinished(run_dir, state)
     if where and not allow_unfinished:
-        raise UnfinishedRun(f"{run_dir} is an unfinished run (its checkpoint is at {where}, no {RESULTS}: killed, "
-                            f"failed or still training); run its `ns-train train` again to finish it, or pass "
-                            f"--allow-unfinished to use {where}")
+        raise UnfinishedRun(f"{run_dir} is an unfinished run (its checkpoint is at {where}, no {TRAIN_RUN.marker}: "
+                            f"killed, failed or still training); run its `ns-train train` again to finish it, or "
+                            f"pass --allow-unfinished to use {where}")
     if where and echo:
         echo(f"warning: {run_dir} is unfinished: using its checkpoint at {where}")
     return state
 
 
 def _weights(state: dict, weights: str) -> dict[str, torch.Tensor]:
-    return state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+    return state["ema"] if weights == "ema" and state["ema"] is not None else state["model"]
 
 
 def load_run_model(run_dir: str, weights: str = "ema", allow_unfinished: bool = False,
                    echo=None) -> tuple[torch.nn.Module, TrainConfig]:
     """The run's model in eval mode (noise off), and its config; an unfinished run's only with `allow_unfinished`."""
     state = _checkpoint(run_dir, allow_unfinished, echo)
-    cfg = load_config(os.path.join(run_dir, CONFIG), {})
+    cfg = load_config(os.path.join(run_dir, TRAIN_RUN.config), {})
     model = create_student(cfg)
     model.load_state_dict(_weights(state, weights))
     return model.eval(), cfg

@@ -28,12 +28,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 import yaml
 
+from ns_data.cli import main as ns_data_cli
+from ns_data.console import own_options
 from ns_data.stage import StageError
+from ns_train import commands as ns_train_commands
 from ns_train.config import FIELDS as TRAIN_FIELDS, ConfigError, load_config
 
 TOP_KEYS = ("output", "seeds", "num_classes", "data", "teacher", "train", "label", "balance", "shard", "launcher",
@@ -86,9 +89,14 @@ class Step:
 
     def display(self) -> str:
         if self.processes > 1:
-            return shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(self.processes), "-m",
-                               "ns_train.cli", "train", *self.argv])
+            return shlex.join(torchrun(self.processes, self.argv))
         return shlex.join([*self.program.split(), *self.argv])
+
+
+def torchrun(processes: int, argv: Sequence[str], launcher: Sequence[str] = ("torchrun",)) -> list[str]:
+    """`ns-train train ARGV` as `processes` DDP processes on this machine: `torchrun ...` as a user types it;
+    the loop runs it as `python -m torch.distributed.run ...`, the same launcher from this interpreter."""
+    return [*launcher, "--standalone", "--nproc_per_node", str(processes), "-m", "ns_train.cli", "train", *argv]
 
 
 @dataclass
@@ -209,13 +217,10 @@ def _expand(value: Any, cfg: LoopConfig, seed: int | None, where: str) -> Any:
 # ------------------------------------------------------------------------------------------- options to argv
 
 
-def _commands() -> dict[str, click.Command]:
-    from ns_data.cli import main as ns_data
-    from ns_train.cli import main as ns_train
-
-    return {"label": ns_data.commands["label"], "balance": ns_data.commands["balance"],
-            "shard": ns_data.commands["shard"], "train": ns_train.commands["train"],
-            "export": ns_train.commands["export"]}
+# The command each step runs, by stage: its options are checked by parsing them with the command itself.
+COMMANDS: dict[str, click.Command] = {
+    "label": ns_data_cli.commands["label"], "balance": ns_data_cli.commands["balance"],
+    "shard": ns_data_cli.commands["shard"], "train": ns_train_commands.train, "export": ns_train_commands.export}
 
 
 def option_args(command: click.Command, stage: str, options: dict[str, Any], where: str) -> tuple[list[str], list[str]]:
@@ -263,9 +268,7 @@ def _checked(command: click.Command, program: str, argv: list[str], where: str) 
 
 def _checked_beam_args(command: click.Command, program: str, beam_args: list[str], where: str) -> None:
     """`beam_args` are options Beam declares (as the command checks them when it runs): a config error now."""
-    from ns_data.cli import own_options
-    from ns_data.runner import check_beam_args
-    from ns_data.stage import StageError
+    from ns_data.runner import check_beam_args  # Beam: loaded to plan a loop, not by every ns-train command
 
     try:
         check_beam_args(beam_args, own_options(command), program)
@@ -279,7 +282,6 @@ def _checked_beam_args(command: click.Command, program: str, beam_args: list[str
 def plan(cfg: LoopConfig) -> Plan:
     """Every step of every run, each parsed and checked as its command would: a config error is found before
     any work starts."""
-    commands = _commands()
     result = Plan(cfg)
     for seed, root in cfg.runs():
         prefix = f"seed {seed} " if seed is not None else ""
@@ -292,12 +294,12 @@ def plan(cfg: LoopConfig) -> Plan:
         def train_step(name: str, title: str, options: dict, unlabeled: str | None) -> None:
             where = f"{cfg.path}: {title}"
             options = ({"seed": seed} if seed is not None else {}) | options
-            args, _ = option_args(commands["train"], "train", options, where)
+            args, _ = option_args(COMMANDS["train"], "train", options, where)
             run_dir = os.path.join(root, name)
             argv = ["--output", run_dir, "--labeled", data["labeled"], "--num-classes", str(cfg.num_classes),
                     *(["--val", data["val"]] if data.get("val") else []),
                     *(["--unlabeled", unlabeled] if unlabeled else []), *args]
-            params = _checked(commands["train"], "ns-train train", argv, where)
+            params = _checked(COMMANDS["train"], "ns-train train", argv, where)
             try:
                 load_config(None, {k: v for k, v in params.items() if k in TRAIN_FIELDS})
             except ConfigError as err:
@@ -313,10 +315,10 @@ def plan(cfg: LoopConfig) -> Plan:
 
         def data_step(stage: str, title: str, inputs: list[str], output: str, options: dict) -> None:
             where = f"{cfg.path}: {title}"
-            args, beam_args = option_args(commands[stage], stage, options, where)
+            args, beam_args = option_args(COMMANDS[stage], stage, options, where)
             argv = [*inputs, "--output", output, *args, *beam_args]
-            _checked(commands[stage], f"ns-data {stage}", [a for a in argv if a not in beam_args], where)
-            _checked_beam_args(commands[stage], f"ns-data {stage}", beam_args, where)
+            _checked(COMMANDS[stage], f"ns-data {stage}", [a for a in argv if a not in beam_args], where)
+            _checked_beam_args(COMMANDS[stage], f"ns-data {stage}", beam_args, where)
             steps.append(Step(f"{prefix}{title}", f"ns-data {stage}", tuple(argv), output))
 
         if "train" in cfg.teacher:
@@ -376,13 +378,12 @@ def _run_command(step: Step, echo: Callable[[str], None]) -> None:
         echo(f"{step.output} exists; nothing to do")  # export writes its file complete or not at all
         return
     if step.processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(step.processes), "-m", "ns_train.cli", "train"]
-        code = subprocess.run([*launcher, *step.argv]).returncode
+        launcher = (sys.executable, "-m", "torch.distributed.run")
+        code = subprocess.run(torchrun(step.processes, step.argv, launcher)).returncode
         if code:
             raise StageError(f"{step.title}: torchrun exited with status {code}; re-run the loop to resume")
         return
-    command = _commands()[step.program.split()[1]]
+    command = COMMANDS[step.program.split()[1]]
     try:
         command.main(list(step.argv), prog_name=step.program, standalone_mode=False)
     except StageError as err:
@@ -393,7 +394,7 @@ def _run_command(step: Step, echo: Callable[[str], None]) -> None:
 
 def run_loop(config_path: str, output: str | None = None, echo: Callable[[str], None] = print) -> dict:
     """Runs (or continues) every step of every run; writes the results table after each run."""
-    from ns_train import results as loop_results
+    from ns_train import results as loop_results  # Beam's filesystems (ns_data.fs): loaded when a loop runs
 
     cfg = read_config(config_path, output)
     the_plan = plan(cfg)

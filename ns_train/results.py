@@ -13,13 +13,14 @@ import statistics
 import numpy as np
 
 from ns_data import fs
+from ns_data.contract import TRAIN_RUN
 
 RESULTS_JSON, RESULTS_TXT, RESULTS_PNG = "results.json", "results.txt", "results.png"
 
 
 def test_top1(run_dir: str) -> float | None:
     """The run's final top-1 on its --val shards (of its EMA weights when it kept them); None without --val."""
-    with open(os.path.join(run_dir, "results.json")) as f:
+    with open(os.path.join(run_dir, TRAIN_RUN.marker)) as f:
         results = json.load(f)
     evaluation = results.get("eval_ema", results.get("eval"))
     return evaluation["top1"] if evaluation else None
@@ -81,8 +82,8 @@ def format_table(done: dict, comparisons: list[tuple[str, str]]) -> str:
         for it in iterations:
             for s in seeds:
                 scored = done[s]["pseudo_labels"][it]
-                if scored.get("sampled"):
-                    of = f" of {scored['labels_rows']:,}" if scored.get("labels_rows") is not None else ""
+                if scored["sampled"]:
+                    of = f" of {scored['labels_rows']:,}" if scored["labels_rows"] is not None else ""
                     lines.append(f"  ({it}/labels of {heads[seeds.index(s)]}: scored on a sample of "
                                  f"{scored['rows_read']:,}{of} rows)")
     rows = []

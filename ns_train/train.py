@@ -6,9 +6,13 @@ targets (or hard labels). The same code runs on CPU, one CUDA GPU, several under
 through torch_xla when it is installed and `device: xla` is asked for. Outputs, in the run directory:
 `config.yaml` (resolved), `checkpoint.pt` (written atomically; a re-run resumes from it, down to the next
 batch of each data stream), `metrics.jsonl` (a resume cuts it back to the checkpoint's step: each step is logged
-once), and `results.json` (final evaluation), written last: it marks the
-run finished. A run directory follows the output policy of every ns-data stage (ns_data.outputs): a re-run with
-the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
+once), and `results.json` (final evaluation), written last: it marks the run finished (the names are
+contract.TRAIN_RUN's). A run directory follows the output policy of every ns-data stage (ns_data.outputs): a
+re-run with the same config resumes an interrupted run or has nothing to do; another config needs --overwrite.
+
+`train` is a few setup steps (start_process, check_inputs, open_run, create_training, resume, create_loaders),
+then the step loop (`train_steps`, which logs, evaluates with `evaluate` and checkpoints as it goes) and
+`finish` (the final evaluation and results.json).
 """
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ns_data import fs, outputs
+from ns_data.contract import TRAIN_RUN
 from ns_data.outputs import COMPLETE, StageOutput
 from ns_data.readers import list_shards, shard_manifest
 from ns_data.stage import StageError
@@ -37,10 +42,6 @@ from ns_train.data import (EvalSet, Normalize, TrainStream, count_records, eval_
                            train_loader)
 
 log = logging.getLogger("ns_train")
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"  # the run's marker, written last
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -242,7 +243,7 @@ def truncate_metrics(path: str, step: int) -> None:
                 record = json.loads(line)
             except ValueError:  # the last line, cut short
                 continue
-            if line.endswith(b"\n") and record.get("step", 0) <= step:
+            if line.endswith(b"\n") and record["step"] <= step:
                 kept.append(line)
     fs.write_atomic(path, b"".join(kept))
 
@@ -298,27 +299,150 @@ def plan_steps(cfg: TrainConfig, world: int = 1) -> Plan:
     return Plan(total, per_epoch, epoch_of, records)
 
 
+# ------------------------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the run: its rank among `world` processes (0 writes the run directory) and its
+    device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_process(cfg: TrainConfig) -> Process:
+    """Joins the process group (under torchrun), seeds this process's generators, picks its device."""
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)  # augmentation seeds its own generators, record by record (ns_train.data)
+    return Process(rank, world, pick_device(cfg))
+
+
+def check_inputs(cfg: TrainConfig, world: int) -> Plan:
+    """The run's plan, with every input set listed: a missing or empty one is an error before any output."""
+    plan = plan_steps(cfg, world)
+    for shards in (cfg.unlabeled, cfg.val):
+        if shards:
+            list_shards(shards)
+    return plan
+
+
 def run_output(cfg: TrainConfig, output: str) -> StageOutput:
     """The run directory as a stage output: results.json its marker, the comparable config its fingerprint."""
-    return StageOutput(output, "train", RESULTS, (CHECKPOINT, CONFIG, METRICS),
-                       fs.fingerprint([], _comparable(cfg)))
+    return StageOutput(output, TRAIN_RUN.stage, TRAIN_RUN.marker, (TRAIN_RUN.checkpoint, TRAIN_RUN.config,
+                       TRAIN_RUN.metrics), fs.fingerprint([], _comparable(cfg)))
 
 
-def _begin(run: StageOutput, overwrite: bool, rank: int, world: int, device: torch.device) -> tuple[str, dict]:
+def open_run(run: StageOutput, overwrite: bool, process: Process) -> tuple[str, dict]:
     """Rank 0 applies the output policy to the run directory (it alone writes there) and tells every rank the
     outcome, (NEW, RESUME or COMPLETE, a complete run's results), or the error, which all of them raise."""
     outcome: list = [None]
-    if rank == 0:
+    if process.main:
         try:
             status = run.begin(overwrite)
             outcome = [(status, run.read_marker() if status == COMPLETE else {})]
         except (StageError, OSError) as err:
             outcome = [err]
-    if world > 1:
+    if process.world > 1:
+        device = process.device
         torch.distributed.broadcast_object_list(outcome, src=0, device=device if device.type == "cuda" else None)
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     return outcome[0]
+
+
+@dataclass
+class Training:
+    """What the steps update: the student, its optimizer, the learning-rate schedule and the EMA of its weights
+    (None without one); `net` is the student as the steps call it (wrapped in DDP across several processes)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: Any
+    net: torch.nn.Module
+
+    def distribute(self, process: Process) -> None:
+        if process.world > 1 and process.device.type != "xla":
+            device = process.device
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def create_training(cfg: TrainConfig, model: torch.nn.Module, plan: Plan) -> Training:
+    """The student in its memory format, the optimizer, the schedule over the plan's steps, the EMA."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg, plan.steps_per_epoch, plan.total_steps))
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    return Training(model, optimizer, schedule, ema, model)
+
+
+def resume(path: str, training: Training, cfg: TrainConfig, process: Process, echo) -> tuple[int, dict | None]:
+    """Loads the run's checkpoint into `training` and this process's generator: (its step, this process's data
+    streams' positions, None when the run read its data with other workers or processes, which then start
+    again at their epoch's start)."""
+    state = load_checkpoint(path)
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    training.schedule.load_state_dict(state["schedule"])
+    if training.ema is not None:
+        training.ema.module.load_state_dict(state["ema"])
+    processes = state["processes"]  # each rank's generator (dropout) and data streams' positions
+    if process.rank < len(processes):
+        torch.set_rng_state(processes[process.rank]["rng"])
+    if (state["workers"], len(processes)) == (cfg.workers, process.world):
+        return state["step"], processes[process.rank]["data"]
+    if process.main:
+        echo(f"warning: this run read its data with {state['workers']} workers in {len(processes)} processes; "
+             f"with {cfg.workers} in {process.world}, its streams start again at their epoch's start")
+    return state["step"], None
+
+
+def create_loaders(cfg: TrainConfig, plan: Plan, step: int, world: int, data: dict | None) -> dict:
+    """The training streams' batches, each from its position in `data`, or (None) from the start of the epoch
+    that `step` is in."""
+    loaders = {}
+    for name, batch in (("labeled", cfg.batch_size), ("unlabeled", cfg.unlabeled_batch_size)):
+        if name in plan.records:
+            stream = TrainStream(getattr(cfg, name), cfg, pseudo=name == "unlabeled",
+                                 start_epoch=step * batch * world // plan.records[name])
+            loaders[name] = train_loader(stream, batch, cfg.workers, data[name] if data else None)
+    return loaders
+
+
+def save_run_checkpoint(run: StageOutput, cfg: TrainConfig, plan: Plan, process: Process, training: Training,
+                        loaders: dict, step: int) -> None:
+    """checkpoint.pt at `step`: the weights, EMA, optimizer and schedule, and every rank's generator and data
+    streams' positions (gathered into rank 0's checkpoint), so that a resume continues with the next batch."""
+    mine = {"rng": torch.get_rng_state(), "data": {name: b.state_dict() for name, b in loaders.items()}}
+    processes = [mine]
+    if process.world > 1:
+        processes = [None] * process.world
+        with torch.cuda.device(process.device) if process.device.type == "cuda" else contextlib.nullcontext():
+            torch.distributed.all_gather_object(processes, mine)
+    if process.main:
+        ema = training.ema
+        save_checkpoint(run.final(TRAIN_RUN.checkpoint), {
+            "model": training.model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "optimizer": training.optimizer.state_dict(), "schedule": training.schedule.state_dict(), "step": step,
+            "total_steps": plan.total_steps, "model_name": cfg.model, "num_classes": cfg.num_classes,
+            "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
+            run.tmp(TRAIN_RUN.checkpoint))
+
+
+# ------------------------------------------------------------------------------------------- training
 
 
 def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = None,
@@ -326,107 +450,62 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
     """Trains (or resumes) into `output`; returns the final results. A finished run of the same config is left
     as it is (its results are returned); `overwrite` replaces a run of another config. `stop_after` ends the run
     early after that many steps of this call, as a kill would (used by tests)."""
-    rank, world = _distributed()
-    main_process = rank == 0
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)  # augmentation seeds its own generators, record by record (ns_train.data)
-    device = pick_device(cfg)
-    plan = plan_steps(cfg, world)  # every input and the model checked before the output
-    per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
-    for shards in (cfg.unlabeled, cfg.val):
-        if shards:
-            list_shards(shards)
-    model = create_student(cfg).to(device)
+    process = start_process(cfg)
+    plan = check_inputs(cfg, process.world)  # every input and the model checked before the output
+    model = create_student(cfg).to(process.device)
     run = run_output(cfg, output)
-    status, complete_results = _begin(run, overwrite, rank, world, device)
+    status, complete_results = open_run(run, overwrite, process)
     if status == COMPLETE:
-        if main_process:
+        if process.main:
             echo(outputs.already_complete(output))
         return complete_results
     warning = check_student_size(cfg)
-    if warning and main_process:
+    if warning and process.main:
         echo(f"warning: {warning}")
 
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, per_epoch, total_steps))
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    training = create_training(cfg, model, plan)
     step, data = 0, None
-    path = run.final(CHECKPOINT)
-    if os.path.exists(path):  # only when resuming: a new run starts from an empty directory
-        state = load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        step = state["step"]
-        if "processes" not in state:
-            raise StageError(f"{path} was written by an older ns-train, without its data streams' positions: "
-                             "start the run again with --overwrite")
-        processes = state["processes"]  # each rank's generator (dropout) and data streams' positions
-        if rank < len(processes):
-            torch.set_rng_state(processes[rank]["rng"])
-        if (state["workers"], len(processes)) == (cfg.workers, world):
-            data = processes[rank]["data"]
-        elif main_process:
-            echo(f"warning: this run read its data with {state['workers']} workers in {len(processes)} processes; "
-                 f"with {cfg.workers} in {world}, its streams start again at their epoch's start")
-        if main_process:
-            truncate_metrics(run.final(METRICS), step)
-            echo(f"resuming {output} at step {step} of {total_steps}")
-    elif main_process:
+    checkpoint = run.final(TRAIN_RUN.checkpoint)
+    if os.path.exists(checkpoint):  # only when resuming: a new run starts from an empty directory
+        step, data = resume(checkpoint, training, cfg, process, echo)
+        if process.main:
+            truncate_metrics(run.final(TRAIN_RUN.metrics), step)
+            echo(f"resuming {output} at step {step} of {plan.total_steps}")
+    elif process.main:
         echo(f"training {plan.describe(cfg)}")
-    if main_process:
-        fs.write_atomic(run.final(CONFIG), cfg.to_yaml().encode())
+    if process.main:
+        fs.write_atomic(run.final(TRAIN_RUN.config), cfg.to_yaml().encode())
+    training.distribute(process)
+    loaders = create_loaders(cfg, plan, step, process.world, data)
+    metrics = _Metrics(run.final(TRAIN_RUN.metrics) if process.main else None)
+    step = train_steps(cfg, plan, process, training, loaders, step, metrics, stop_after,
+                       checkpoint=lambda at: save_run_checkpoint(run, cfg, plan, process, training, loaders, at))
+    results = finish(cfg, plan, process, training, run, step, metrics)
+    metrics.close()
+    return results
 
-    net = model
-    if world > 1 and device.type != "xla":
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
-    loaders = {}  # each stream from the checkpoint's position, or (no usable position) from its epoch's start
-    for name, batch in (("labeled", cfg.batch_size), ("unlabeled", cfg.unlabeled_batch_size)):
-        if name in plan.records:
-            stream = TrainStream(getattr(cfg, name), cfg, pseudo=name == "unlabeled",
-                                 start_epoch=step * batch * world // plan.records[name])
-            loaders[name] = train_loader(stream, batch, cfg.workers, data[name] if data else None)
+
+def train_steps(cfg: TrainConfig, plan: Plan, process: Process, training: Training, loaders: dict, step: int,
+                metrics: _Metrics, stop_after: int | None, checkpoint: Callable[[int], None]) -> int:
+    """The steps from `step` to the plan's last (or `stop_after` of them): each a labeled batch and an unlabeled
+    one through the student, the loss, the optimizer, the schedule and the EMA; a metrics line every
+    `log_every` steps, an evaluation every `eval_every`, a checkpoint every `checkpoint_every` and at the last
+    step. Returns the step reached."""
+    device, total_steps = process.device, plan.total_steps
     labeled = iter(loaders["labeled"])
     unlabeled = iter(loaders["unlabeled"]) if "unlabeled" in loaders else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
                 else contextlib.nullcontext())
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     normalize = Normalize(cfg, device)
-    metrics = _Metrics(run.final(METRICS) if main_process else None)
     bar = None
-    if cfg.progress and main_process:
+    if cfg.progress and process.main:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
-    model.train()
+    training.model.train()
     started, window_images, window_start = step, 0, time.perf_counter()
-
-    def checkpoint() -> None:
-        mine = {"rng": torch.get_rng_state(), "data": {name: b.state_dict() for name, b in loaders.items()}}
-        processes = [mine]
-        if world > 1:  # every rank's state goes into rank 0's checkpoint
-            processes = [None] * world
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                torch.distributed.all_gather_object(processes, mine)
-        if main_process:
-            save_checkpoint(path, {
-                "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                "total_steps": total_steps, "model_name": cfg.model, "num_classes": cfg.num_classes,
-                "preprocessing": eval_preprocessing(cfg), "workers": cfg.workers, "processes": processes},
-                run.tmp(CHECKPOINT))
-
-    finite = FiniteLoss(device, world)
+    finite = FiniteLoss(device, process.world)
     while step < total_steps:
         images, labels = next(labeled)
         batch = [normalize(images)]
@@ -434,58 +513,67 @@ def train(cfg: TrainConfig, output: str, echo=print, stop_after: int | None = No
             u_images, targets = next(unlabeled)
             batch.append(normalize(u_images))
         with autocast:
-            logits = net(torch.cat(batch).contiguous(memory_format=fmt))
+            logits = training.net(torch.cat(batch).contiguous(memory_format=fmt))
         losses = total_loss(cfg, logits[: len(labels)], labels.to(device),
                             logits[len(labels):] if unlabeled is not None else None,
                             targets.to(device) if unlabeled is not None else None)
         finite.watch(losses["total"], step + 1)
-        optimizer.zero_grad(set_to_none=True)
+        training.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if device.type == "xla":
             import torch_xla.core.xla_model as xm
 
-            xm.optimizer_step(optimizer)
+            xm.optimizer_step(training.optimizer)
         else:
-            optimizer.step()
-        schedule.step()
+            training.optimizer.step()
+        training.schedule.step()
         step += 1
-        if ema is not None:
-            ema.update(model, step=step)
+        if training.ema is not None:
+            training.ema.update(training.model, step=step)
         window_images += sum(len(b) for b in batch)
         if bar is not None:
             bar.update(1)
-        if (step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == total_steps
-                or (cfg.val and cfg.eval_every and step % cfg.eval_every == 0)
-                or (stop_after is not None and step - started >= stop_after)):
+        evaluate_now = bool(cfg.val and cfg.eval_every and step % cfg.eval_every == 0)
+        stopping = stop_after is not None and step - started >= stop_after
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == total_steps or evaluate_now \
+                or stopping:
             finite.check(metrics)  # before anything of this step is logged or saved
         if step % cfg.log_every == 0 or step == total_steps:
             now = time.perf_counter()
-            record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": optimizer.param_groups[0]["lr"],
-                      "images_per_s": round(window_images * world / (now - window_start), 1)}
+            record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 3),
+                      "lr": training.optimizer.param_groups[0]["lr"],
+                      "images_per_s": round(window_images * process.world / (now - window_start), 1)}
             record |= {f"loss_{k}": round(v.item(), 5) for k, v in losses.items()}
             metrics.write(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss_total']:.3f}", lr=f"{record['lr']:.2e}")
             window_images, window_start = 0, now
-        if cfg.val and cfg.eval_every and step % cfg.eval_every == 0 and main_process:
-            metrics.write({"step": step, "eval": evaluate(model, cfg.val, cfg, device)})
+        if evaluate_now and process.main:
+            metrics.write({"step": step, "eval": evaluate(training.model, cfg.val, cfg, device)})
         if step % cfg.checkpoint_every == 0 or step == total_steps:
-            checkpoint()
-        if stop_after is not None and step - started >= stop_after:
+            checkpoint(step)
+        if stopping:
             break
     if bar is not None:
         bar.close()
-    results: dict[str, Any] = {"step": step, "total_steps": total_steps, "finished": step >= total_steps,
+    return step
+
+
+def finish(cfg: TrainConfig, plan: Plan, process: Process, training: Training, run: StageOutput, step: int,
+           metrics: _Metrics) -> dict[str, Any]:
+    """The run's results at `step`; at the last step, rank 0 evaluates the student (and its EMA) on the val
+    shards and publishes results.json, which marks the run finished (the last step wrote the last checkpoint)."""
+    results: dict[str, Any] = {"step": step, "total_steps": plan.total_steps, "finished": step >= plan.total_steps,
                                "epoch_of": plan.epoch_of, "epoch_records": plan.records[plan.epoch_of],
-                               "steps_per_epoch": per_epoch, "epochs": round(step / per_epoch, 3)}
-    if step >= total_steps and main_process:  # the last step wrote the last checkpoint
+                               "steps_per_epoch": plan.steps_per_epoch,
+                               "epochs": round(step / plan.steps_per_epoch, 3)}
+    if step >= plan.total_steps and process.main:
         if cfg.val:
-            results["eval"] = evaluate(model, cfg.val, cfg, device)
-            if ema is not None:
-                results["eval_ema"] = evaluate(ema.module, cfg.val, cfg, device)
+            results["eval"] = evaluate(training.model, cfg.val, cfg, process.device)
+            if training.ema is not None:
+                results["eval_ema"] = evaluate(training.ema.module, cfg.val, cfg, process.device)
             metrics.write({"step": step} | {k: v for k, v in results.items() if k.startswith("eval")})
         run.publish([], results)
-    metrics.close()
     return results
 
 
@@ -516,6 +604,8 @@ class FiniteLoss:
 
 
 def _comparable(cfg: TrainConfig) -> dict:
-    """The config a run's fingerprint is made of; bookkeeping fields may change between a run and its resume."""
+    """The config a run's fingerprint is made of. A run and its resume may differ in the fields left out: the
+    bookkeeping (progress, logging, evaluation and checkpoint intervals, workers, the val shards), and
+    skip_bad_records, so that a run stopped by a bad record resumes with --skip-bad-records."""
     skip = {"progress", "log_every", "eval_every", "checkpoint_every", "workers", "val", "skip_bad_records"}
     return {k: v for k, v in asdict(cfg).items() if k not in skip}

@@ -25,7 +25,7 @@ from ns_data.cli import main
 from ns_data.report import ReportOptions, write_report
 from ns_data.report import collect
 from ns_data.report.collect import CONFIDENCE_BINS, RunReport, histogram_percentiles
-from ns_data.report.find import TRAIN_RUN, Found
+from ns_data.report.find import Found
 from ns_data.report.html import run_names
 from ns_data.report.samples import SampleTracker
 from ns_data.stage import OptionsError
@@ -414,17 +414,10 @@ def test_options_are_checked_once():
 
 
 def test_runs_of_the_same_name_are_told_apart_by_their_parents():
-    runs = [RunReport(Found(TRAIN_RUN, path, {}), [], [], "") for path in (
+    runs = [RunReport(Found(contract.TRAIN_RUN, path, {}), [], [], "") for path in (
         "/d/seed-0/runs/teacher", "/d/seed-1/runs/teacher", "/d/seed-1/runs/student")]
     assert run_names(runs) == ["seed-0/runs/teacher", "seed-1/runs/teacher", "seed-1/runs/student"]
     assert run_names(runs[1:]) == ["teacher", "student"]
-
-
-def test_run_directory_names_are_the_trainers():
-    from ns_train import train
-
-    assert (TRAIN_RUN.marker, TRAIN_RUN.data_pattern, TRAIN_RUN.config) == (train.RESULTS, train.METRICS,
-                                                                            train.CONFIG)
 
 
 # ------------------------------------------------------------------------------------------- the streaming parts

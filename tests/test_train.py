@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from ns_data import outputs, tfrecord
+from ns_data import contract, outputs, tfrecord
 from ns_data.stage import InputError, OutputExists
 from ns_train import train as train_mod
 from ns_train.cli import main
@@ -265,7 +265,9 @@ def test_a_run_directory_follows_the_output_policy(data, tmp_path):
     first = train_mod.train(cfg, str(run), echo=lambda m: None)
     marker = json.loads((run / "results.json").read_text())
     assert marker["fingerprint"] == train_mod.run_output(cfg, str(run)).fingerprint
-    assert not (run / ".tmp-train").exists()
+    assert marker["fingerprint"] == train_mod.run_output(dataclasses.replace(cfg, skip_bad_records=True),
+                                                         str(run)).fingerprint  # a resume may skip bad records
+    assert sorted(os.listdir(run)) == sorted(contract.TRAIN_RUN.files)  # the names the report reads
     said = []
     again = train_mod.train(dataclasses.replace(cfg, log_every=5, workers=1), str(run), echo=said.append)
     assert said == [outputs.already_complete(str(run))] and again["step"] == first["step"] == 2

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 
-from ns_data.stage import StageError
 from ns_train import train as train_mod
 from ns_train.config import TrainConfig
 from ns_train.data import TrainStream, train_loader
@@ -184,19 +183,6 @@ def test_a_resume_with_other_workers_goes_on_from_the_epochs_start(data, tmp_pat
     assert results["finished"] and len(said) == 2
     assert said[0].startswith("warning: this run read its data with 0 workers in 1 processes; with 1 in 1, its "
                               "streams start again at their epoch's start")
-
-
-def test_a_checkpoint_of_an_older_ns_train_is_one_clear_error(data, tmp_path):
-    """A checkpoint without the streams' positions (written before they were kept) cannot resume exactly: the run
-    says so and how to start again, rather than failing on a missing key."""
-    cfg = TrainConfig(**options(data), workers=0).validate()
-    train_mod.train(cfg, str(tmp_path / "run"), echo=lambda m: None, stop_after=CHECKPOINT_EVERY + 1)
-    path = tmp_path / "run" / train_mod.CHECKPOINT
-    state = torch.load(path, weights_only=True)
-    del state["processes"]
-    torch.save(state, path)
-    with pytest.raises(StageError, match="older ns-train.*--overwrite"):
-        train_mod.train(cfg, str(tmp_path / "run"), echo=lambda m: None)
 
 
 STRACE = shutil.which("strace")

@@ -25,7 +25,7 @@ from ns_data.reading import open_parquet
 from ns_data.report import html
 from ns_data.report.collect import (SAMPLE_FILES, SAMPLE_ROWS, LabelsReport, SelectionReport, ShardsReport,
                                     read_ground_truth, read_run, scan_table, selection_classes)
-from ns_data.report.find import TRAIN_RUN, Found, find_outputs
+from ns_data.report.find import Found, find_outputs
 from ns_data.report.plots import require_matplotlib
 from ns_data.report.samples import choose_classes, read_samples
 from ns_data.stage import OptionsError
@@ -159,7 +159,7 @@ def write_report(opts: ReportOptions, echo: Callable[[str], None] = print) -> Re
         summary.lines.append(summary_line(f))
         if not f.complete:
             continue
-        if f.kind is TRAIN_RUN:
+        if f.kind is contract.TRAIN_RUN:
             runs.append(read_run(f))
             continue
         section_id = section_ids[f.path] = f"out-{len(section_ids) + 1}"

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from ns_data import contract, fs
 from ns_data.progress import Progress
 from ns_data.reading import WorkUnit, inspect_inputs, iter_batches, open_parquet
-from ns_data.report.find import TRAIN_RUN, Found
+from ns_data.report.find import Found
 from ns_data.report.samples import ClassSamples, SampleTracker
 from ns_data.stage import InputError
 
@@ -338,12 +338,12 @@ def selection_classes(stats: dict) -> dict[str, np.ndarray]:
 
 def read_run(found: Found) -> RunReport:
     steps, evaluations = [], []
-    metrics_path = fs.join(found.path, TRAIN_RUN.data_pattern)
+    metrics_path = fs.join(found.path, contract.TRAIN_RUN.metrics)
     if fs.exists(metrics_path):
         for line in fs.read_bytes(metrics_path).decode("utf-8").splitlines():
             if line.strip():
                 record = json.loads(line)
                 (evaluations if "eval" in record else steps).append(record)
-    config_path = fs.join(found.path, TRAIN_RUN.config)
+    config_path = fs.join(found.path, contract.TRAIN_RUN.config)
     config = fs.read_bytes(config_path).decode("utf-8") if fs.exists(config_path) else ""
     return RunReport(found, steps, evaluations, config)

@@ -17,20 +17,7 @@ from ns_data.outputs import PLAN
 from ns_data.stage import InputError
 
 
-@dataclass(frozen=True)
-class RunDirectory(contract.OutputKind):
-    """An `ns-train` run directory: results.json written last, metrics.jsonl appended during the run. The names
-    are ns_train.train's (RESULTS, METRICS, CONFIG), stated here so that a report does not import torch."""
-
-    config: str = "config.yaml"
-
-    @property
-    def data_pattern(self) -> str:
-        return self.data_prefix + self.data_suffix  # one file, not numbered
-
-
-TRAIN_RUN = RunDirectory("train", "metrics", ".jsonl", "results.json")
-KINDS = contract.STAGE_OUTPUTS + (TRAIN_RUN,)
+KINDS = contract.STAGE_OUTPUTS + (contract.TRAIN_RUN,)
 SEARCH_DEPTH = 2
 
 
