@@ -17,7 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from ns_data import balance as balance_module
-from ns_data import runner
+from ns_data import contract, runner
 from ns_data.balance import Balance, BalanceOptions, OptionsError, prepare, run_balance
 from ns_data.stage import InputError, OutputExists
 from tests.conftest import balance, random_table, read_output, write_parts
@@ -109,7 +109,10 @@ def test_pass_through_columns_types_and_metadata(tmp_path, rng):
     assert schema.names == SELECTION_COLUMNS
     assert schema.field("rank").type == pa.int32() and schema.field("copies").type == pa.int32()
     assert schema.field("topk_probs").type == pa.list_(pa.float32())
-    assert schema.metadata[b"ns_data.teacher"] == b'{"model": "m"}'
+    # A plain table's teacher: in stats.json as it is, in every selection file's footer in brief.
+    assert stats["teacher"] == {"model": "m"}
+    assert json.loads(schema.metadata[b"ns_data.teacher"]) == contract.footer_teacher({"model": "m"})
+    assert set(contract.footer_teacher({"model": "m"})) == {"model", "identity_sha256"}
     assert json.loads(schema.metadata[b"ns_data.balance"])["per_class"] == 30
     assert stats["options"]["per_class"] == 30
 
