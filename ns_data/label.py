@@ -21,8 +21,9 @@ process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNN
 order of their digests), a row group each, and is about 64 MB or the rest of the run: at most one file per
 64 MB of the run's rows and one more, never an empty one. The teacher's identity (with its class names) is
 in stats.json, once; every file's footer holds it in brief (contract.footer_teacher: model, class count, the
-identity's digest), a few hundred bytes whatever the number of classes. Each row carries its image's content fingerprint, the length and
-CRC32C of the bytes labeled (contract.CONTENT_FIELDS), which `shard` checks against the bytes it reads back.
+identity's digest), whatever the number of classes. Each row carries its image's content fingerprint, the
+length and CRC32C of the bytes labeled (contract.CONTENT_FIELDS), which `shard` checks against the bytes it
+reads back.
 """
 from __future__ import annotations
 

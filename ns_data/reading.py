@@ -109,9 +109,10 @@ class TableInputs:
     `items`: (input as an absolute path or glob, whether it is a complete output of the previous stage: its
     data files are read). `marker_rows`: the rows the markers of those outputs count (None when an input is
     plain Parquet); `estimated_rows`: those plus, for plain Parquet inputs, their bytes times the rows per byte
-    of a checked file. `schema`: the schema of `first`, whose footer the launcher read, its teacher in brief
-    (contract.with_footer_teacher: the whole identity is resolve_inputs' to return, never in the job's every
-    step); the launcher reads one footer per input, every other file is checked in the pipeline (ReadUnits)."""
+    of a checked file. `schema`: the schema of `first`, whose footer the launcher read, with the teacher in
+    brief (contract.with_footer_teacher; resolve_inputs returns the whole identity apart, so that the steps
+    that carry the inputs do not carry class names); the launcher reads one footer per input, every other file
+    is checked in the pipeline (ReadUnits)."""
 
     items: tuple[tuple[str, bool], ...]
     schema: pa.Schema
