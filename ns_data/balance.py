@@ -105,6 +105,9 @@ class RunContext:
     run_id: str
     spill: bool  # keys cross the shuffles through spill files in the temp dir (ns_data.spill)
     total_rows: int  # the input's rows: as the label markers count them, else estimated from the inputs' bytes
+    # The teacher's identity (class names) as the input records it (reading.resolve_inputs), for stats.json; only
+    # the last step's copy of the context holds it (Balance.expand), and `schema` has it in brief.
+    teacher: dict | None = None
 
     def progress(self, stage: str) -> Progress:
         return Progress(self.run_id, stage, self.inputs.marker_rows, self.options.progress,
@@ -510,6 +513,7 @@ def parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
 
 
 def _output_metadata(ctx: RunContext) -> dict:
+    """The input's metadata (the teacher in brief: reading.TableInputs) and the rule's options."""
     return dict(ctx.schema.metadata or {}) | contract.encode_metadata({contract.RULE: ctx.options.rule()})
 
 
@@ -544,7 +548,7 @@ def build_stats(ctx: RunContext, plan: sel.Plan, counts: dict, min_conf: list[tu
         "total_copies": counts.get("total_copies", 0),
         "options": dataclasses.asdict(opts) | {"inputs": list(opts.inputs)},
         "input_files": sorted({fs.absolute(path) for path in files}),  # valid from any working directory
-        "teacher": contract.read_metadata(ctx.schema, contract.TEACHER),  # as label recorded it (class names)
+        "teacher": ctx.teacher,  # as the input records it (class names): once, here
         "classes": classes,
     }
 
@@ -571,7 +575,7 @@ class Balance(beam.PTransform):
         self.ctx = ctx
 
     def expand(self, units):
-        ctx = self.ctx
+        ctx = dataclasses.replace(self.ctx, teacher=None)  # the workers' copy: the teacher is finalize's alone
         opts = ctx.options
         as_single = beam.pvalue.AsSingleton
         scanned = units | "Scan" >> beam.ParDo(ScanFn(ctx)).with_outputs(ScanFn.HASHES, main="hist")
@@ -620,7 +624,7 @@ class Balance(beam.PTransform):
                  | "UnitFiles" >> beam.FlatMap(lambda u: u.paths)
                  | "DistinctFiles" >> beam.Distinct()
                  | "CollectInputFiles" >> beam.combiners.ToList())
-        return after_all(units.pipeline, finalize, ctx, beam.pvalue.AsList(written["files"]), as_single(plan),
+        return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsList(written["files"]), as_single(plan),
                          as_single(counts), beam.pvalue.AsList(ranked[RankFn.MIN_CONF]), as_single(files))
 
 
@@ -628,7 +632,7 @@ def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunC
     """Everything checked before the run: options, inputs and their schema, the output's state.
     None when the output is already complete for these inputs and options."""
     opts.validate()
-    inputs, _, identity = resolve_inputs(opts.inputs, contract.LABELS, "labeled", *INPUT_CHECKS)
+    inputs, _, identity, teacher = resolve_inputs(opts.inputs, contract.LABELS, "labeled", *INPUT_CHECKS)
     fingerprint = fs.fingerprint(identity, opts.rule())
     output = StageOutput(opts.output, "balance", contract.SELECTION.marker,
                          (contract.SELECTION.data_pattern, contract.SELECTION.errors_pattern), fingerprint)
@@ -640,7 +644,7 @@ def prepare(opts: BalanceOptions, echo=print, local_runner: bool = True) -> RunC
         output.begin(overwrite=True)
     return RunContext(options=opts, inputs=inputs, schema=inputs.schema, output=output,
                       run_id=uuid.uuid4().hex[:12], spill=spill.use_files(opts.shuffle, local_runner, opts.output),
-                      total_rows=inputs.estimated_rows)
+                      total_rows=inputs.estimated_rows, teacher=teacher)
 
 
 def run_balance(opts: BalanceOptions, beam_args: list[str] | None = None, echo=print) -> tuple[dict | None, bool]:

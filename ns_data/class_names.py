@@ -4,8 +4,8 @@ Names come from a file the user gives (`--class-names`): plain text with one nam
 a JSON list, or a JSON object {"id": "name"} (ids without a name stay unnamed; Keras' `imagenet_class_index.json`,
 {"0": ["n01440764", "tench"], ...}, works as it is); or else from the teacher when timm knows them (timm's
 ImageNet class info for a head of an ImageNet subset). `label` records them in the teacher's identity
-(`class_names`, and where they came from in `class_names_from`), so every later output (the selection's metadata
-and stats.json, the shard manifest) carries them.
+(`class_names`, and where they came from in `class_names_from`), which every output's marker holds once (label's
+and balance's stats.json, the shard manifest); data files hold no names.
 """
 from __future__ import annotations
 

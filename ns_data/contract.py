@@ -6,12 +6,14 @@ shard record, each output's file names and completeness marker, and how a stage 
     shard  -> SHARDS    train-NNNNN-of-NNNNN.tfrecord (+ errors-00000.parquet) manifest.json last
     ns-train -> TRAIN_RUN config.yaml, checkpoint.pt, metrics.jsonl                results.json last
 
-An output is complete when its marker exists; the marker names the `stage` that wrote it and holds the
-`fingerprint` of the inputs and options that made it. While a stage runs, its files are in `OUTPUT/.tmp-<stage>/` (with `plan.json`), so a directory with
-that folder and no marker holds an unfinished run. Errors tables sit beside the data and are never read as data.
+An output is complete when its marker exists; the marker names the `stage` that wrote it, holds the
+`fingerprint` of the inputs and options that made it, and the teacher's identity (`teacher`), once per output.
+While a stage runs, its files are in `OUTPUT/.tmp-<stage>/` (with `plan.json`), so a directory with that folder
+and no marker holds an unfinished run. Errors tables sit beside the data and are never read as data.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -216,10 +218,17 @@ def check_columns(path: str, schema: pa.Schema, required: tuple[str, ...], hint:
 
 # ------------------------------------------------------------------------------------------- metadata
 # Parquet schema metadata (JSON values), written by `label`, passed through by `balance`, read by `shard`.
+#
+# The teacher's identity (model, checkpoint digest, preprocessing, precision, num_classes, class_names, ...) is
+# stored once per output, in its marker (`teacher` in label's and balance's stats.json, shard's manifest.json).
+# A data file's footer holds the identity in brief (`footer_teacher`): what a reader of the file alone needs (the
+# class count) and what ties it to the whole (the model, the identity's digest), a few hundred bytes whatever
+# the number of classes. A user's own table (not an ns-data output) may hold the whole identity there.
 
-TEACHER = "ns_data.teacher"  # the teacher's identity: model, checkpoint digest, preprocessing, num_classes, ...
+TEACHER = "ns_data.teacher"  # the teacher in brief: {"model", "num_classes", "identity_sha256"}
 INPUT = "ns_data.input"  # how label read its inputs: {"format": auto|files|tfrecord|tar|parquet, "image_column"}
 RULE = "ns_data.balance"  # the selection rule's options
+IDENTITY_DIGEST = "identity_sha256"  # in the brief: the SHA-256 of the whole identity (teacher_digest)
 
 
 def encode_metadata(values: dict[str, dict]) -> dict[bytes, bytes]:
@@ -229,6 +238,36 @@ def encode_metadata(values: dict[str, dict]) -> dict[bytes, bytes]:
 def read_metadata(schema: pa.Schema, key: str) -> dict | None:
     raw = (schema.metadata or {}).get(key.encode())
     return json.loads(raw) if raw else None
+
+
+def teacher_digest(teacher: dict) -> str:
+    """The SHA-256 of a teacher's identity as JSON (keys sorted): the same for the identity and its copy read
+    back from a marker."""
+    return hashlib.sha256(json.dumps(teacher, sort_keys=True).encode()).hexdigest()
+
+
+def footer_teacher(teacher: dict | None) -> dict | None:
+    """What a data file's footer holds of the teacher's identity (TEACHER): its model, class count and digest,
+    without class names or preprocessing; the brief of a brief is itself."""
+    if teacher is None:
+        return None
+    brief = {"model": teacher.get("model"), "num_classes": teacher.get("num_classes"),
+             IDENTITY_DIGEST: teacher.get(IDENTITY_DIGEST) or teacher_digest(teacher)}
+    return {k: v for k, v in brief.items() if v is not None}
+
+
+def with_footer_teacher(schema: pa.Schema) -> pa.Schema:
+    """`schema` with its TEACHER metadata (when it has one) in brief (footer_teacher); other metadata kept."""
+    teacher = read_metadata(schema, TEACHER)
+    if teacher is None:
+        return schema
+    return schema.with_metadata(dict(schema.metadata) | encode_metadata({TEACHER: footer_teacher(teacher)}))
+
+
+def teacher_of(marker: dict | None, schema: pa.Schema) -> dict | None:
+    """The teacher's identity of an input: its marker's `teacher` when it is an ns-data output that records it,
+    else its footer's TEACHER (a user's own table; a file read alone, then in brief)."""
+    return (marker or {}).get("teacher") or read_metadata(schema, TEACHER)
 
 
 def num_classes(schema: pa.Schema) -> int | None:

@@ -19,9 +19,11 @@ before it labels anything (a changed file of the same size is not seen). The mod
 process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNNN.parquet`,
 `errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
 order of their digests), a row group each, and is about 64 MB or the rest of the run: at most one file per
-64 MB of the run's rows and one more, never an empty one. The teacher's identity is in every file's footer
-(balance, shard and report read it there). Each row carries its image's content fingerprint, the length and
-CRC32C of the bytes labeled (contract.CONTENT_FIELDS), which `shard` checks against the bytes it reads back.
+64 MB of the run's rows and one more, never an empty one. The teacher's identity (with its class names) is
+in stats.json, once; every file's footer holds it in brief (contract.footer_teacher: model, class count, the
+identity's digest), whatever the number of classes. Each row carries its image's content fingerprint, the
+length and CRC32C of the bytes labeled (contract.CONTENT_FIELDS), which `shard` checks against the bytes it
+reads back.
 """
 from __future__ import annotations
 
@@ -155,8 +157,9 @@ class LabelContext:
                         shared_dir=self.output.tmp_dir)
 
     def schema(self) -> pa.Schema:
-        return contract.pseudo_label_schema(self.options.probs, {contract.TEACHER: self.teacher,
-                                                                 contract.INPUT: self.settings.as_metadata()})
+        return contract.pseudo_label_schema(self.options.probs,
+                                            {contract.TEACHER: contract.footer_teacher(self.teacher),
+                                             contract.INPUT: self.settings.as_metadata()})
 
 
 LISTING = "listing.json"  # in the temp dir: what the first run of this fingerprint listed

@@ -109,8 +109,10 @@ class TableInputs:
     `items`: (input as an absolute path or glob, whether it is a complete output of the previous stage: its
     data files are read). `marker_rows`: the rows the markers of those outputs count (None when an input is
     plain Parquet); `estimated_rows`: those plus, for plain Parquet inputs, their bytes times the rows per byte
-    of a checked file. `schema`: the schema of `first`, whose footer the launcher read; the launcher reads one
-    footer per input, every other file is checked in the pipeline (ReadUnits)."""
+    of a checked file. `schema`: the schema of `first`, whose footer the launcher read, with the teacher in
+    brief (contract.with_footer_teacher; resolve_inputs returns the whole identity apart, so that the steps
+    that carry the inputs do not carry class names); the launcher reads one footer per input, every other file
+    is checked in the pipeline (ReadUnits)."""
 
     items: tuple[tuple[str, bool], ...]
     schema: pa.Schema
@@ -120,15 +122,19 @@ class TableInputs:
 
 
 def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: tuple[str, ...],
-                   reserved: tuple[str, ...] = (), hint: str = "") -> tuple[TableInputs, list[dict], list[tuple]]:
+                   reserved: tuple[str, ...] = (), hint: str = ""
+                   ) -> tuple[TableInputs, list[dict], list[tuple], dict | None]:
     """Each input checked on the launcher: a complete `kind` output by its marker (its `rows_key` counts its
     rows) and the footer of its first data file; any other input listed (a glob, a file, Parquet files below a
     directory) and the footer of its first file read. Fails with one line before any output is touched.
-    Returns the inputs, the markers read, and what identifies the inputs for a fingerprint: (output, its
-    marker's fingerprint) for a stage output, (file, size) for each plain Parquet file."""
+    Returns the inputs, the markers read, what identifies the inputs for a fingerprint ((output, its marker's
+    fingerprint) for a stage output, (file, size) for each plain Parquet file), and the teacher's identity of
+    the input that holds `first` (contract.teacher_of: its marker's, else its footer's; None when neither
+    records one)."""
     if not inputs:
         raise InputError("no input given")
     items, markers, parts, first_files = [], [], [], []
+    marker_of: dict[str, dict] = {}  # the marker of the output each first file belongs to
     marker_rows, plain_bytes = 0, 0
     for item in inputs:
         marker = contract.stage_output(item, kind)
@@ -144,6 +150,7 @@ def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: t
             marker_rows += int(marker.get(rows_key, 0))
             parts.append((fs.absolute(item), marker.get("fingerprint", "")))
             first_files.append(first)
+            marker_of[first] = marker
             continue
         files = contract.input_files(item, False, kind)
         if not files:
@@ -161,8 +168,10 @@ def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: t
     if plain_bytes:
         meta = open_parquet(first_files[-1]).metadata
         estimated += int(plain_bytes * meta.num_rows / max(1, fs.size(first_files[-1])))
-    return (TableInputs(items=tuple(items), schema=schema, first=first,
-                        marker_rows=None if plain_bytes else marker_rows, estimated_rows=estimated), markers, parts)
+    teacher = contract.teacher_of(marker_of.get(first), schema)
+    return (TableInputs(items=tuple(items), schema=contract.with_footer_teacher(schema), first=first,
+                        marker_rows=None if plain_bytes else marker_rows, estimated_rows=estimated),
+            markers, parts, teacher)
 
 
 def check_footer(path: str, required: tuple[str, ...], reserved: tuple[str, ...], hint: str,

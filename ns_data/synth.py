@@ -110,7 +110,8 @@ def write_pseudo_labels(opts: SynthOptions) -> tuple[list[str], bool]:
     class_p = 1.0 / np.arange(1, opts.classes + 1) ** 0.8
     class_p = rng.permutation(class_p / class_p.sum())
     teacher = TEACHER | {"num_classes": opts.classes}
-    metadata = contract.encode_metadata({contract.TEACHER: teacher, contract.INPUT: {"format": "auto"}})
+    metadata = contract.encode_metadata({contract.TEACHER: contract.footer_teacher(teacher),
+                                         contract.INPUT: {"format": "auto"}})
     schema = SCHEMA.with_metadata(metadata)
     bounds = np.linspace(0, opts.rows, opts.files + 1).astype(np.int64)
     moves = []

@@ -17,7 +17,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from ns_data import balance as balance_module
-from ns_data import runner
+from ns_data import contract, runner
 from ns_data.balance import Balance, BalanceOptions, OptionsError, prepare, run_balance
 from ns_data.stage import InputError, OutputExists
 from tests.conftest import balance, random_table, read_output, write_parts
@@ -109,7 +109,10 @@ def test_pass_through_columns_types_and_metadata(tmp_path, rng):
     assert schema.names == SELECTION_COLUMNS
     assert schema.field("rank").type == pa.int32() and schema.field("copies").type == pa.int32()
     assert schema.field("topk_probs").type == pa.list_(pa.float32())
-    assert schema.metadata[b"ns_data.teacher"] == b'{"model": "m"}'
+    # A plain table's teacher: in stats.json as it is, in every selection file's footer in brief.
+    assert stats["teacher"] == {"model": "m"}
+    assert json.loads(schema.metadata[b"ns_data.teacher"]) == contract.footer_teacher({"model": "m"})
+    assert set(contract.footer_teacher({"model": "m"})) == {"model", "identity_sha256"}
     assert json.loads(schema.metadata[b"ns_data.balance"])["per_class"] == 30
     assert stats["options"]["per_class"] == 30
 
@@ -453,3 +456,38 @@ def test_the_context_holds_totals_not_units(tmp_path):
         assert not any(isinstance(v, (list, tuple)) and len(v) >= 3 for v in vars(ctx).values())
         sizes.append(len(pickle.dumps(ctx)))
     assert sizes[0] == sizes[1]
+
+
+def test_the_teacher_goes_from_the_label_stats_json_to_the_selection_stats_json_once(tmp_path):
+    """A label output's stats.json holds the teacher (class names); balance records it in its own stats.json,
+    its selection files' footers hold it in brief, and the job carries it in its last step only (about one
+    copy of the names, not one per step)."""
+    import hashlib
+
+    from ns_data.synth import SynthOptions, write_pseudo_labels
+
+    sizes = {}
+    for classes in (10, 1000):
+        labels = tmp_path / f"labels-{classes}"
+        write_pseudo_labels(SynthOptions(output=str(labels), rows=400, files=2, classes=classes, topk=1))
+        marker = json.loads((labels / "stats.json").read_text())
+        # names that do not compress (Beam compresses what it pickles)
+        teacher = marker["teacher"] | {"class_names": [hashlib.sha256(b"%d" % i).hexdigest()[:16]
+                                                       for i in range(classes)]}
+        (labels / "stats.json").write_text(json.dumps(marker | {"teacher": teacher}))
+        opts = BalanceOptions(inputs=(str(labels),), output=str(tmp_path / f"sel-{classes}"), per_class=5,
+                              min_confidence=0.0)
+        ctx = prepare(opts, echo=lambda m: None)
+        brief = contract.footer_teacher(marker["teacher"])  # as the label files hold it: the same in the selection's
+        assert brief == {"model": "synthetic", "num_classes": classes,
+                         "identity_sha256": contract.teacher_digest(marker["teacher"])}
+        assert ctx.teacher == teacher and contract.read_metadata(ctx.schema, contract.TEACHER) == brief
+        pipeline = beam.Pipeline()
+        _ = pipeline | ctx.read_units() | Balance(ctx)
+        sizes[classes] = len(pipeline.to_runner_api().SerializeToString())
+        stats, _ = run_balance(opts, echo=lambda m: None)
+        assert stats["teacher"] == teacher
+        for path in glob.glob(str(tmp_path / f"sel-{classes}" / "*.parquet")):
+            assert contract.read_metadata(pq.read_schema(path), contract.TEACHER) == brief
+    names = len(json.dumps(teacher["class_names"]))
+    assert sizes[1000] - sizes[10] < 1.5 * names, (sizes, names)

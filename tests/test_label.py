@@ -18,7 +18,7 @@ import timm
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from ns_data import tfrecord
+from ns_data import contract, tfrecord
 from ns_data.label import LabelOptions, prepare, run_label
 from ns_data.shard import ShardOptions, run_shard
 from ns_data.sources import ReadSettings
@@ -191,8 +191,10 @@ def test_labels_equal_the_model_run_directly_and_record_the_teacher(tmp_path, te
         np.testing.assert_allclose(row["entropy"], entropy, rtol=1e-4)
         assert row["source"] == os.path.join(str(tmp_path / "imgs"), row["id"])  # absolute: valid from anywhere
         assert pd.isna(row["offset"])
-    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0])
-                      .metadata[b"ns_data.teacher"])
+    meta = stats["teacher"]  # the identity is in stats.json; every footer holds it in brief
+    brief = json.loads(pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0])
+                       .metadata[b"ns_data.teacher"])
+    assert brief == {"model": MODEL, "num_classes": CLASSES, "identity_sha256": contract.teacher_digest(meta)}
     assert meta["model"] == MODEL and meta["num_classes"] == CLASSES and meta["precision"] == "fp32"
     assert meta["preprocessing"] == {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in resolve_data_config({}, model=teacher_files["model"]).items()}
@@ -440,10 +442,9 @@ def write_known_run() -> None:
         tmp = Path(tmp)
         teacher = write_teacher(tmp)
         files = known_images()
-        _, got, errors = label([write_dir(tmp / "imgs", files)], tmp / "out", teacher, **KNOWN_OPTIONS)
+        stats, got, errors = label([write_dir(tmp / "imgs", files)], tmp / "out", teacher, **KNOWN_OPTIONS)
         assert errors is None
-        meta = json.loads(pq.read_schema(glob.glob(str(tmp / "out" / "labels-*.parquet"))[0])
-                          .metadata[b"ns_data.teacher"])
+        meta = stats["teacher"]
         record = known_run_record(got, meta["checkpoint_sha256"], files)
         record["teacher"] = {k: v for k, v in meta.items() if k not in ("torch", "checkpoint")}
     os.makedirs(os.path.dirname(KNOWN_RUN), exist_ok=True)
@@ -462,10 +463,10 @@ def test_the_default_path_writes_the_known_run_bit_for_bit(tmp_path, teacher_fil
     with open(KNOWN_RUN) as f:
         known = json.load(f)
     files = known_images()
-    _, got, errors = label([write_dir(tmp_path / "imgs", files)], tmp_path / "out", teacher_files, **KNOWN_OPTIONS)
+    stats, got, errors = label([write_dir(tmp_path / "imgs", files)], tmp_path / "out", teacher_files,
+                               **KNOWN_OPTIONS)
     assert errors is None
-    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "out" / "labels-*.parquet"))[0])
-                      .metadata[b"ns_data.teacher"])
+    meta = stats["teacher"]
     assert {k: v for k, v in meta.items() if k not in ("torch", "checkpoint")} == known["teacher"]  # nothing added
     now = known_run_record(got, meta["checkpoint_sha256"], files)
     reproducible = all(now[k] == known[k] for k in ("env", "teacher_sha256", "inputs_sha256"))
@@ -483,12 +484,11 @@ def test_fast_decode_is_recorded_close_to_exact_and_exact_for_other_formats(tmp_
     assert errors is None and stats["labeled"] == len(files)
     decode = {"method": "jpeg_dct_scaling", "min_side": 168}  # test_efficientnet: floor(160 / 0.95)
     assert stats["options"]["fast_decode"] is True and stats["teacher"]["decode"] == decode
-    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "fast" / "labels-*.parquet"))[0])
-                      .metadata[b"ns_data.teacher"])
-    assert meta["decode"] == decode
-    exact_meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "exact" / "labels-*.parquet"))[0])
-                            .metadata[b"ns_data.teacher"])
-    assert "decode" not in exact_meta
+    exact_stats = json.loads((tmp_path / "exact" / "stats.json").read_text())
+    assert "decode" not in exact_stats["teacher"]
+    briefs = [json.loads(pq.read_schema(glob.glob(str(tmp_path / run / "labels-*.parquet"))[0])
+                         .metadata[b"ns_data.teacher"]) for run in ("fast", "exact")]
+    assert briefs[0]["identity_sha256"] != briefs[1]["identity_sha256"]  # a file alone tells the two apart
     exact, fast = exact.set_index("id"), fast.set_index("id")
     jpegs = [n for n in files if n.endswith(".jpg")]  # the big ones (2 x 168 a side or more) decoded reduced
     for name in files:  # PNG, WebP: the exact path, the same rows bit for bit
@@ -626,4 +626,27 @@ def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, im
     assert all(pq.ParquetFile(f).metadata.num_rows > 0 for f in files)  # never an empty file
     assert apart["id"].tolist() == merged["id"].tolist() == sorted(many_images(images))
     assert apart["label"].tolist() == merged["label"].tolist()
-    assert json.loads(pq.read_schema(files[0]).metadata[b"ns_data.teacher"])["model"] == MODEL
+    assert json.loads(pq.read_schema(files[0]).metadata[b"ns_data.teacher"])["model"] == MODEL  # in brief
+
+
+def test_the_teacher_is_in_stats_json_once_and_footers_hold_it_in_brief(tmp_path, images):
+    """Class names are stored once per output (stats.json), never in the data files: a labels file's footer is
+    the same size (within the digits of the class count) for 10 and 1,000 named classes."""
+    footers = {}
+    for classes in (10, 1000):
+        names, out = tmp_path / f"names-{classes}.txt", tmp_path / f"out-{classes}"
+        names.write_text("".join(f"name-{i:05d}-of-the-class\n" for i in range(classes)))
+        opts = LabelOptions(inputs=(write_dir(tmp_path / "imgs", images),), output=str(out), teacher=MODEL,
+                            random_weights=True, num_classes=classes, class_names=str(names), batch_size=4, topk=3)
+        stats, _ = run_label(opts, [], echo=lambda message: None)
+        assert stats["teacher"]["class_names"][-1] == f"name-{classes - 1:05d}-of-the-class"
+        holding = {str(p.relative_to(out)): p.read_bytes().count(b"name-00007-of-the-class")
+                   for p in out.rglob("*") if p.is_file()}
+        assert {name: n for name, n in holding.items() if n} == {"stats.json": 1}
+        (data,) = glob.glob(str(out / "labels-*.parquet"))
+        schema = pq.read_schema(data)
+        assert contract.read_metadata(schema, contract.TEACHER) == {
+            "model": MODEL, "num_classes": classes, "identity_sha256": contract.teacher_digest(stats["teacher"])}
+        assert len(schema.metadata[contract.TEACHER.encode()]) < 200
+        footers[classes] = pq.ParquetFile(data).metadata.serialized_size
+    assert abs(footers[1000] - footers[10]) <= 16, footers  # "1000" vs "10", stored twice

@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from ns_data import teacher as teacher_mod
+from ns_data.contract import footer_teacher, teacher_digest
 from ns_data.cli import main
 from ns_data.label import LabelOptions, format_summary, prepare, run_label
 from ns_data.stage import OutputExists
@@ -110,7 +111,7 @@ def test_pretrained_teacher_loads_from_the_hub_cache_like_the_same_file_as_check
     recorded = json.loads((tmp_path / "hub" / "stats.json").read_text())["teacher"]
     meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "hub" / "labels-*.parquet"))[0])
                       .metadata[b"ns_data.teacher"])
-    assert meta == recorded
+    assert meta == footer_teacher(recorded)
     assert recorded["model"] == HUB_NAME and not recorded["random_weights"]
     assert recorded["pretrained"] == {"hub_id": f"timm/{HUB_NAME}", "revision": COMMIT, "file": "model.safetensors",
                                       "tag": "r160_in1k"}
@@ -206,12 +207,12 @@ def test_class_names_file_travels_to_balance_shard_and_inspect(tmp_path, image_d
                                   "2", "--min-confidence", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     selection = json.loads((tmp_path / "s" / "stats.json").read_text())
-    assert selection["teacher"] == labels["teacher"]  # recorded once, from the input's metadata
+    assert selection["teacher"] == labels["teacher"]  # recorded once, from the input's stats.json
     smallest = re.findall(r"(\d+) (\w+) \(\d+ rows\)", result.output.split("smallest classes: ")[1].splitlines()[0])
     assert smallest and all(NAMES[int(label)] == name for label, name in smallest)
-    meta = json.loads(pq.read_schema(glob.glob(str(tmp_path / "s" / "selection-*.parquet"))[0])
-                      .metadata[b"ns_data.teacher"])
-    assert meta["class_names"] == NAMES
+    for data in glob.glob(str(tmp_path / "l" / "labels-*.parquet")) + glob.glob(str(tmp_path / "s" / "*.parquet")):
+        meta = json.loads(pq.read_schema(data).metadata[b"ns_data.teacher"])  # in brief: no names in a footer
+        assert meta == {"model": MODEL, "num_classes": 10, "identity_sha256": teacher_digest(labels["teacher"])}
 
     result = runner.invoke(main, ["shard", str(tmp_path / "s"), "--output", str(tmp_path / "sh"), "--num-shards",
                                   "1", "--no-progress"])

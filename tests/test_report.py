@@ -315,6 +315,22 @@ def test_labels_alone_give_the_grid_of_labels_and_class_names_show(made, tmp_pat
     assert result.exit_code == 1 and "2 names for a teacher of 10 classes" in result.output
 
 
+def test_the_names_the_teacher_recorded_in_stats_json_show_for_labels_and_selection(made, tmp_path):
+    """The teacher's class names are in an output's stats.json, not in its files' footers: the report shows
+    them from there."""
+    names = [f"recorded-{i}" for i in range(CLASSES)]
+    for kind in ("labels", "selection"):
+        shutil.copytree(made / kind, tmp_path / kind)
+        stats = marker(tmp_path / kind)
+        stats["teacher"]["class_names"] = names
+        (tmp_path / kind / "stats.json").write_text(json.dumps(stats))
+        assert b"recorded-" not in b"".join(p.read_bytes() for p in (tmp_path / kind).glob("*.parquet"))
+    page, _ = report(tmp_path, tmp_path / "labels", tmp_path / "selection", sample_classes=0)
+    for kind in ("labels", "selection"):
+        shown = page.by_class(f"{page.section_id(tmp_path / kind)}-classes")
+        assert shown and all(r["name"] == f"{c} recorded-{c}" for c, r in shown.items())
+
+
 def test_ground_truth_accuracy_equals_a_direct_join(made, tmp_path):
     labels = read_table(made / "labels", "labels-*.parquet")
     rng = np.random.default_rng(5)

@@ -3,6 +3,7 @@ a killed run finished by the next one, failures before the run."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import io
 import json
@@ -486,6 +487,46 @@ def test_number_of_classes_comes_from_the_teacher_recorded_by_label(corpus, tmp_
     manifest, _ = run(write_selection(tmp_path / "sel", table), tmp_path / "out", num_shards=2, num_classes=None)
     assert manifest["num_classes"] == 12 and manifest["teacher"] == {"num_classes": 12}
     assert all(len(f["probabilities"]) == 12 for recs in read_shards(tmp_path / "out").values() for f in recs)
+
+
+def test_the_teacher_comes_from_the_selection_stats_json_and_the_class_count_from_its_footer(corpus, tmp_path):
+    """A balance output records the teacher (class names) in stats.json, once; its footers hold it in brief. The
+    manifest takes the whole identity from the marker, the class count from a footer."""
+    teacher = {"model": "m", "num_classes": 12, "class_names": [f"class {i}" for i in range(12)]}
+    table = corpus["table"].replace_schema_metadata(contract.encode_metadata(
+        {contract.TEACHER: contract.footer_teacher(teacher),
+         contract.INPUT: {"format": "auto", "image_column": "pixels"}}))
+    selection = write_selection(tmp_path / "sel", table)
+    marker = json.loads((tmp_path / "sel" / "stats.json").read_text()) | {"teacher": teacher}
+    (tmp_path / "sel" / "stats.json").write_text(json.dumps(marker))
+    manifest, _ = run(selection, tmp_path / "out", num_shards=2, num_classes=None)
+    assert manifest["num_classes"] == 12 and manifest["teacher"] == teacher
+
+
+def test_the_job_holds_the_teacher_once(corpus, tmp_path):
+    """The teacher's identity (1,000 class names here) is the last step's alone: the pipeline's steps carry
+    the context without it, so the job grows by about one copy of the names, not one per step."""
+    import apache_beam as beam
+
+    from ns_data.shard.pipeline import Shard
+    from ns_data.shard.plan import prepare
+
+    sizes = {}
+    for classes in (10, 1000):
+        # names that do not compress (Beam compresses what it pickles)
+        teacher = {"num_classes": 1000, "class_names": [hashlib.sha256(b"%d" % i).hexdigest()[:16]
+                                                        for i in range(classes)]}
+        table = corpus["table"].replace_schema_metadata(contract.encode_metadata(
+            {contract.TEACHER: teacher, contract.INPUT: {"format": "auto", "image_column": "pixels"}}))
+        selection = write_selection(tmp_path / f"sel-{classes}", table)
+        ctx = prepare(ShardOptions(inputs=(selection,), output=str(tmp_path / f"out-{classes}"), num_shards=2),
+                      echo=lambda m: None)
+        assert ctx.teacher == teacher
+        pipeline = beam.Pipeline()
+        _ = pipeline | ctx.read_units() | Shard(ctx)
+        sizes[classes] = len(pipeline.to_runner_api().SerializeToString())
+    names = len(json.dumps(teacher["class_names"]))
+    assert sizes[1000] - sizes[10] < 1.5 * names, (sizes, names)
 
 
 def test_shard_sizes_from_records_or_bytes(corpus, tmp_path):

@@ -100,7 +100,8 @@ class _Report:
 
     def labels(self, found: Found, samples: bool) -> LabelsReport:
         scan = self.scan(list(found.files), samples, found.marker.get("labeled"))
-        report = LabelsReport(found, self.names(found.marker.get("teacher"), scan.num_classes), scan)
+        report = LabelsReport(found, self.names(contract.teacher_of(found.marker, scan.schema), scan.num_classes),
+                              scan)
         report.samples = self.samples(scan, scan.per_class)
         return report
 
@@ -112,7 +113,7 @@ class _Report:
         scan = self.scan(files, self.opts.samples_wanted, stats.get("selected_rows")) if wanted else None
         schema = scan.schema if scan else open_parquet(files[0]).schema_arrow if files else pa.schema([])
         num_classes = contract.num_classes(schema) or (stats.get("options") or {}).get("num_classes")
-        teacher = contract.read_metadata(schema, contract.TEACHER) or stats.get("teacher")
+        teacher = contract.teacher_of(stats, schema)
         report = SelectionReport(found, self.names(teacher, num_classes), scan=scan, **per_class)
         sizes = np.zeros(int(per_class["classes"].max(initial=-1)) + 1, np.int64)
         sizes[per_class["classes"]] = np.where(per_class["selected"] > 0, per_class["candidates"], 0)

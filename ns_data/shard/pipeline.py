@@ -194,7 +194,7 @@ class Shard(beam.PTransform):
         self.ctx = ctx
 
     def expand(self, units):
-        ctx = self.ctx
+        ctx = dataclasses.replace(self.ctx, teacher=None)  # the workers' copy: the teacher is finalize's alone
         selected = units | "ReadSelection" >> beam.ParDo(ReadSelectionFn(ctx)).with_outputs(
             RECORDS, ERRORS, COUNTS, main="rows")
         starts = (selected[RECORDS]
@@ -224,7 +224,7 @@ class Shard(beam.PTransform):
                  | "UnitFiles" >> beam.FlatMap(lambda u: u.paths)
                  | "DistinctFiles" >> beam.Distinct()
                  | "CollectInputFiles" >> beam.combiners.ToList())
-        return after_all(units.pipeline, _finalize, ctx, beam.pvalue.AsSingleton(infos),
+        return after_all(units.pipeline, _finalize, self.ctx, beam.pvalue.AsSingleton(infos),
                          beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(errors), beam.pvalue.AsSingleton(files))
 
 

@@ -64,7 +64,9 @@ class ShardContext:
     files: tuple[str, ...]  # empty until the run's finalize step
     done: frozenset[int]  # shards already in place from an interrupted run with the same fingerprint
     spill: bool  # records go through spill files in the temp dir; only references cross the Beam shuffle
-    teacher: dict | None  # the teacher's identity as `label` recorded it in the selection
+    # The teacher's identity (class names) as the selection records it (reading.resolve_inputs), for the
+    # manifest; only the last step's copy of the context holds it (Shard.expand).
+    teacher: dict | None
     run_id: str
     started: float
 
@@ -95,7 +97,7 @@ class ShardContext:
 
 
 def read_rows(unit: WorkUnit, columns: tuple[str, ...]) -> pa.Table:
-    """A unit's rows without the schema's metadata (the teacher, class names: the context has what is needed),
+    """A unit's rows without the schema's metadata (the teacher, how label read: the context has what is needed),
     so that what crosses a shuffle holds the data only."""
     return read_unit(unit, list(columns)).replace_schema_metadata(None)
 
@@ -210,8 +212,8 @@ def resolve_num_shards(opts: ShardOptions, total_records: int, record_bytes: flo
 def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardContext | None:
     """Everything checked before any image is written; None when the output is already complete."""
     opts.validate()
-    inputs, markers, identity = resolve_inputs(opts.inputs, contract.SELECTION, "selected_rows",
-                                               contract.READ_BACK_COLUMNS, hint=HINT)
+    inputs, markers, identity, teacher = resolve_inputs(opts.inputs, contract.SELECTION, "selected_rows",
+                                                        contract.READ_BACK_COLUMNS, hint=HINT)
     schema = inputs.schema
     soft = [c for c in contract.SOFT_LABEL_COLUMNS if c in schema.names and (c != "probs" or opts.probabilities)]
     if ("topk_classes" in soft) != ("topk_probs" in soft):
@@ -252,7 +254,7 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
                         num_shards=num_shards, num_classes=num_classes,
                         file_groups=max(1, total_rows // FILES_PER_GROUP), total_rows=total_rows,
                         valid_rows=valid_rows, total_records=total_records, files=(), done=done,
-                        spill=spill, teacher=contract.read_metadata(schema, contract.TEACHER),
+                        spill=spill, teacher=teacher,
                         run_id=uuid.uuid4().hex[:12], started=time.time())
 
 
