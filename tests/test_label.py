@@ -535,9 +535,9 @@ def many_images(images, copies: int = 4) -> dict[str, bytes]:
 @pytest.fixture
 def small_units(monkeypatch):
     """Units of 16 files or more (128 by default), so that a few dozen images make several units."""
-    from ns_data import sources
+    from ns_data.sources import units
 
-    monkeypatch.setattr(sources, "MIN_FILES_PER_UNIT", 16)
+    monkeypatch.setattr(units, "MIN_FILES_PER_UNIT", 16)
 
 
 def test_a_run_resumed_with_another_batch_size_gives_the_rows_of_an_uninterrupted_run(tmp_path, teacher_files,
@@ -573,7 +573,8 @@ def test_units_do_not_depend_on_the_listing_order(tmp_path):
     listing gives the files in."""
     import apache_beam as beam
 
-    from ns_data.sources import FormUnits, Listed
+    from ns_data.sources.listing import Listed
+    from ns_data.sources.units import FormUnits
 
     def dump(units, path):
         with open(path, "w") as f:

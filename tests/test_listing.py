@@ -16,7 +16,8 @@ from PIL import Image
 
 from ns_data import tfrecord
 from ns_data.label import LabelOptions, run_label
-from ns_data.sources import match_input, plan_inputs
+from ns_data.sources import plan_inputs
+from ns_data.sources.listing import match_input
 from ns_data.stage import InputError
 
 TEACHER = dict(teacher="test_efficientnet", random_weights=True, num_classes=10, batch_size=4, topk=3)

@@ -1,6 +1,6 @@
 """label's listing inside the pipeline: fanned out over directories and prefixes, and a stream.
 
-`sources.ListInputs` lists each input's top levels one at a time and spreads the directories (or prefixes) found
+`sources.listing.ListInputs` lists each input's top levels one at a time and spreads the directories (or prefixes) found
 there over the workers; what it finds must be what one walk of each input finds (`match_input`), faults and
 repeats included. A listing holds a page (object stores) or one branch of open directories (local), never the
 whole listing: checked by counting what the filesystem had produced when the first path came out.
@@ -17,8 +17,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from ns_data import sources
-from ns_data.sources import Branch, InputPattern, ListInputs, Prefix, Subdir, list_branch, mark_repeats, match_input
+from ns_data.sources.listing import (Branch, InputPattern, ListInputs, Prefix, Subdir, input_kind, list_branch,
+                                     mark_repeats, match_input)
+from ns_data.sources.registry import kind_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from gcs_emulator import CountingEmulator  # noqa: E402
@@ -59,7 +60,7 @@ def one_walk(patterns, input_format="auto"):
     by_path: dict = {}
     for pattern in patterns:
         for path, size, reason, detail in match_input(pattern.pattern):
-            kind = sources.input_kind(path, reason, input_format)
+            kind = input_kind(path, reason, input_format)
             if kind:
                 by_path.setdefault(os.path.abspath(path), []).append((pattern.index, size, kind, reason, detail))
     return [listed for element in by_path.items() for listed in mark_repeats(element)]
@@ -167,7 +168,7 @@ def test_a_fanned_out_gcs_listing_finds_what_beams_match_finds(emulator, pattern
     assert sorted(p for p, *_ in match_input(pattern)) == matched
     with BeamTestPipeline() as p:
         paths = p | ListInputs((InputPattern(0, pattern),), "auto") | beam.Keys()
-        assert_that(paths, equal_to([m for m in matched if sources.kind_of(m, "auto")]))
+        assert_that(paths, equal_to([m for m in matched if kind_of(m, "auto")]))
 
 
 def test_a_gcs_split_lists_one_level_and_only_prefixes_that_can_hold_a_match(emulator):
