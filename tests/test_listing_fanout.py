@@ -14,6 +14,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -67,14 +68,18 @@ def one_walk(patterns, input_format="auto"):
 
 
 def fanned_out(patterns, split_levels):
-    with BeamTestPipeline() as p:
-        listed = (p
-                  | ListInputs(patterns, "auto", split_levels)
-                  | beam.GroupByKey()
-                  | beam.FlatMap(mark_repeats))
-        expected = one_walk(patterns)
-        assert_that(listed, equal_to(expected))
-    return expected
+    """What ListInputs finds (checked equal to `one_walk`), and how many branches it spread (its counter)."""
+    p = BeamTestPipeline()
+    listed = (p
+              | ListInputs(patterns, "auto", split_levels)
+              | beam.GroupByKey()
+              | beam.FlatMap(mark_repeats))
+    expected = one_walk(patterns)
+    assert_that(listed, equal_to(expected))
+    result = p.run()
+    result.wait_until_finish()
+    spread = result.metrics().query(MetricsFilter().with_name("listing_branches"))["counters"]
+    return expected, sum(c.committed for c in spread)
 
 
 @pytest.mark.parametrize("split_levels", [0, 1, 2, 3])
@@ -82,7 +87,9 @@ def test_the_fanned_out_listing_finds_what_one_walk_finds(tree, split_levels):
     patterns = (InputPattern(0, f"{tree}/**"), InputPattern(1, f"{tree}/a1/**"),  # a1's files repeat
                 InputPattern(2, f"{tree}/*/*/*.jpg"), InputPattern(3, f"{tree}/*/b0/**"),
                 InputPattern(4, f"{tree}/top.jpg"))
-    expected = fanned_out(patterns, split_levels)
+    expected, spread = fanned_out(patterns, split_levels)
+    # one split level: a0-a2 below in/ for three patterns, b0, b1 and linked below in/a1; none without a split
+    assert spread == {0: 0, 1: 12}.get(split_levels, spread) and (spread > 12) == (split_levels > 1)
     reasons = {os.path.relpath(e.path, tree): e.reason for e in expected if e.reason}
     assert reasons == {"a0/dangling.jpg": "dangling_link", "a2/b1/self.jpg": "symlink_loop",
                        "a2/b0/up": "symlink_loop", "a0/b0/pipe.jpg": "not_a_regular_file",

@@ -27,6 +27,7 @@ from typing import Iterator
 import apache_beam as beam
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from ns_data import fs
 from ns_data.sources.base import (DANGLING_LINK, NON_UTF8_NAME, NOT_A_REGULAR_FILE, SYMLINK_LOOP, UNREADABLE,
@@ -303,6 +304,8 @@ class Branch:
 
 BRANCHES = "branches"
 SPLIT_LEVELS = 2  # directory or prefix levels listed one at a time, their sub-directories spread to workers
+# directories or prefixes listed by elements of their own
+SPREAD = Metrics.counter("ns_data.label", "listing_branches")
 
 
 def list_branch(branch: Branch, input_format: str, split: bool = False):
@@ -312,6 +315,7 @@ def list_branch(branch: Branch, input_format: str, split: bool = False):
     match = _local_match if plain_local(pattern) else _store_match
     for item in match(pattern, branch.at, split):
         if isinstance(item, (Subdir, Prefix)):
+            SPREAD.inc()
             yield beam.pvalue.TaggedOutput(BRANCHES, Branch(branch.pattern, item))
             continue
         path, size, reason, detail = item
