@@ -4,7 +4,9 @@
 free port, with an in-memory bucket, and points Beam's real GCS filesystem at it (`STORAGE_EMULATOR_HOST`: the
 Google storage client then talks to that address, anonymously). Every HTTP request the emulator serves is recorded
 with its kind ("objects.get", "media.get", "objects.list", "batch", ...); each item of a batch request is recorded
-too, as "batch:<METHOD>" (a batch of 100 deletes is 1 HTTP request and 100 operations).
+too, as "batch:<METHOD>" (a batch of 100 deletes is 1 HTTP request and 100 operations). Listings are served in
+pages of at most 1,000 names, as GCS serves them (the emulator alone answers a listing in one response), and
+`put` fills the bucket without requests, for growth measurements over many objects.
 
 Requests are attributed to the phase of the run in which they were made: `phase` is "launch" until Beam's local
 runner (FnApiRunner) starts, then the name of the fused stage whose bundle is executing (the runner executes one

@@ -186,3 +186,12 @@ def test_a_gcs_split_lists_one_level_and_only_prefixes_that_can_hold_a_match(emu
     out = list(list_branch(Branch(InputPattern(0, "gs://bucket/d/**")), "auto", split=True))
     assert sorted(o.value.at.path for o in out if hasattr(o, "tag")) == [f"gs://bucket/d/s{i}/" for i in range(7)]
     assert all(isinstance(o.value.at, Prefix) for o in out if hasattr(o, "tag"))
+
+
+def test_the_launchers_check_of_a_gcs_input_lists_one_page(emulator):
+    from ns_data.sources.units import plan_inputs
+
+    emulator.reset()
+    (pattern,), root, _ = plan_inputs(["gs://bucket/d"])
+    assert pattern.pattern == "gs://bucket/d/**" and root == "gs://bucket/d"
+    assert emulator.counts().get("objects.list") == 1  # its first 1,000 of 2,502 objects, not all of them
