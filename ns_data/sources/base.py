@@ -75,9 +75,22 @@ def failed(offsets, reason: str, detail: str) -> ReadBack:
 
 
 class ImageFormat:
-    """An input format: its work units, how a unit is iterated, how images are read back by offset."""
+    """An input format: its work units, how a unit is iterated, how images are read back by offset.
+
+    A format is a subclass in a module of its own, registered with `registry.register`: its `kind` (the name
+    `--input-format` takes) and `extensions` (the lower-case file extensions `auto` gives it)."""
 
     kind = ""
+    extensions: tuple[str, ...] = ()
+
+    def checked_settings(self, path: str, settings: ReadSettings) -> ReadSettings:
+        """The settings, completed or checked against one file of this format (the first the launcher lists);
+        an InputError when they cannot read it."""
+        return settings
+
+    def units(self, unit: ImageUnit, settings: ReadSettings) -> list[ImageUnit]:
+        """The work units of a container (`unit` covers all of it): one by default."""
+        return [unit]
 
     def count(self, unit: ImageUnit, settings: ReadSettings) -> int:
         return sum(1 for _ in self.iterate(unit, settings, with_data=False))

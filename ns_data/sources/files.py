@@ -5,6 +5,7 @@ import os
 import stat
 
 from ns_data import fs
+from ns_data.images import IMAGE_EXTENSIONS
 from ns_data.sources.base import NOT_A_REGULAR_FILE, UNREADABLE, ImageFormat, ImageRecord, failed
 from ns_data.sources.listing import NotUsable, file_type, path_fault, plain_local
 from ns_data.sources.registry import register
@@ -13,6 +14,7 @@ from ns_data.sources.registry import register
 @register
 class Files(ImageFormat):
     kind = "files"
+    extensions = IMAGE_EXTENSIONS
 
     def count(self, unit, settings):
         return len(unit.paths)

@@ -2,6 +2,8 @@
 row; offset = the row index. One work unit per row group."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 
@@ -15,6 +17,24 @@ from ns_data.stage import InputError
 @register
 class Parquet(ImageFormat):
     kind = "parquet"
+    extensions = (".parquet",)
+
+    def checked_settings(self, path, settings):
+        """The image column: the one given, checked against this file's schema, or `image_column`'s guess."""
+        return replace(settings, image_column=_column(open_parquet(path).schema_arrow, path, settings))
+
+    def units(self, unit, settings):
+        """One unit per row group (the footer read here); the one unit given, which reads as an error record,
+        when the footer or the image column is not there."""
+        path = unit.paths[0]
+        try:
+            pf = open_parquet(path)
+            _column(pf.schema_arrow, path, settings)
+            groups = pf.num_row_groups
+        except Exception:  # noqa: BLE001 - read again by the unit, which makes the reason its error record
+            return [unit]
+        return [replace(unit, key=f"{unit.key}#{g}", row_group=g, nbytes=unit.nbytes if g == 0 else 0)
+                for g in range(groups)]
 
     def count(self, unit, settings):
         if unit.row_group is None:
@@ -28,9 +48,7 @@ class Parquet(ImageFormat):
         name = fs.relative_to(path, unit.id_root)
         try:
             pf = open_parquet(path)
-            column = settings.image_column or image_column(pf.schema_arrow, path)
-            if column not in pf.schema_arrow.names:
-                raise InputError(f"{path}: no column '{column}' (has: {', '.join(pf.schema_arrow.names)})")
+            column = _column(pf.schema_arrow, path, settings)
             if unit.row_group is None:
                 raise InputError(f"{path}: cannot read its row groups")
             ids = settings.id_column if settings.id_column in pf.schema_arrow.names else None
@@ -52,7 +70,7 @@ class Parquet(ImageFormat):
 
     def read_back(self, source, offsets, settings):
         pf = open_parquet(source)
-        column = settings.image_column or image_column(pf.schema_arrow, source)
+        column = _column(pf.schema_arrow, source, settings)
         ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
         groups = np.searchsorted(ends, np.asarray(offsets), side="right")
         values: dict[int, bytes | None] = {}
@@ -66,6 +84,16 @@ class Parquet(ImageFormat):
         for row in offsets:
             data = values.get(row)
             yield (data, None, "") if data is not None else (None, CORRUPT_RECORD, f"no {column} bytes at row {row}")
+
+
+def _column(schema: pa.Schema, path: str, settings) -> str:
+    """The image column of a file: the one the settings name (an InputError when the file lacks it), else
+    `image_column`'s guess."""
+    if settings.image_column is None:
+        return image_column(schema, path)
+    if settings.image_column not in schema.names:
+        raise InputError(f"{path}: no column '{settings.image_column}' (has: {', '.join(schema.names)})")
+    return settings.image_column
 
 
 def image_column(schema: pa.Schema, path: str) -> str:

@@ -9,12 +9,12 @@ from typing import Iterator
 from ns_data import fs
 from ns_data.sources.base import (DUPLICATE_INPUT, MISSING_SOURCE, UNREADABLE, ImageRecord, ImageUnit, ReadBack,
                                   ReadSettings, failed)
-from ns_data.sources.registry import FORMATS, kind_of
+from ns_data.sources.registry import FORMATS, format_for, kind_of
 
 
 def read_unit(unit: ImageUnit, settings: ReadSettings) -> Iterator[ImageRecord]:
     """The unit's images (or error records), at most `unit.limit` of them."""
-    fmt = FORMATS[unit.kind]
+    fmt = format_for(unit.kind)
     records = fmt.iterate(unit, settings, with_data=not unit.repeated)
     for n, record in enumerate(records):
         if unit.limit is not None and n >= unit.limit:
@@ -32,7 +32,7 @@ def read_back(source: str, offsets: list[int | None], image_column: str | None =
     kind = "files" if offsets and offsets[0] is None else kind_of(source, input_format)
     if kind not in FORMATS:
         return failed(offsets, UNREADABLE, f"{source}: not a file of a known input format")
-    return _guarded(source, offsets, FORMATS[kind].read_back, settings)
+    return _guarded(source, offsets, format_for(kind).read_back, settings)
 
 
 def _guarded(source: str, offsets: list, read, settings: ReadSettings) -> ReadBack:

@@ -16,6 +16,7 @@ class Tar(ImageFormat):
     """KEY.jpg beside KEY.json and KEY.txt; only image members are images."""
 
     kind = "tar"
+    extensions = (".tar",)
 
     def iterate(self, unit, settings, with_data=True):
         path = unit.paths[0]

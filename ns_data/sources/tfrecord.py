@@ -10,6 +10,7 @@ from ns_data.sources.registry import register
 @register
 class TFRecord(ImageFormat):
     kind = "tfrecord"
+    extensions = (".tfrecord", ".tfrecords", ".tfr")
 
     def iterate(self, unit, settings, with_data=True):
         path = unit.paths[0]

@@ -19,12 +19,10 @@ from typing import Iterator
 import apache_beam as beam
 
 from ns_data import fs
-from ns_data.reading import open_parquet
 from ns_data.sources.base import ImageUnit, ReadSettings
 from ns_data.sources.listing import (InputPattern, ListInputs, Listed, check_input_file, input_kind, input_pattern,
                                      input_root, mark_repeats, match_input)
-from ns_data.sources.parquet import image_column
-from ns_data.sources.registry import FORMATS
+from ns_data.sources.registry import FORMATS, format_for
 from ns_data.stage import InputError
 
 MIN_FILES_PER_UNIT = 128  # four teacher batches at the default --batch-size
@@ -35,8 +33,9 @@ LAUNCH_CHECK_FILES = 1000  # files the launcher lists per input to check it hold
 def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
                 ) -> tuple[tuple[InputPattern, ...], str, ReadSettings]:
     """The inputs' patterns, their id root, and the settings with the Parquet image column resolved, checked at
-    a cost that does not grow with the inputs: each pattern lists at most LAUNCH_CHECK_FILES files, and one
-    Parquet footer (the first Parquet file seen) gives or checks the image column.
+    a cost that does not grow with the inputs: each pattern lists at most LAUNCH_CHECK_FILES files, and the
+    first file seen of each format checks the settings (`ImageFormat.checked_settings`: one Parquet footer gives
+    or checks the image column).
 
     An input whose first LAUNCH_CHECK_FILES files hold no image or container is an error here; past that, the
     pipeline's listing decides (an input with only other files then adds no rows). Parquet files that lack the
@@ -45,7 +44,7 @@ def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
         raise InputError(f"unknown input format {settings.format!r}; one of auto, {', '.join(FORMATS)}")
     if not inputs:
         raise InputError("give at least one INPUT")
-    patterns, roots, parquet = [], set(), None
+    patterns, roots, first_of_kind = [], set(), {}
     for index, item in enumerate(inputs):
         check_input_file(item)
         pattern = input_pattern(item)
@@ -55,16 +54,15 @@ def plan_inputs(inputs, settings: ReadSettings = ReadSettings()
         if not kinds and len(found) < LAUNCH_CHECK_FILES:
             raise InputError(f"no images or image containers found in {item}" + (
                 " (pass --input-format for files without a known extension)" if settings.format == "auto" else ""))
-        parquet = parquet or next((fs.absolute(p) for p, k in kinds if k == "parquet"), None)
+        for path, kind in kinds:
+            if kind not in first_of_kind:
+                first_of_kind[kind] = fs.absolute(path)
         patterns.append(InputPattern(index, pattern))
         roots.add(input_root(item))
     roots = sorted(roots)
     id_root = roots[0] if len(roots) == 1 else fs.common_root(roots)
-    if parquet is not None:
-        schema = open_parquet(parquet).schema_arrow
-        if settings.image_column is not None and settings.image_column not in schema.names:
-            raise InputError(f"{parquet}: no column '{settings.image_column}' (has: {', '.join(schema.names)})")
-        settings = replace(settings, image_column=settings.image_column or image_column(schema, parquet))
+    for kind, path in first_of_kind.items():
+        settings = format_for(kind).checked_settings(path, settings)
     return tuple(patterns), id_root, settings
 
 
@@ -95,21 +93,11 @@ def files_unit(element, id_root: str) -> ImageUnit:
 
 
 def container_units(entry: Listed, id_root: str, settings: ReadSettings) -> list[ImageUnit]:
-    """A TFRecord or tar: one unit. A Parquet file: one unit per row group (its footer read here); one unit that
-    reads as an error record when the footer or the image column is not there."""
+    """A container's work units, as its format splits it (a TFRecord or tar: one; a Parquet file: one per row
+    group)."""
     key = f"{entry.kind}/{entry.path}" + ("/repeated" if entry.repeated else "")
     unit = ImageUnit(key, entry.kind, (entry.path,), id_root, repeated=entry.repeated, nbytes=entry.size)
-    if entry.kind != "parquet":
-        return [unit]
-    try:
-        pf = open_parquet(entry.path)
-        column = settings.image_column or image_column(pf.schema_arrow, entry.path)
-        if column not in pf.schema_arrow.names:
-            raise InputError(f"{entry.path}: no column '{column}'")
-        groups = pf.num_row_groups
-    except Exception:  # noqa: BLE001 - read again by the unit, which makes the reason its error record
-        return [unit]
-    return [replace(unit, key=f"{key}#{g}", row_group=g, nbytes=entry.size if g == 0 else 0) for g in range(groups)]
+    return format_for(entry.kind).units(unit, settings)
 
 
 def order_key(entry: Listed) -> tuple:
@@ -144,7 +132,7 @@ def limited_units(entries: list[Listed], max_images: int, id_root: str, settings
     for n, unit in enumerate(units):
         if left <= 0:
             return
-        count = FORMATS[unit.kind].count(unit, settings)
+        count = format_for(unit.kind).count(unit, settings)
         yield replace(unit, key=f"limited/{n:06d}", limit=min(count, left))
         left -= count
 
