@@ -4,7 +4,9 @@
 free port, with an in-memory bucket, and points Beam's real GCS filesystem at it (`STORAGE_EMULATOR_HOST`: the
 Google storage client then talks to that address, anonymously). Every HTTP request the emulator serves is recorded
 with its kind ("objects.get", "media.get", "objects.list", "batch", ...); each item of a batch request is recorded
-too, as "batch:<METHOD>" (a batch of 100 deletes is 1 HTTP request and 100 operations).
+too, as "batch:<METHOD>" (a batch of 100 deletes is 1 HTTP request and 100 operations). Listings are served in
+pages of at most 1,000 names, as GCS serves them (the emulator alone answers a listing in one response), and
+`put` fills the bucket without requests, for growth measurements over many objects.
 
 Requests are attributed to the phase of the run in which they were made: `phase` is "launch" until Beam's local
 runner (FnApiRunner) starts, then the name of the fused stage whose bundle is executing (the runner executes one
@@ -73,6 +75,34 @@ def classify(method: str, path: str, query: str) -> tuple[str, str]:
     return f"other.{method}", path
 
 
+PAGE = 1000  # GCS's largest listing page
+
+
+def _paged(ls):
+    """The emulator's listing handler serving `maxResults` (at most PAGE) names a page, objects and prefixes
+    together in name order, with a `nextPageToken`, as GCS does; the emulator alone answers everything at once."""
+    import json
+
+    def paged(request, response, storage, *args, **kwargs):
+        ls(request, response, storage, *args, **kwargs)
+        if response.status != 200 or not getattr(response, "_content", None):
+            return
+        listing = json.loads(response._content)
+        names = sorted([(item["name"], item) for item in listing.get("items", [])]
+                       + [(prefix, None) for prefix in listing.get("prefixes", [])], key=lambda n: n[0])
+        size = min(PAGE, int(request.query.get("maxResults", [PAGE])[0]))
+        start = int(request.query.get("pageToken", ["0"])[0])
+        page = names[start:start + size]
+        out = {"kind": "storage#objects", "items": [i for _, i in page if i is not None],
+               "prefixes": [n for n, i in page if i is None]}
+        if start + size < len(names):
+            out["nextPageToken"] = str(start + size)
+        response.json(out)
+
+    paged.__name__ = "ls_paged"
+    return paged
+
+
 class CountingEmulator:
     """`with CountingEmulator("bucket") as emu:` a GCS emulator on 127.0.0.1 holding `bucket`, with Beam's GCS
     filesystem pointed at it; `emu.requests` is every request served, `emu.counts()` their kinds."""
@@ -91,6 +121,10 @@ class CountingEmulator:
         self._server = emulator.create_server("127.0.0.1", 0, in_memory=True, default_bucket=self.bucket)
         self._patch(emulator.Router, "handle", self._counting_handle(emulator.Router.handle))
         self._patch(emulator, "_parse_batch_item", self._counting_batch_item(emulator._parse_batch_item))
+        for _, handlers in emulator.HANDLERS:  # listings in pages, as GCS serves them
+            for method, handler in list(handlers.items()):
+                if handler.__name__ == "ls":
+                    self._patch_item(handlers, method, _paged(handler))
         log = logging.getLogger("gcp_storage_emulator")
         level = log.level
         log.setLevel(logging.ERROR)  # it warns on every response it sends from a string
@@ -115,6 +149,23 @@ class CountingEmulator:
         old = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         setattr(owner, name, value)
         self._undo.append(lambda: setattr(owner, name, old))
+
+    def _patch_item(self, mapping: dict, key, value) -> None:
+        old = mapping[key]
+        mapping[key] = value
+        self._undo.append(lambda: mapping.__setitem__(key, old))
+
+    def put(self, names, size: int = 1) -> None:
+        """Objects of `size` bytes at `names` in the bucket, written into the emulator's store directly (no
+        request, none counted): for growth measurements over many objects."""
+        storage, now = self._server._storage, "2026-01-01T00:00:00.000000Z"
+        objects = storage.objects.setdefault(self.bucket, {})
+        for name in names:
+            storage._store.write_bytes(storage._object_path(self.bucket, name), b"x" * size)
+            objects[name] = {"kind": "storage#object", "name": name, "bucket": self.bucket, "size": str(size),
+                             "generation": "1", "metageneration": "1", "contentType": "application/octet-stream",
+                             "timeCreated": now, "updated": now, "storageClass": "STANDARD",
+                             "id": f"{self.bucket}/{name}/1"}
 
     def _set_env(self, name: str, value: str) -> None:
         old = os.environ.get(name)

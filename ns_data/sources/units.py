@@ -20,8 +20,8 @@ import apache_beam as beam
 
 from ns_data import fs
 from ns_data.sources.base import ImageUnit, ReadSettings
-from ns_data.sources.listing import (InputPattern, Listed, check_input_file, input_kind, input_pattern, input_root,
-                                     list_input, mark_repeats, match_input)
+from ns_data.sources.listing import (InputPattern, ListInputs, Listed, check_input_file, input_kind, input_pattern,
+                                     input_root, mark_repeats, match_input)
 from ns_data.sources.registry import FORMATS, format_for
 from ns_data.stage import InputError
 
@@ -150,8 +150,7 @@ class PlanUnits(beam.PTransform):
 
     def expand(self, pbegin):
         listed = (pbegin
-                  | "Patterns" >> beam.Create(list(self.patterns))
-                  | "List" >> beam.FlatMap(list_input, self.settings.format)
+                  | "List" >> ListInputs(self.patterns, self.settings.format)
                   | "ByPath" >> beam.GroupByKey()
                   | "MarkRepeats" >> beam.FlatMap(mark_repeats))
         return listed | "FormUnits" >> FormUnits(self.id_root, self.settings, self.max_images)
