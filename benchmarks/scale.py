@@ -150,6 +150,19 @@ def selection_marker(rows: int) -> dict:
             "fingerprint": f"scale-{rows}"}
 
 
+def plain_labels(n: int, base: Path = DATA) -> Path:
+    """A directory of `n` plain Parquet files of pseudo-labels (labels(1)'s data file hardlinked, no marker): an
+    input `balance` takes as a user's Parquet files, not as a label output."""
+    (data,) = sorted(labels(1, base).glob("labels-*.parquet"))
+    return _linked(base / f"plainlabels-{n:09d}", n, data, "part-{:07d}.parquet", None)
+
+
+def plain_selection(n: int, base: Path = DATA) -> Path:
+    """A directory of `n` plain Parquet selection files (selection(1)'s file hardlinked, no marker)."""
+    (data,) = sorted(selection(1, base).glob("selection-*.parquet"))
+    return _linked(base / f"plainselect-{n:09d}", n, data, "part-{:07d}.parquet", None)
+
+
 def containers(n: int, base: Path = DATA) -> Path:
     """`n` webdataset-style tar containers of 2 tiny JPEGs each (one tar, hardlinked)."""
     one = base / "one.tar"
@@ -160,7 +173,8 @@ def containers(n: int, base: Path = DATA) -> Path:
 
 
 # The launches measured, by name: the stage, and its input of N files.
-INPUTS = {"label": images, "label-tar": containers, "balance": labels, "shard": selection}
+INPUTS = {"label": images, "label-tar": containers, "balance": labels, "shard": selection,
+          "balance-plain": plain_labels, "shard-plain": plain_selection}
 LAUNCHES = tuple(INPUTS)
 
 

@@ -104,7 +104,7 @@ class RunContext:
     output: StageOutput
     run_id: str
     spill: bool  # keys cross the shuffles through spill files in the temp dir (ns_data.spill)
-    total_rows: int  # the input's rows: as the label markers count them, else estimated from the inputs' bytes
+    total_rows: int  # the input's rows: as the label markers count them, else estimated (reading.TableInputs)
 
     def progress(self, stage: str) -> Progress:
         return Progress(self.run_id, stage, self.inputs.marker_rows, self.options.progress,
@@ -112,10 +112,11 @@ class RunContext:
 
     def read_units(self) -> ReadUnits:
         """The transform that makes the work units in the pipeline."""
-        return ReadUnits(self.inputs, contract.LABELS, *INPUT_CHECKS)
+        return ReadUnits(self.inputs, contract.LABELS, *INPUT_CHECKS, listing_dir=self.output.tmp_dir)
 
-    def dedup_buckets(self) -> int:
-        return max(1, -(-self.total_rows // self.options.dedup_bucket_rows))
+    def dedup_buckets(self, rows: int) -> int:
+        """Buckets for `rows` input rows (counted in the pipeline from the units' footers)."""
+        return max(1, -(-rows // self.options.dedup_bucket_rows))
 
     def keys_path(self, unit: WorkUnit) -> str:
         """The scan's file of a unit's candidate keys."""
@@ -218,9 +219,9 @@ class ScanFn(_TrimmingDoFn):
         self.ctx = ctx
         self.rows = Metrics.counter(NAMESPACE, "rows_read")
 
-    def process(self, unit: WorkUnit):
+    def process(self, unit: WorkUnit, rows: int):
         opts = self.ctx.options
-        buckets = np.uint64(self.ctx.dedup_buckets())
+        buckets = np.uint64(self.ctx.dedup_buckets(rows))
         keys = spill.Sender(self.ctx.keys_path(unit))
         unit_hashes = []
         for start, _, kb in _key_batches(self.ctx, unit, None, "scan"):
@@ -574,7 +575,11 @@ class Balance(beam.PTransform):
         ctx = self.ctx
         opts = ctx.options
         as_single = beam.pvalue.AsSingleton
-        scanned = units | "Scan" >> beam.ParDo(ScanFn(ctx)).with_outputs(ScanFn.HASHES, main="hist")
+        rows = (units
+                | "UnitRows" >> beam.Map(lambda u: u.num_rows)
+                | "SumRows" >> beam.CombineGlobally(sum))
+        scanned = units | "Scan" >> beam.ParDo(ScanFn(ctx), as_single(rows)).with_outputs(ScanFn.HASHES,
+                                                                                           main="hist")
         repeated = (
             scanned[ScanFn.HASHES]
             | "GroupHashBuckets" >> beam.GroupByKey()

@@ -14,7 +14,7 @@ the unit is done, named by a digest of the unit's key (`unit-<digest>.labels.par
 the listing, not of --batch-size nor of the workers, so a killed run started again with the same command (any
 --batch-size) labels only the units without a marker, found by one listing of the temp dir. The run's
 fingerprint holds the input patterns, not the files they match: the first run records its listing's count of
-units and bytes in the temp dir (`listing.json`), and a resumed run whose listing differs stops with an error
+units and bytes in the temp dir (`outputs.check_listing`), and a resumed run whose listing differs stops with an error
 before it labels anything (a changed file of the same size is not seen). The model is built once per worker
 process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNNN.parquet`,
 `errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
@@ -41,11 +41,11 @@ from apache_beam.metrics import Metrics
 
 from ns_data import contract, fs
 from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError
-from ns_data.outputs import COMPLETE, RESUME, StageOutput
+from ns_data.outputs import COMPLETE, RESUME, StageOutput, check_listing
 from ns_data.progress import Progress
 from ns_data.runner import SumCounts, add_counts, after_all
 from ns_data.sources import ImageRecord, ImageUnit, PlanUnits, ReadSettings, plan_inputs, read_unit
-from ns_data.stage import InputError, OptionsError
+from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.label"
 
@@ -159,7 +159,6 @@ class LabelContext:
                                                                  contract.INPUT: self.settings.as_metadata()})
 
 
-LISTING = "listing.json"  # in the temp dir: what the first run of this fingerprint listed
 TARGET_FILE_BYTES = 64 * 2**20  # units' files are merged into output files of about this size
 
 
@@ -188,23 +187,6 @@ def finished_units(tmp_dir: str):
     """(unit name, None) for every unit with a marker: one listing of the temp dir."""
     for path in fs.list_dir(tmp_dir, unit_marker_pattern()):
         yield parse_marker(fs.name(path))[0], None
-
-
-def check_listing(summary: tuple[int, int], tmp_dir: str) -> int:
-    """Records the listing's (units, bytes) on a run's first pass; on a resumed run, stops if they differ from
-    the recorded ones (the inputs changed under the same patterns). Returns the number of units."""
-    units, nbytes = summary
-    path = fs.join(tmp_dir, LISTING)
-    now = {"units": units, "bytes": nbytes}
-    if fs.exists(path):
-        before = fs.read_json(path)
-        if before != now:
-            raise InputError(f"the inputs changed since the interrupted run in {tmp_dir} began ({before['units']:,} "
-                             f"units of {before['bytes']:,} bytes then, {units:,} of {nbytes:,} now); pass "
-                             "--overwrite to label them from the start")
-    else:
-        fs.write_json(path, now)
-    return units
 
 
 def _add_pairs(pairs) -> tuple[int, int]:

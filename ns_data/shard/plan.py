@@ -84,7 +84,8 @@ class ShardContext:
 
     def read_units(self) -> ReadUnits:
         """The transform that makes the work units in the pipeline."""
-        return ReadUnits(self.inputs, contract.SELECTION, contract.READ_BACK_COLUMNS, hint=HINT)
+        return ReadUnits(self.inputs, contract.SELECTION, contract.READ_BACK_COLUMNS, hint=HINT,
+                         listing_dir=self.output.tmp_dir)
 
     def progress(self) -> Progress:
         return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images",
@@ -275,7 +276,7 @@ def selection_totals(inputs: TableInputs, markers: list[dict], columns: tuple[st
         if valid == sum(u.num_rows for u in sampled):
             rows = inputs.marker_rows
             return rows, rows, sum(int(m["total_copies"]) for m in markers), sample
-    files = sorted({f for item in inputs.items for f in list_item(item, contract.SELECTION)})
+    files = sorted({f for item in inputs.items for f, _ in list_item(item, contract.SELECTION)})
     _, units = inspect_inputs(files, contract.READ_BACK_COLUMNS, hint=HINT)
     valid_rows, records, sample = scan_selection(units, columns, num_classes)
     return sum(u.num_rows for u in units), valid_rows, records, sample
