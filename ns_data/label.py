@@ -3,7 +3,7 @@
     input patterns -> sources.PlanUnits (listing, Parquet footers, work units: inside the pipeline) -> units
     without a marker -> LabelUnitFn: read, decode ahead in threads, the teacher's eval transform, the teacher
     in batches -> the unit's labels and errors files, then its marker -> once all are done, the units' files
-    merged into output files of about TARGET_FILE_BYTES -> finalize (one listing of the markers)
+    merged into output files of about TARGET_FILE_BYTES -> finalize (the units' counts combined in the pipeline)
 
 The launcher lists nothing (sources.plan_inputs checks each input with a bounded listing), and the job holds
 the patterns and options only, so launching costs the same for a hundred images or a billion.
@@ -184,9 +184,9 @@ def unit_file(name: str, kind: str) -> str:
 
 
 def finished_units(tmp_dir: str):
-    """(unit name, None) for every unit with a marker: one listing of the temp dir."""
+    """(unit name, its counts) for every unit with a marker: one listing of the temp dir."""
     for path in fs.list_dir(tmp_dir, unit_marker_pattern()):
-        yield parse_marker(fs.name(path))[0], None
+        yield parse_marker(fs.name(path))
 
 
 def _add_pairs(pairs) -> tuple[int, int]:
@@ -375,12 +375,14 @@ def merge_files(plan: tuple[str, int, list[str]], tmp_dir: str) -> tuple[str, in
     return kind, number, path
 
 
-def finalize(ctx: LabelContext, counts_this_run: dict, units: int, merged: list[tuple[str, int, str]]) -> str:
-    """Moves the merged files into place under their final names, then writes stats.json. The units' counts
-    come from one listing of their markers' names."""
+def finalize(ctx: LabelContext, counts_this_run: dict, counts_before: dict, units: int,
+             merged: list[tuple[str, int, str]]) -> str:
+    """Moves the merged files into place under their final names, then writes stats.json. The counts are
+    combined in the pipeline: those of the units this run labeled, and those of the units an interrupted run
+    finished (from the names of their markers, listed once when the run began)."""
     out, total = ctx.output, {"labeled": 0, "errors": {}}
-    for counts in _done_units(out.tmp_dir).values():
-        add_counts(total, counts)
+    for counts in (counts_this_run, counts_before):
+        add_counts(total, {"labeled": counts.get("labeled", 0), "errors": counts.get("errors", {})})
     moves = [(path, (contract.LABELS.data_name if kind == "labels" else contract.LABELS.errors_name)(number))
              for kind, number, path in sorted(merged)]
     errors = sum(total["errors"].values())
@@ -422,8 +424,12 @@ class Label(beam.PTransform):
         finished = (units.pipeline
                     | "FinishedTrigger" >> beam.Create([tmp_dir])
                     | "ListFinished" >> beam.FlatMap(finished_units))
+        done = finished | "FinishedNames" >> beam.Map(lambda named: (named[0], None))
+        counts_before = (finished
+                         | "FinishedCounts" >> beam.Map(lambda named: named[1])
+                         | "SumFinished" >> beam.CombineGlobally(SumCounts()))
         pending = units | "SkipFinished" >> beam.Filter(lambda u, done, _: u.name not in done,
-                                                          beam.pvalue.AsDict(finished), beam.pvalue.AsSingleton(checked))
+                                                          beam.pvalue.AsDict(done), beam.pvalue.AsSingleton(checked))
         counts = (pending
                   | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
@@ -434,7 +440,8 @@ class Label(beam.PTransform):
                   | "SpreadMerges" >> beam.Reshuffle()
                   | "Merge" >> beam.Map(merge_files, tmp_dir))
         return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsSingleton(counts),
-                         beam.pvalue.AsSingleton(checked), beam.pvalue.AsList(merged))
+                         beam.pvalue.AsSingleton(counts_before), beam.pvalue.AsSingleton(checked),
+                         beam.pvalue.AsList(merged))
 
 
 # ------------------------------------------------------------------------------------------- running
