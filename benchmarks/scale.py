@@ -7,7 +7,8 @@ so the same script measures whatever the code is at the time:
    synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused; each one small file
    hardlinked N times): N loose image files for `label`, N tar containers of 2 images for `label-tar`, a label
    output of N Parquet files for `balance` and a balance output of N selection files for `shard` (with the output's
-   marker; --num-shards 2). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
+   marker; --num-shards 2), and for `balance-plain` and `shard-plain` the same files as a directory of plain
+   Parquet files (no marker: the launcher lists at most 1,000 of them). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
    --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled into
    the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job graph
    Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start, imports, the
