@@ -7,7 +7,8 @@ so the same script measures whatever the code is at the time:
    synthetic inputs of N files under benchmarks/data/scale/ (git-ignored; built once, reused; each one small file
    hardlinked N times): N loose image files for `label`, N tar containers of 2 images for `label-tar`, a label
    output of N Parquet files for `balance` and a balance output of N selection files for `shard` (with the output's
-   marker; --num-shards 2). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
+   marker; --num-shards 2), and for `balance-plain` and `shard-plain` the same files as a directory of plain
+   Parquet files (no marker: the launcher lists at most 1,000 of them). Each launch runs in a child process: `pipelines.<stage>.run(argv + Dataflow options +
    --dry_run=True)`, which translates the job as a real launch does (the options checked, every DoFn pickled into
    the pipeline proto) and stops before contacting anything. Printed: the pipeline proto's bytes (the job graph
    Dataflow is given: its steps and every pickled DoFn), the child's wall seconds (interpreter start, imports, the
@@ -150,6 +151,19 @@ def selection_marker(rows: int) -> dict:
             "fingerprint": f"scale-{rows}"}
 
 
+def plain_labels(n: int, base: Path = DATA) -> Path:
+    """A directory of `n` plain Parquet files of pseudo-labels (labels(1)'s data file hardlinked, no marker): an
+    input `balance` takes as a user's Parquet files, not as a label output."""
+    (data,) = sorted(labels(1, base).glob("labels-*.parquet"))
+    return _linked(base / f"plainlabels-{n:09d}", n, data, "part-{:07d}.parquet", None)
+
+
+def plain_selection(n: int, base: Path = DATA) -> Path:
+    """A directory of `n` plain Parquet selection files (selection(1)'s file hardlinked, no marker)."""
+    (data,) = sorted(selection(1, base).glob("selection-*.parquet"))
+    return _linked(base / f"plainselect-{n:09d}", n, data, "part-{:07d}.parquet", None)
+
+
 def containers(n: int, base: Path = DATA) -> Path:
     """`n` webdataset-style tar containers of 2 tiny JPEGs each (one tar, hardlinked)."""
     one = base / "one.tar"
@@ -160,7 +174,8 @@ def containers(n: int, base: Path = DATA) -> Path:
 
 
 # The launches measured, by name: the stage, and its input of N files.
-INPUTS = {"label": images, "label-tar": containers, "balance": labels, "shard": selection}
+INPUTS = {"label": images, "label-tar": containers, "balance": labels, "shard": selection,
+          "balance-plain": plain_labels, "shard-plain": plain_selection}
 LAUNCHES = tuple(INPUTS)
 
 

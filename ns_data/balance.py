@@ -104,7 +104,7 @@ class RunContext:
     output: StageOutput
     run_id: str
     spill: bool  # keys cross the shuffles through spill files in the temp dir (ns_data.spill)
-    total_rows: int  # the input's rows: as the label markers count them, else estimated from the inputs' bytes
+    total_rows: int  # the input's rows: as the label markers count them, else estimated (reading.TableInputs)
     # The teacher's identity (class names) as the input records it (reading.resolve_inputs), for stats.json; only
     # the last step's copy of the context holds it (Balance.expand), and `schema` has it in brief.
     teacher: dict | None = None
@@ -115,10 +115,11 @@ class RunContext:
 
     def read_units(self) -> ReadUnits:
         """The transform that makes the work units in the pipeline."""
-        return ReadUnits(self.inputs, contract.LABELS, *INPUT_CHECKS)
+        return ReadUnits(self.inputs, contract.LABELS, *INPUT_CHECKS, listing_dir=self.output.tmp_dir)
 
-    def dedup_buckets(self) -> int:
-        return max(1, -(-self.total_rows // self.options.dedup_bucket_rows))
+    def dedup_buckets(self, rows: int) -> int:
+        """Buckets for `rows` input rows (counted in the pipeline from the units' footers)."""
+        return max(1, -(-rows // self.options.dedup_bucket_rows))
 
     def keys_path(self, unit: WorkUnit) -> str:
         """The scan's file of a unit's candidate keys."""
@@ -221,9 +222,9 @@ class ScanFn(_TrimmingDoFn):
         self.ctx = ctx
         self.rows = Metrics.counter(NAMESPACE, "rows_read")
 
-    def process(self, unit: WorkUnit):
+    def process(self, unit: WorkUnit, rows: int):
         opts = self.ctx.options
-        buckets = np.uint64(self.ctx.dedup_buckets())
+        buckets = np.uint64(self.ctx.dedup_buckets(rows))
         keys = spill.Sender(self.ctx.keys_path(unit))
         unit_hashes = []
         for start, _, kb in _key_batches(self.ctx, unit, None, "scan"):
@@ -578,7 +579,11 @@ class Balance(beam.PTransform):
         ctx = dataclasses.replace(self.ctx, teacher=None)  # the workers' copy: the teacher is finalize's alone
         opts = ctx.options
         as_single = beam.pvalue.AsSingleton
-        scanned = units | "Scan" >> beam.ParDo(ScanFn(ctx)).with_outputs(ScanFn.HASHES, main="hist")
+        rows = (units
+                | "UnitRows" >> beam.Map(lambda u: u.num_rows)
+                | "SumRows" >> beam.CombineGlobally(sum))
+        scanned = units | "Scan" >> beam.ParDo(ScanFn(ctx), as_single(rows)).with_outputs(ScanFn.HASHES,
+                                                                                           main="hist")
         repeated = (
             scanned[ScanFn.HASHES]
             | "GroupHashBuckets" >> beam.GroupByKey()

@@ -323,3 +323,13 @@ def input_files(item: str, is_output: bool, kind: OutputKind) -> list[tuple[str,
     if is_output:
         return fs.match(fs.join(item, kind.data_pattern))
     return [(p, n) for p, n in fs.list_files(item) if p.endswith(".parquet")]
+
+
+def some_input_files(item: str, is_output: bool, kind: OutputKind, limit: int) -> list[tuple[str, int]]:
+    """(path, size) of at most `limit` of an input's Parquet files, in the order the filesystem lists them: a
+    listing that stops early (a launcher's check); `input_files` finds them all."""
+    if is_output:
+        return fs.match_some(fs.join(item, kind.data_pattern), limit)
+    if fs.is_glob(item) or fs.is_file(item):
+        return [(p, n) for p, n in fs.match_some(item, limit) if p.endswith(".parquet")]
+    return fs.match_some(fs.join(item.rstrip("/"), "**.parquet"), limit)

@@ -56,6 +56,12 @@ def match(pattern: str) -> list[tuple[str, int]]:
     return sorted((m.path, m.size_in_bytes) for m in FileSystems.match([pattern])[0].metadata_list)
 
 
+def match_some(pattern: str, limit: int) -> list[tuple[str, int]]:
+    """(path, size) of at most `limit` files matching a glob, in the filesystem's listing order: the listing
+    stops once it has them."""
+    return [(m.path, m.size_in_bytes) for m in FileSystems.match([pattern], [limit])[0].metadata_list]
+
+
 def is_file(path: str) -> bool:
     """A file (locally), or an object (object stores, where `exists` is true for objects only)."""
     return os.path.isfile(path) if is_local(path) else exists(path)

@@ -3,7 +3,7 @@
     input patterns -> sources.PlanUnits (listing, Parquet footers, work units: inside the pipeline) -> units
     without a marker -> LabelUnitFn: read, decode ahead in threads, the teacher's eval transform, the teacher
     in batches -> the unit's labels and errors files, then its marker -> once all are done, the units' files
-    merged into output files of about TARGET_FILE_BYTES -> finalize (one listing of the markers)
+    merged into output files of about TARGET_FILE_BYTES -> finalize (the units' counts combined in the pipeline)
 
 The launcher lists nothing (sources.plan_inputs checks each input with a bounded listing), and the job holds
 the patterns and options only, so launching costs the same for a hundred images or a billion.
@@ -14,7 +14,7 @@ the unit is done, named by a digest of the unit's key (`unit-<digest>.labels.par
 the listing, not of --batch-size nor of the workers, so a killed run started again with the same command (any
 --batch-size) labels only the units without a marker, found by one listing of the temp dir. The run's
 fingerprint holds the input patterns, not the files they match: the first run records its listing's count of
-units and bytes in the temp dir (`listing.json`), and a resumed run whose listing differs stops with an error
+units and bytes in the temp dir (`outputs.check_listing`), and a resumed run whose listing differs stops with an error
 before it labels anything (a changed file of the same size is not seen). The model is built once per worker
 process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNNN.parquet`,
 `errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
@@ -43,11 +43,11 @@ from apache_beam.metrics import Metrics
 
 from ns_data import contract, fs
 from ns_data.images import DEFAULT_MAX_PIXELS, DecodeError
-from ns_data.outputs import COMPLETE, RESUME, StageOutput
+from ns_data.outputs import COMPLETE, RESUME, StageOutput, check_listing
 from ns_data.progress import Progress
 from ns_data.runner import SumCounts, add_counts, after_all
 from ns_data.sources import ImageRecord, ImageUnit, PlanUnits, ReadSettings, plan_inputs, read_unit
-from ns_data.stage import InputError, OptionsError
+from ns_data.stage import OptionsError
 
 NAMESPACE = "ns_data.label"
 
@@ -162,7 +162,6 @@ class LabelContext:
                                              contract.INPUT: self.settings.as_metadata()})
 
 
-LISTING = "listing.json"  # in the temp dir: what the first run of this fingerprint listed
 TARGET_FILE_BYTES = 64 * 2**20  # units' files are merged into output files of about this size
 
 
@@ -188,26 +187,9 @@ def unit_file(name: str, kind: str) -> str:
 
 
 def finished_units(tmp_dir: str):
-    """(unit name, None) for every unit with a marker: one listing of the temp dir."""
+    """(unit name, its counts) for every unit with a marker: one listing of the temp dir."""
     for path in fs.list_dir(tmp_dir, unit_marker_pattern()):
-        yield parse_marker(fs.name(path))[0], None
-
-
-def check_listing(summary: tuple[int, int], tmp_dir: str) -> int:
-    """Records the listing's (units, bytes) on a run's first pass; on a resumed run, stops if they differ from
-    the recorded ones (the inputs changed under the same patterns). Returns the number of units."""
-    units, nbytes = summary
-    path = fs.join(tmp_dir, LISTING)
-    now = {"units": units, "bytes": nbytes}
-    if fs.exists(path):
-        before = fs.read_json(path)
-        if before != now:
-            raise InputError(f"the inputs changed since the interrupted run in {tmp_dir} began ({before['units']:,} "
-                             f"units of {before['bytes']:,} bytes then, {units:,} of {nbytes:,} now); pass "
-                             "--overwrite to label them from the start")
-    else:
-        fs.write_json(path, now)
-    return units
+        yield parse_marker(fs.name(path))
 
 
 def _add_pairs(pairs) -> tuple[int, int]:
@@ -396,12 +378,14 @@ def merge_files(plan: tuple[str, int, list[str]], tmp_dir: str) -> tuple[str, in
     return kind, number, path
 
 
-def finalize(ctx: LabelContext, counts_this_run: dict, units: int, merged: list[tuple[str, int, str]]) -> str:
-    """Moves the merged files into place under their final names, then writes stats.json. The units' counts
-    come from one listing of their markers' names."""
+def finalize(ctx: LabelContext, counts_this_run: dict, counts_before: dict, units: int,
+             merged: list[tuple[str, int, str]]) -> str:
+    """Moves the merged files into place under their final names, then writes stats.json. The counts are
+    combined in the pipeline: those of the units this run labeled, and those of the units an interrupted run
+    finished (from the names of their markers, listed once when the run began)."""
     out, total = ctx.output, {"labeled": 0, "errors": {}}
-    for counts in _done_units(out.tmp_dir).values():
-        add_counts(total, counts)
+    for counts in (counts_this_run, counts_before):
+        add_counts(total, {"labeled": counts.get("labeled", 0), "errors": counts.get("errors", {})})
     moves = [(path, (contract.LABELS.data_name if kind == "labels" else contract.LABELS.errors_name)(number))
              for kind, number, path in sorted(merged)]
     errors = sum(total["errors"].values())
@@ -443,8 +427,12 @@ class Label(beam.PTransform):
         finished = (units.pipeline
                     | "FinishedTrigger" >> beam.Create([tmp_dir])
                     | "ListFinished" >> beam.FlatMap(finished_units))
+        done = finished | "FinishedNames" >> beam.Map(lambda named: (named[0], None))
+        counts_before = (finished
+                         | "FinishedCounts" >> beam.Map(lambda named: named[1])
+                         | "SumFinished" >> beam.CombineGlobally(SumCounts()))
         pending = units | "SkipFinished" >> beam.Filter(lambda u, done, _: u.name not in done,
-                                                          beam.pvalue.AsDict(finished), beam.pvalue.AsSingleton(checked))
+                                                          beam.pvalue.AsDict(done), beam.pvalue.AsSingleton(checked))
         counts = (pending
                   | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
@@ -455,7 +443,8 @@ class Label(beam.PTransform):
                   | "SpreadMerges" >> beam.Reshuffle()
                   | "Merge" >> beam.Map(merge_files, tmp_dir))
         return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsSingleton(counts),
-                         beam.pvalue.AsSingleton(checked), beam.pvalue.AsList(merged))
+                         beam.pvalue.AsSingleton(counts_before), beam.pvalue.AsSingleton(checked),
+                         beam.pvalue.AsList(merged))
 
 
 # ------------------------------------------------------------------------------------------- running

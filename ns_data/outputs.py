@@ -27,10 +27,11 @@ import time
 from dataclasses import dataclass
 
 from ns_data import contract, fs, lease
-from ns_data.stage import OutputExists
+from ns_data.stage import InputError, OutputExists
 
 PLAN = "plan.json"
 PUBLISHING = "publishing.json"  # the moves and the marker of a publish under way
+LISTING = "listing.json"  # what the first run of a fingerprint listed of its inputs
 NEW, RESUME, COMPLETE = "new", "resume", "complete"
 
 
@@ -40,6 +41,25 @@ def already_complete(output: str) -> str:
 
 def resuming(output: str, stage: str) -> str:
     return f"{stage}: finishing an interrupted run in {output}"
+
+
+def check_listing(summary: tuple[int, int], tmp_dir: str, counted: str = "units") -> int:
+    """For a run whose fingerprint holds its input patterns, not the files they match: records the listing's
+    (number of `counted` things, bytes) in the temp dir (LISTING) on the run's first pass; on a resumed run,
+    stops with an error if they differ from the recorded ones (the inputs changed under the same patterns; a
+    changed file of the same size is not seen). Returns the number."""
+    count, nbytes = summary
+    path = fs.join(tmp_dir, LISTING)
+    now = {counted: count, "bytes": nbytes}
+    if fs.exists(path):
+        before = fs.read_json(path)
+        if before != now:
+            raise InputError(f"the inputs changed since the interrupted run in {tmp_dir} began "
+                             f"({before.get(counted, 0):,} {counted} of {before.get('bytes', 0):,} bytes then, "
+                             f"{count:,} of {nbytes:,} now); pass --overwrite to start over")
+    else:
+        fs.write_json(path, now)
+    return count
 
 
 @dataclass(frozen=True)

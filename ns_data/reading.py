@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ns_data import contract, fs
+from ns_data.outputs import check_listing
 from ns_data.stage import InputError
 
 
@@ -101,18 +102,22 @@ def _runs_of_files(unit: WorkUnit) -> list[tuple[str, list[int]]]:
 # ------------------------------------------------------------------------------------------- inputs
 
 
+LAUNCH_CHECK_FILES = 1000  # Parquet files the launcher lists of a plain Parquet input, at most
+
+
 @dataclass(frozen=True)
 class TableInputs:
-    """The Parquet inputs of a stage as the launcher resolves them, without listing a stage output's files; what
-    the job carries of them (no file list).
+    """The Parquet inputs of a stage as the launcher resolves them, without listing them; what the job carries
+    of them (no file list).
 
     `items`: (input as an absolute path or glob, whether it is a complete output of the previous stage: its
     data files are read). `marker_rows`: the rows the markers of those outputs count (None when an input is
-    plain Parquet); `estimated_rows`: those plus, for plain Parquet inputs, their bytes times the rows per byte
-    of a checked file. `schema`: the schema of `first`, whose footer the launcher read, with the teacher in
-    brief (contract.with_footer_teacher; resolve_inputs returns the whole identity apart, so that the steps
-    that carry the inputs do not carry class names); the launcher reads one footer per input, every other file
-    is checked in the pipeline (ReadUnits)."""
+    plain Parquet); `estimated_rows`: those plus, for plain Parquet inputs, the bytes of the files the launcher
+    listed (at most LAUNCH_CHECK_FILES an input: a lower bound for larger inputs) times the rows per byte of a
+    checked file. `schema`: the schema of `first`, whose footer the launcher read, with the teacher in brief
+    (contract.with_footer_teacher; resolve_inputs returns the whole identity apart, so that the steps that carry
+    the inputs do not carry class names); the launcher reads one footer per input, every other file is listed
+    and checked in the pipeline (ReadUnits)."""
 
     items: tuple[tuple[str, bool], ...]
     schema: pa.Schema
@@ -124,24 +129,25 @@ class TableInputs:
 def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: tuple[str, ...],
                    reserved: tuple[str, ...] = (), hint: str = ""
                    ) -> tuple[TableInputs, list[dict], list[tuple], dict | None]:
-    """Each input checked on the launcher: a complete `kind` output by its marker (its `rows_key` counts its
-    rows) and the footer of its first data file; any other input listed (a glob, a file, Parquet files below a
-    directory) and the footer of its first file read. Fails with one line before any output is touched.
-    Returns the inputs, the markers read, what identifies the inputs for a fingerprint ((output, its marker's
-    fingerprint) for a stage output, (file, size) for each plain Parquet file), and the teacher's identity of
-    the input that holds `first` (contract.teacher_of: its marker's, else its footer's; None when neither
-    records one)."""
+    """Each input checked on the launcher at a cost that does not grow with it: a complete `kind` output by its
+    marker (its `rows_key` counts its rows) and the footer of its first data file; any other input (a glob, a
+    file, Parquet files below a directory) by a listing that stops after LAUNCH_CHECK_FILES Parquet files and
+    the footer of the first of them. Fails with one line before any output is touched. Returns the inputs, the
+    markers read, what identifies the inputs for a fingerprint: (output, its marker's fingerprint) for a stage
+    output, (input, "parquet") for plain Parquet: the pattern, not the files it matches (ReadUnits records the
+    run's listing and stops a resumed run whose listing differs), and the teacher's identity of the input that
+    holds `first` (contract.teacher_of: its marker's, else its footer's; None when neither records one)."""
     if not inputs:
         raise InputError("no input given")
     items, markers, parts, first_files = [], [], [], []
     marker_of: dict[str, dict] = {}  # the marker of the output each first file belongs to
-    marker_rows, plain_bytes = 0, 0
+    marker_rows, plain_bytes, plain = 0, 0, None
     for item in inputs:
         marker = contract.stage_output(item, kind)
         if marker is not None:
             first = fs.join(item, kind.data_name(0))
             if not fs.exists(first):
-                listed = contract.input_files(item, True, kind)
+                listed = contract.some_input_files(item, True, kind, 1)
                 if not listed:
                     raise InputError(f"input not found or empty: {item}")
                 first = listed[0][0]
@@ -152,12 +158,13 @@ def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: t
             first_files.append(first)
             marker_of[first] = marker
             continue
-        files = contract.input_files(item, False, kind)
+        files = sorted(contract.some_input_files(item, False, kind, LAUNCH_CHECK_FILES))
         if not files:
             raise InputError(f"input not found or empty: {item}")
         items.append((fs.absolute(item), False))
-        parts.extend((fs.absolute(p), n) for p, n in files)
+        parts.append((fs.absolute(item), "parquet"))
         plain_bytes += sum(n for _, n in files)
+        plain = files[0]
         first_files.append(files[0][0])
     schema, first = None, None
     for path in sorted(first_files):  # the schema of the first file in path order, as when all are listed
@@ -165,12 +172,11 @@ def resolve_inputs(inputs, kind: contract.OutputKind, rows_key: str, required: t
         if schema is None:
             schema, first = file_schema, path
     estimated = marker_rows
-    if plain_bytes:
-        meta = open_parquet(first_files[-1]).metadata
-        estimated += int(plain_bytes * meta.num_rows / max(1, fs.size(first_files[-1])))
+    if plain is not None:
+        estimated += int(plain_bytes * open_parquet(plain[0]).metadata.num_rows / max(1, plain[1]))
     teacher = contract.teacher_of(marker_of.get(first), schema)
     return (TableInputs(items=tuple(items), schema=contract.with_footer_teacher(schema), first=first,
-                        marker_rows=None if plain_bytes else marker_rows, estimated_rows=estimated),
+                        marker_rows=None if plain is not None else marker_rows, estimated_rows=estimated),
             markers, parts, teacher)
 
 
@@ -189,22 +195,24 @@ def check_footer(path: str, required: tuple[str, ...], reserved: tuple[str, ...]
     return file_schema, meta_file.metadata
 
 
-def list_item(item: tuple[str, bool], kind: contract.OutputKind) -> list[str]:
-    """The Parquet files of one resolved input (absolute paths)."""
+def list_item(item: tuple[str, bool], kind: contract.OutputKind) -> list[tuple[str, int]]:
+    """(absolute path, size) of the Parquet files of one resolved input."""
     path, is_output = item
-    return [fs.absolute(p) for p, _ in contract.input_files(path, is_output, kind)]
+    return [(fs.absolute(p), n) for p, n in contract.input_files(path, is_output, kind)]
 
 
 class ReadUnits(beam.PTransform):
     """A pipeline's root in, its work units out: the inputs listed, every footer read and checked against the
     launcher's schema, the row groups taken in file order (the order of `inspect_inputs`) and cut into units of
     about `unit_bytes` (default UNIT_BYTES). The job carries only the inputs as given; the listing and the
-    footers are pipeline data."""
+    footers are pipeline data. With `listing_dir` (the run's temp dir), the listing's files and bytes are
+    checked there first (outputs.check_listing): a resumed run whose inputs changed stops before any unit."""
 
     def __init__(self, inputs: TableInputs, kind: contract.OutputKind, required: tuple[str, ...],
-                 reserved: tuple[str, ...] = (), hint: str = "", unit_bytes: int | None = None):
+                 reserved: tuple[str, ...] = (), hint: str = "", unit_bytes: int | None = None,
+                 listing_dir: str | None = None):
         super().__init__()
-        self.inputs, self.kind, self.unit_bytes = inputs, kind, unit_bytes
+        self.inputs, self.kind, self.unit_bytes, self.listing_dir = inputs, kind, unit_bytes, listing_dir
         self.check = (required, reserved, hint)
 
     def expand(self, root):
@@ -213,7 +221,7 @@ class ReadUnits(beam.PTransform):
                  | "Inputs" >> beam.Create(list(inputs.items))
                  | "ListInputs" >> beam.FlatMap(list_item, kind)
                  | "CollectFiles" >> beam.combiners.ToList()
-                 | "SortFiles" >> beam.Map(lambda paths: sorted(set(paths))))
+                 | "SortFiles" >> beam.Map(_checked_listing, self.listing_dir))
         footers = (files
                    | "NumberFiles" >> beam.FlatMap(lambda paths: list(enumerate(paths)))
                    | "SpreadFiles" >> beam.Reshuffle()
@@ -221,6 +229,15 @@ class ReadUnits(beam.PTransform):
         return (footers
                 | "CollectFooters" >> beam.combiners.ToList()
                 | "NumberUnits" >> beam.FlatMap(_number_units, self.unit_bytes or UNIT_BYTES))
+
+
+def _checked_listing(found: list[tuple[str, int]], listing_dir: str | None) -> list[str]:
+    """The listed files' paths, sorted, once (with `listing_dir`) their number and bytes are those the run's
+    first pass recorded."""
+    found = sorted(set(found))
+    if listing_dir is not None:
+        check_listing((len(found), sum(n for _, n in found)), listing_dir, "files")
+    return [path for path, _ in found]
 
 
 def _row_groups(indexed: tuple[int, str], check: tuple, schema: pa.Schema, first: str

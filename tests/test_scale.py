@@ -168,3 +168,46 @@ def test_launch_requests_do_not_grow_with_input_files(stage):
     assert b["requests"] <= a["requests"] + 2, (
         f"{stage}: the launch made {a['requests']} requests for {FEW} input files, {b['requests']} for {MORE}; "
         f"by kind {a['by_kind']} -> {b['by_kind']}")
+
+
+# --------------------------------------------------------------------- growth: plain Parquet inputs' launch
+
+PLAIN = ("balance-plain", "shard-plain")
+
+
+@pytest.mark.parametrize("launch", PLAIN)
+def test_a_launch_over_plain_parquet_files_does_not_grow_with_them(launch, graph_bytes, tmp_path, monkeypatch):
+    """balance and shard over a directory of plain Parquet files (no marker): Dataflow dry runs over 300 and
+    3,000 files list the same number of files and open the same number of Parquet files on the launcher (the
+    listing stops after reading.LAUNCH_CHECK_FILES, set to 100 here; one footer and a bounded sample are read),
+    and the job graph is at most 1% larger. (A launcher that lists or opens every file fails this.)"""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    from ns_data import reading
+
+    monkeypatch.setattr(reading, "LAUNCH_CHECK_FILES", 100)
+    listed, opened = [], []
+    match = FileSystems.match
+    monkeypatch.setattr(FileSystems, "match", staticmethod(
+        lambda patterns, limits=None: [listed.append(len(r.metadata_list)) or r for r in match(patterns, limits)]))
+
+    class CountedParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            opened.append(source)
+            super().__init__(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", CountedParquetFile)
+    stage = scale.stage_of(launch)
+    seen = []
+    for n in (SMALL, LARGE):
+        inputs = scale.INPUTS[launch](n, tmp_path)
+        listed.clear()
+        opened.clear()
+        seen.append((graph_bytes(stage, inputs, tmp_path / f"out-{n}"), sum(listed), len(opened)))
+    (small, listed_small, opened_small), (large, listed_large, opened_large) = seen
+    assert (listed_large, opened_large) == (listed_small, opened_small), (
+        f"{launch}: the launcher listed {listed_small:,} files and opened {opened_small} at {SMALL} input files, "
+        f"{listed_large:,} and {opened_large} at {LARGE}")
+    assert opened_small <= 4 and listed_small <= 200  # a footer, a sample; the first 100 files
+    assert large <= small * 1.01, f"{launch}: {small:,} bytes at {SMALL} files, {large:,} at {LARGE}"

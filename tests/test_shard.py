@@ -466,8 +466,8 @@ def test_nothing_readable_and_bad_options_fail_before_the_run(corpus, tmp_path):
         run(write_selection(tmp_path / "sel", gone), tmp_path / "out", num_shards=2)
     with pytest.raises(OptionsError, match="only one of"):
         run(corpus["selection"], tmp_path / "o", num_shards=2, records_per_shard=10)
-    with pytest.raises(OptionsError, match="more than the"):
-        run(corpus["selection"], tmp_path / "o", num_shards=10_000)
+    with pytest.raises(OptionsError, match="more than the"):  # totals in the marker: said by the launcher
+        run(with_totals(corpus, tmp_path / "totals"), tmp_path / "o", num_shards=10_000)
     with pytest.raises(OptionsError, match="--num-classes"):
         run(corpus["selection"], tmp_path / "o", num_classes=None)
     with pytest.raises(OptionsError, match="as a size"):
@@ -616,7 +616,7 @@ def test_rows_of_loose_files_cross_the_shuffle_without_schema_metadata(tmp_path)
 
     from ns_data.reading import inspect_inputs
     from ns_data.shard.pipeline import ReadSelectionFn
-    from ns_data.shard.plan import prepare
+    from ns_data.shard.plan import make_plan, prepare
 
     images = write_images(str(tmp_path / "images"), 6, width=32, height=24)
     n = len(images)
@@ -631,7 +631,8 @@ def test_rows_of_loose_files_cross_the_shuffle_without_schema_metadata(tmp_path)
                   local_runner=False)
     assert not ctx.spill and len(json.dumps(ctx.teacher)) > 15_000
     _, units = inspect_inputs(glob.glob(os.path.join(selection, "*.parquet")), contract.READ_BACK_COLUMNS)
-    rows = [e for e in ReadSelectionFn(ctx).process(units[0]) if not isinstance(e, beam_tagged())]
+    plan = ctx.plan() or make_plan((n, n, n), ctx.options, ctx.record_bytes)  # what the pipeline counts
+    rows = [e for e in ReadSelectionFn(ctx).process(units[0], plan) if not isinstance(e, beam_tagged())]
     assert rows and all(batch.schema.metadata is None for _, batch in rows)
     assert all(len(pickle.dumps(e)) < 2_000 for e in rows)
 
@@ -644,7 +645,8 @@ def beam_tagged():
 
 def test_the_launcher_reads_a_bounded_sample_of_a_balance_output_with_totals(tmp_path, monkeypatch):
     """A balance output whose stats.json counts rows and copies: prepare takes the totals from it and reads at
-    most SAMPLE_UNITS row groups (for the image sample), however many the selection has."""
+    most SAMPLE_UNITS row groups (for the image sample), however many the selection has; without the totals it
+    reads as much and leaves the counting to the pipeline."""
     from ns_data.shard import plan
 
     images = write_images(str(tmp_path / "images"), 4, width=32, height=24)
@@ -664,7 +666,72 @@ def test_the_launcher_reads_a_bounded_sample_of_a_balance_output_with_totals(tmp
     ctx = plan.prepare(ShardOptions(inputs=(selection,), output=str(tmp_path / "out"), num_classes=10))
     assert len(read) == plan.SAMPLE_UNITS
     assert (ctx.total_rows, ctx.valid_rows, ctx.total_records) == (n, n, copies)
-    read.clear()  # a marker without the copies: every row group is read
+    read.clear()  # a marker without the copies: the same sample, and the pipeline counts the rows
     (tmp_path / "sel" / "stats.json").write_text(json.dumps({"stage": "balance", "selected_rows": n}))
     ctx = plan.prepare(ShardOptions(inputs=(selection,), output=str(tmp_path / "out2"), num_classes=10))
-    assert len(read) == 80 and ctx.total_records == copies
+    assert len(read) == plan.SAMPLE_UNITS and ctx.total_records is None and ctx.plan() is None
+
+
+def with_totals(corpus, directory) -> str:
+    """The corpus's selection as a balance output whose stats.json counts its rows and copies, as balance writes
+    it: the launcher takes the totals from the marker."""
+    table = corpus["table"]
+    selection = write_selection(directory, table)
+    copies = int(pc.sum(table.column("copies")).as_py())
+    with open(os.path.join(selection, contract.SELECTION.marker), "w") as f:
+        json.dump({"stage": "balance", "selected_rows": table.num_rows, "total_copies": copies}, f)
+    return selection
+
+
+def plain_parts(table: pa.Table, directory, files: int = 3) -> str:
+    """`table` as `files` plain Parquet files (no marker) in `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(table.num_rows), files)):
+        pq.write_table(table.take(pa.array(part)), os.path.join(str(directory), f"part-{i}.parquet"),
+                       row_group_size=20)
+    return str(directory)
+
+
+def test_plain_parquet_is_counted_in_the_pipeline_with_the_same_shards(corpus, sharded, tmp_path, monkeypatch):
+    """Plain Parquet files: the launcher lists at most LAUNCH_CHECK_FILES of them and reads a sample of one; the
+    pipeline counts the rows and records and decides the shards. The shards are byte for byte those of the
+    selection whose marker gives the totals to the launcher; a bad --num-shards is found by the count."""
+    from ns_data import reading
+    from ns_data.shard import plan
+
+    plain = plain_parts(corpus["table"], tmp_path / "plain")
+    monkeypatch.setattr(reading, "LAUNCH_CHECK_FILES", 2)  # fewer than the files: the launcher's listing stops
+    ctx = plan.prepare(ShardOptions(inputs=(plain,), output=str(tmp_path / "ctx"), num_shards=7,
+                                    num_classes=CLASSES), echo=lambda m: None)
+    assert ctx.plan() is None and ctx.num_shards is None and ctx.total_records is None
+    manifest, _ = run(plain, tmp_path / "out", num_shards=7)
+    launched, _ = run(with_totals(corpus, tmp_path / "totals"), tmp_path / "launched", num_shards=7)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "launched") == shard_bytes(sharded[0])
+    assert (manifest["input"]["rows"], manifest["input"]["records"], manifest["num_shards"]) == (
+        launched["input"]["rows"], launched["input"]["records"], 7)
+    with pytest.raises(Exception, match="more than the"):
+        run(plain, tmp_path / "toomany", num_shards=10_000)
+    assert not glob.glob(str(tmp_path / "toomany" / "train-*"))
+
+
+def test_a_resumed_plain_parquet_run_whose_files_changed_stops(corpus, tmp_path, monkeypatch):
+    """The fingerprint holds the input pattern; the first run records its listing (files, bytes) in the temp
+    dir, and a resumed run whose listing differs stops before any shard is written."""
+    from ns_data.shard import pipeline
+
+    plain = plain_parts(corpus["table"], tmp_path / "plain")
+    finalize = pipeline.finalize
+    monkeypatch.setattr(pipeline, "finalize", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(Exception, match="killed"):
+        run(plain, tmp_path / "out", num_shards=3)
+    monkeypatch.setattr(pipeline, "finalize", finalize)
+    listing = json.loads((tmp_path / "out" / ".tmp-shard" / "listing.json").read_text())
+    assert listing["files"] == 3
+    written = shard_bytes(tmp_path / "out")
+    pq.write_table(corpus["table"].slice(0, 5), tmp_path / "plain" / "part-9.parquet")
+    with pytest.raises(Exception, match="the inputs changed since the interrupted run"):
+        run(plain, tmp_path / "out", num_shards=3)
+    assert shard_bytes(tmp_path / "out") == written
+    os.remove(tmp_path / "plain" / "part-9.parquet")  # the same files again: the run is finished
+    manifest, wrote = run(plain, tmp_path / "out", num_shards=3)
+    assert wrote and manifest["resumed_shards"] == 3 and manifest["input"]["rows"] == corpus["table"].num_rows

@@ -97,7 +97,8 @@ def run_shard(opts: ShardOptions, beam_args: list[str] | None = None, echo=print
     if ctx is None:
         echo(already_complete(opts.output))
     else:
-        workers = None if ctx.valid_rows >= MIN_IMAGES_FOR_WORKERS else 1
+        images = ctx.valid_rows if ctx.valid_rows is not None else ctx.inputs.estimated_rows
+        workers = None if images >= MIN_IMAGES_FOR_WORKERS else 1
         if not run_stage("Shard", ctx.read_units(), Shard(ctx), beam_args, local_workers=workers, compact=True):
             return None, True
     return SHARDS.check_complete(opts.output), ctx is not None

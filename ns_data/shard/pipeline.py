@@ -17,7 +17,8 @@ from ns_data.reading import WorkUnit
 from ns_data.runner import SumCounts, after_all
 from ns_data.shard.manifest import ShardInfos, finalize
 from ns_data.shard.placement import group_keys, group_starts, place_records
-from ns_data.shard.plan import ShardContext, read_rows, row_error_detail, row_reasons
+from ns_data.shard.plan import (ShardContext, add_totals, count_unit, make_plan, read_rows, row_error_detail,
+                                row_reasons)
 from ns_data.shard.records import copy_feature, shared_features
 from ns_data.shard.writing import open_spill_file, read_shard_info, write_shard
 from ns_data.sources import read_back
@@ -38,19 +39,20 @@ class ReadSelectionFn(beam.DoFn):
     def __init__(self, ctx: ShardContext):
         self.ctx = ctx
 
-    def process(self, unit: WorkUnit):
-        table = read_rows(unit, self.ctx.columns)
-        reasons = row_reasons(table, self.ctx.num_classes)
+    def process(self, unit: WorkUnit, plan: dict):
+        ctx = self.ctx.planned(plan)
+        table = read_rows(unit, ctx.columns)
+        reasons = row_reasons(table, ctx.num_classes)
         invalid = np.flatnonzero(reasons != "")
         if len(invalid):
             yield from self._errors(table.take(pa.array(invalid)).to_pylist(), reasons[invalid])
             table = table.filter(pa.array(reasons == ""))
-        keys = group_keys(table, self.ctx.file_groups).dictionary_encode()
+        keys = group_keys(table, ctx.file_groups).dictionary_encode()
         codes = keys.indices.to_numpy(zero_copy_only=False)
         order = np.argsort(codes, kind="stable")
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         copies = table.column("copies").to_numpy()
-        sender = spill.Sender(self.ctx.spill_path(f"rows-{unit.index:06d}"))
+        sender = spill.Sender(ctx.spill_path(f"rows-{unit.index:06d}"))
         for part in np.split(order, bounds) if len(order) else []:
             key = keys.dictionary[int(codes[part[0]])].as_py()
             sender.send(key, table.take(pa.array(part)).combine_chunks().to_batches()[0])
@@ -81,9 +83,9 @@ class FetchFn(beam.DoFn):
     def setup(self):
         self._progress = self.ctx.progress()
 
-    def process(self, group, starts: dict[str, int]):
+    def process(self, group, starts: dict[str, int], plan: dict):
         key, parts = group
-        ctx, opts = self.ctx, self.ctx.options
+        ctx, opts = self.ctx.planned(plan), self.ctx.options
         table = pa.Table.from_batches(spill.receive(parts))
         table = table.take(pc.sort_indices(table, [("id", "ascending")]))
         placed = place_records(table, starts[key], ctx.num_shards, opts.seed)
@@ -176,10 +178,10 @@ class WriteShardFn(beam.DoFn):
         self.ctx = ctx
         self.shards = Metrics.counter(NAMESPACE, "shards_written")
 
-    def process(self, shard_and_records):
+    def process(self, shard_and_records, plan: dict):
         shard, records = shard_and_records
         records = spilled_records(list(records)) if self.ctx.spill else list(records)
-        info = write_shard(self.ctx, shard, records)
+        info = write_shard(self.ctx.planned(plan), shard, records)
         self.shards.inc()
         del records
         release_freed_memory()
@@ -195,7 +197,15 @@ class Shard(beam.PTransform):
 
     def expand(self, units):
         ctx = dataclasses.replace(self.ctx, teacher=None)  # the workers' copy: the teacher is finalize's alone
-        selected = units | "ReadSelection" >> beam.ParDo(ReadSelectionFn(ctx)).with_outputs(
+        if ctx.plan() is not None:
+            plan = units.pipeline | "Plan" >> beam.Create([ctx.plan()])
+        else:  # the selection counted here, before any row is read for writing
+            plan = (units
+                    | "CountSelection" >> beam.Map(count_unit, ctx.columns, ctx.num_classes)
+                    | "SumSelection" >> beam.CombineGlobally(add_totals)
+                    | "Plan" >> beam.Map(make_plan, ctx.options, ctx.record_bytes, ctx.output))
+        plan = beam.pvalue.AsSingleton(plan)
+        selected = units | "ReadSelection" >> beam.ParDo(ReadSelectionFn(ctx), plan).with_outputs(
             RECORDS, ERRORS, COUNTS, main="rows")
         starts = (selected[RECORDS]
                   | "SumRecordsPerGroup" >> beam.CombinePerKey(sum)
@@ -203,16 +213,16 @@ class Shard(beam.PTransform):
                   | "GroupStarts" >> beam.Map(group_starts))
         fetched = (selected["rows"]
                    | "GroupBySource" >> beam.GroupByKey()
-                   | "Fetch" >> beam.ParDo(FetchFn(ctx), beam.pvalue.AsSingleton(starts)).with_outputs(
+                   | "Fetch" >> beam.ParDo(FetchFn(ctx), beam.pvalue.AsSingleton(starts), plan).with_outputs(
                        ERRORS, COUNTS, main="records"))
         written = (fetched["records"]
                    | "GroupByShard" >> beam.GroupByKey()
-                   | "WriteShards" >> beam.ParDo(WriteShardFn(ctx)))
+                   | "WriteShards" >> beam.ParDo(WriteShardFn(ctx), plan))
         resumed = (units.pipeline  # the shards an interrupted run finished: their notes, read in parallel
                    | "ResumedTrigger" >> beam.Create([None])
-                   | "ResumedShards" >> beam.FlatMap(lambda _: sorted(ctx.done))
+                   | "ResumedShards" >> beam.FlatMap(lambda _, p: sorted(p["done"]), plan)
                    | "SpreadResumed" >> beam.Reshuffle()
-                   | "ReadResumedNotes" >> beam.Map(lambda shard: read_shard_info(ctx, shard)))
+                   | "ReadResumedNotes" >> beam.Map(lambda shard, p: read_shard_info(ctx.planned(p), shard), plan))
         infos = ((written, resumed)
                  | "AllShardInfos" >> beam.Flatten()
                  | "CombineShardInfos" >> beam.CombineGlobally(ShardInfos()))
@@ -225,9 +235,10 @@ class Shard(beam.PTransform):
                  | "DistinctFiles" >> beam.Distinct()
                  | "CollectInputFiles" >> beam.combiners.ToList())
         return after_all(units.pipeline, _finalize, self.ctx, beam.pvalue.AsSingleton(infos),
-                         beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(errors), beam.pvalue.AsSingleton(files))
+                         beam.pvalue.AsSingleton(counts), beam.pvalue.AsList(errors), beam.pvalue.AsSingleton(files),
+                         plan)
 
 
-def _finalize(ctx: ShardContext, infos, counts: dict, errors: list[dict], files: list[str]) -> str:
-    """finalize, with the input files the pipeline listed (the context carries none)."""
-    return finalize(dataclasses.replace(ctx, files=tuple(sorted(files))), infos, counts, errors)
+def _finalize(ctx: ShardContext, infos, counts: dict, errors: list[dict], files: list[str], plan: dict) -> str:
+    """finalize, with the run's plan and the input files the pipeline listed (the context carries none)."""
+    return finalize(dataclasses.replace(ctx.planned(plan), files=tuple(sorted(files))), infos, counts, errors)

@@ -1,7 +1,13 @@
 """Everything decided before any image is written: the selection read through the contract, its rows checked,
-the number of classes and of shards, the fingerprint, and the output's state (new, resumed or complete)."""
+the number of classes and of shards, the fingerprint, and the output's state (new, resumed or complete).
+
+The launcher reads a bounded part of the selection. When every input is a balance output whose marker counts its
+rows and copies, the totals (and so the number of shards) are the markers'; otherwise (plain Parquet files, a
+marker without them) the pipeline counts them (`count_unit`, `make_plan`) before any row is read for writing,
+and every step takes the run's plan as a side input (`ShardContext.planned`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -15,8 +21,7 @@ import pyarrow.compute as pc
 from ns_data import contract, fs
 from ns_data.outputs import COMPLETE, RESUME, StageOutput, resuming
 from ns_data.progress import Progress
-from ns_data.reading import (ReadUnits, TableInputs, WorkUnit, inspect_inputs, list_item, open_parquet,
-                             read_unit, resolve_inputs)
+from ns_data.reading import ReadUnits, TableInputs, WorkUnit, open_parquet, read_unit, resolve_inputs
 from ns_data.soft_labels import PROBABILITY_REASONS, probability_checks
 from ns_data.sources import read_back
 from ns_data.spill import use_files
@@ -48,27 +53,37 @@ CHECKED_COLUMNS = {NULL_ID: ("id",), NULL_SOURCE: ("source",), NULL_CONFIDENCE: 
 @dataclass(frozen=True)
 class ShardContext:
     """What the pipeline's steps share. No list of work units or files: the pipeline makes those
-    (reading.ReadUnits); `files` is filled in for the manifest, from the pipeline, when the run finishes."""
+    (reading.ReadUnits); `files` is filled in for the manifest, from the pipeline, when the run finishes. The
+    fields of PLAN_FIELDS are None when the pipeline counts the selection: a step then takes the run's plan as a
+    side input and works on `planned(plan)`."""
 
     options: ShardOptions
     output: StageOutput
     inputs: TableInputs
     columns: tuple[str, ...]  # selection columns read
     read_settings: dict  # how `label` read the images: sources.read_back's image_column and input_format
-    num_shards: int
+    num_shards: int | None
     num_classes: int | None
-    file_groups: int
-    total_rows: int  # rows of the selection
-    valid_rows: int  # rows that pass the row checks: images to read
-    total_records: int  # their copies: records to write
+    file_groups: int | None
+    total_rows: int | None  # rows of the selection
+    valid_rows: int | None  # rows that pass the row checks: images to read
+    total_records: int | None  # their copies: records to write
     files: tuple[str, ...]  # empty until the run's finalize step
-    done: frozenset[int]  # shards already in place from an interrupted run with the same fingerprint
+    done: frozenset[int] | None  # shards already in place from an interrupted run with the same fingerprint
+    record_bytes: float  # a record's estimated size (sampled images): the number of shards by bytes
     spill: bool  # records go through spill files in the temp dir; only references cross the Beam shuffle
     # The teacher's identity (class names) as the selection records it (reading.resolve_inputs), for the
     # manifest; only the last step's copy of the context holds it (Shard.expand).
     teacher: dict | None
     run_id: str
     started: float
+
+    def plan(self) -> dict | None:
+        """The launcher's plan (PLAN_FIELDS), or None when the pipeline makes it (make_plan)."""
+        return None if self.num_shards is None else {name: getattr(self, name) for name in PLAN_FIELDS}
+
+    def planned(self, plan: dict) -> "ShardContext":
+        return dataclasses.replace(self, **plan)
 
     def shard_name(self, shard: int) -> str:
         return contract.SHARDS.data_name(shard, self.num_shards)
@@ -86,11 +101,15 @@ class ShardContext:
 
     def read_units(self) -> ReadUnits:
         """The transform that makes the work units in the pipeline."""
-        return ReadUnits(self.inputs, contract.SELECTION, contract.READ_BACK_COLUMNS, hint=HINT)
+        return ReadUnits(self.inputs, contract.SELECTION, contract.READ_BACK_COLUMNS, hint=HINT,
+                         listing_dir=self.output.tmp_dir)
 
     def progress(self) -> Progress:
         return Progress(self.run_id, "shard", self.valid_rows, self.options.progress, unit="images",
                         shared_dir=self.output.tmp_dir)
+
+
+PLAN_FIELDS = ("num_shards", "file_groups", "total_rows", "valid_rows", "total_records", "done")
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -229,15 +248,19 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
         content = ()
     columns = contract.READ_BACK_COLUMNS + tuple(soft) + content
     small_columns = tuple(c for c in columns if c not in ("probs",) + content)  # all the row checks need
-    total_rows, valid_rows, total_records, sample = selection_totals(inputs, markers, small_columns, num_classes)
-    if total_records == 0:
-        raise InputError(f"the selection has no rows to write ({total_rows:,} rows, none valid)")
+    totals, sample = selection_totals(inputs, markers, small_columns, num_classes)
     record_bytes = check_sample(sample, read_settings) + 4 * (num_classes or 0) * opts.probabilities + 200
-    num_shards = resolve_num_shards(opts, total_records, record_bytes)
+    plan = dict.fromkeys(PLAN_FIELDS)
+    if totals is not None:
+        plan = make_plan(totals, opts, record_bytes)
     spill = use_files(opts.shuffle, local_runner, opts.output)
     if spill and not fs.is_local(opts.output):
         raise OptionsError("--shuffle files needs a local --output (spill files are read back at random)")
-    fingerprint = fs.fingerprint(identity, opts.placement(num_shards, num_classes))
+    # Counted in the pipeline, the number of shards follows from the inputs (their listing is checked on resume),
+    # the size options and the sampled record size.
+    sizing = () if totals is not None else ({"num_shards": opts.num_shards, "records_per_shard": opts.records_per_shard,
+                                             "max_shard_bytes": opts.max_shard_bytes, "record_bytes": record_bytes},)
+    fingerprint = fs.fingerprint(identity, opts.placement(plan["num_shards"], num_classes), *sizing)
     output = StageOutput(opts.output, contract.SHARDS.stage, contract.SHARDS.marker,
                          (contract.SHARDS.data_pattern, contract.SHARDS.errors_pattern), fingerprint)
     state = output.begin(opts.overwrite)
@@ -245,42 +268,65 @@ def prepare(opts: ShardOptions, echo=print, local_runner: bool = True) -> ShardC
         return None
     if not content:  # said once the run goes ahead (not by a run that refuses or finds its output complete)
         echo(f"warning: {contract.NO_FINGERPRINT}")
-    done: frozenset[int] = frozenset()
     if state == RESUME:
         fs.delete_dir(output.tmp(SPILL))  # an interrupted run's spill files: never read again
-        done = finished_shards(output, num_shards)
-        echo(resuming(opts.output, "shard") + f": {len(done)} of {num_shards} shards already written")
+        if totals is not None:
+            plan["done"] = finished_shards(output, plan["num_shards"])
+            echo(resuming(opts.output, "shard") + f": {len(plan['done'])} of {plan['num_shards']} shards already "
+                 "written")
+        else:
+            echo(resuming(opts.output, "shard") + ": the shards already written are kept")
     return ShardContext(options=opts, output=output, inputs=inputs, columns=columns, read_settings=read_settings,
-                        num_shards=num_shards, num_classes=num_classes,
-                        file_groups=max(1, total_rows // FILES_PER_GROUP), total_rows=total_rows,
-                        valid_rows=valid_rows, total_records=total_records, files=(), done=done,
-                        spill=spill, teacher=teacher,
-                        run_id=uuid.uuid4().hex[:12], started=time.time())
+                        num_classes=num_classes, files=(), spill=spill, record_bytes=record_bytes,
+                        teacher=teacher,
+                        run_id=uuid.uuid4().hex[:12], started=time.time(), **plan)
+
+
+def make_plan(totals: tuple[int, int, int], opts: ShardOptions, record_bytes: float,
+              output: StageOutput | None = None) -> dict:
+    """The run's plan (PLAN_FIELDS) from the selection's (rows, valid rows, records); with `output` (in the
+    pipeline), the shards an interrupted run finished are looked up (two listings)."""
+    total_rows, valid_rows, total_records = totals
+    if total_records == 0:
+        raise InputError(f"the selection has no rows to write ({total_rows:,} rows, none valid)")
+    num_shards = resolve_num_shards(opts, total_records, record_bytes)
+    return {"num_shards": num_shards, "file_groups": max(1, total_rows // FILES_PER_GROUP),
+            "total_rows": total_rows, "valid_rows": valid_rows, "total_records": total_records,
+            "done": finished_shards(output, num_shards) if output is not None else frozenset()}
+
+
+def count_unit(unit: WorkUnit, columns: tuple[str, ...], num_classes: int | None) -> tuple[int, int, int]:
+    """(rows, rows that pass the checks, their records) of one work unit: what make_plan is given, summed."""
+    valid_rows, records, _ = scan_selection([unit], columns, num_classes, picked=set())
+    return unit.num_rows, valid_rows, records
+
+
+def add_totals(totals) -> tuple[int, int, int]:
+    rows = valid = records = 0
+    for r, v, n in totals:
+        rows, valid, records = rows + r, valid + v, records + n
+    return rows, valid, records
 
 
 def selection_totals(inputs: TableInputs, markers: list[dict], columns: tuple[str, ...], num_classes: int | None
-                     ) -> tuple[int, int, int, list[dict]]:
-    """(rows, rows that pass the checks, their records, a sample of valid rows for check_sample).
-
-    When every input is a balance output whose stats.json counts its rows and copies, the totals are the
-    markers' and the launcher reads SAMPLE_UNITS row groups, spread over the first data file of each input,
-    for the sample; their rows must all pass the checks (balance writes no other), else, as for inputs that are
-    plain Parquet, every footer is read and the small columns are scanned."""
+                     ) -> tuple[tuple[int, int, int] | None, list[dict]]:
+    """((rows, rows that pass the checks, their records) or None, a sample of valid rows for check_sample), from
+    at most SAMPLE_UNITS row groups: those spread over the first data file of each input when every input is a
+    balance output whose stats.json counts its rows and copies (the totals are then the markers', if the sampled
+    rows all pass the checks: balance writes no other), else those spread over `inputs.first`, and the totals
+    are None: the pipeline counts them (count_unit, make_plan)."""
     first_files = [fs.join(path, contract.SELECTION.data_name(0)) for path, is_output in inputs.items if is_output]
-    if markers and inputs.marker_rows is not None and all("total_copies" in m for m in markers) \
-            and all(fs.exists(f) for f in first_files):
-        units = [WorkUnit(0, path, rg, meta.row_group(rg).num_rows) for path in first_files
-                 for meta in [open_parquet(path).metadata] for rg in range(meta.num_row_groups)]
-        picked = sorted(set(np.linspace(0, len(units) - 1, min(len(units), SAMPLE_UNITS)).astype(int)))
-        sampled = [units[i] for i in picked]
-        valid, _, sample = scan_selection(sampled, columns, num_classes, picked=set(range(len(sampled))))
-        if valid == sum(u.num_rows for u in sampled):
-            rows = inputs.marker_rows
-            return rows, rows, sum(int(m["total_copies"]) for m in markers), sample
-    files = sorted({f for item in inputs.items for f in list_item(item, contract.SELECTION)})
-    _, units = inspect_inputs(files, contract.READ_BACK_COLUMNS, hint=HINT)
-    valid_rows, records, sample = scan_selection(units, columns, num_classes)
-    return sum(u.num_rows for u in units), valid_rows, records, sample
+    known = bool(markers) and inputs.marker_rows is not None and all("total_copies" in m for m in markers) \
+        and all(fs.exists(f) for f in first_files)
+    units = [WorkUnit(0, path, rg, meta.row_group(rg).num_rows) for path in (first_files if known else [inputs.first])
+             for meta in [open_parquet(path).metadata] for rg in range(meta.num_row_groups)]
+    picked = sorted(set(np.linspace(0, len(units) - 1, min(len(units), SAMPLE_UNITS)).astype(int))) if units else []
+    sampled = [units[i] for i in picked]
+    valid, _, sample = scan_selection(sampled, columns, num_classes, picked=set(range(len(sampled))))
+    if known and valid == sum(u.num_rows for u in sampled):
+        rows = inputs.marker_rows
+        return (rows, rows, sum(int(m["total_copies"]) for m in markers)), sample
+    return None, sample
 
 
 def sidecar(output: StageOutput, name: str) -> str:
