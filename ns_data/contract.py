@@ -328,6 +328,8 @@ def input_files(item: str, is_output: bool, kind: OutputKind) -> list[tuple[str,
 def some_input_files(item: str, is_output: bool, kind: OutputKind, limit: int) -> list[tuple[str, int]]:
     """(path, size) of at most `limit` of an input's Parquet files, in the order the filesystem lists them: a
     listing that stops early (a launcher's check); `input_files` finds them all."""
+    from ns_data import fs
+
     if is_output:
         return fs.match_some(fs.join(item, kind.data_pattern), limit)
     if fs.is_glob(item) or fs.is_file(item):
