@@ -26,14 +26,40 @@ class _DropNoise(logging.Filter):
         return not any(text in record.getMessage() for text in self.NOISE)
 
 
+_STEP = re.compile(r" \[while running '[^']*'\]")  # what Beam appends to the message of a step's error
+_RAISED = re.compile(r"((?:ns_data|ns_train)(?:\.\w+)+)\.(\w+): ")  # "module.Class: " of a traceback's last line
+
+
+def _is_stage_error(module: str, name: str) -> bool:
+    """Whether `module.name` is a StageError class, looked up among the modules this process has imported (a
+    worker raises only what the launcher's modules define)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, StageError)
+
+
+def worker_stage_error(text: str) -> str | None:
+    """The message of a StageError that a Beam worker process raised, from the text of the error the runner
+    raises in its stead (the worker's traceback); None when the text holds none."""
+    for found in _RAISED.finditer(text):
+        if _is_stage_error(found.group(1), found.group(2)) and text[:found.start()].endswith("\n"):
+            message = text[found.end():].split("\n\n", 1)[0]
+            return _STEP.sub("", message).strip()
+    return None
+
+
 class _DropReported(logging.Filter):
-    """Beam logs a step's error with its traceback before raising it; a full disk is then reported by the error
-    printer in one line (disk_full), so Beam's record of it is dropped."""
+    """Beam logs a step's error with its traceback before raising it; a full disk or a user's error (a
+    StageError, raised in this process or in a worker) is then reported by the error printer in one line, so
+    Beam's record of it is dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR or not record.name.startswith("apache_beam"):
             return True
+        if record.exc_info and isinstance(record.exc_info[1], StageError):
+            return False
         text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        if any(_is_stage_error(*found.groups()) for found in _RAISED.finditer(text)):
+            return False
         return "No space left on device" not in text and "Disk quota exceeded" not in text
 
 
@@ -75,16 +101,19 @@ class OneLineErrors(click.Group):
 
 def one_line(err: BaseException, output: str | None = None) -> str | None:
     """The line a user's error is printed as (after `Error: `): a command line click cannot parse, a full disk
-    met anywhere in the command (disk_full; `output`: the command's --output), a StageError or a filesystem
-    error; None for anything else, a bug, whose traceback is shown."""
+    met anywhere in the command (disk_full; `output`: the command's --output), a StageError (in this process, or
+    in a Beam worker: worker_stage_error) or a filesystem error; None for anything else, a bug, whose traceback
+    is shown."""
     if isinstance(err, click.ClickException):
         return err.format_message()
     full = disk_full(err, output)
     if full:
         return full
-    if isinstance(err, (StageError, OSError)):
+    if isinstance(err, StageError):
+        return _STEP.sub("", str(err))
+    if isinstance(err, OSError):
         return str(err)
-    return None
+    return worker_stage_error(str(err))
 
 
 _NO_SPACE = re.compile(r"\[Errno (?:28|122)\] (?:No space left on device|Disk quota exceeded)(?:: '([^']+)')?")

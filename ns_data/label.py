@@ -12,7 +12,8 @@ A unit is the grain of work and of resume: its files and marker are written in t
 the unit is done, named by a digest of the unit's key (`unit-<digest>.labels.parquet`,
 `unit-<digest>~<labeled>~<reason>=<n>,....json`: the marker's name carries its counts). Units are a function of
 the listing, not of --batch-size nor of the workers, so a killed run started again with the same command (any
---batch-size) labels only the units without a marker, found by one listing of the temp dir. The run's
+--batch-size) labels only the units without a marker, found by listing the temp dir (in groups by the prefix
+of the units' names, name_prefixes, so that no worker holds every unit's name). The run's
 fingerprint holds the input patterns, not the files they match: the first run records its listing's count of
 units and bytes in the temp dir (`outputs.check_listing`), and a resumed run whose listing differs stops with an error
 before it labels anything (a changed file of the same size is not seen). The model is built once per worker
@@ -178,17 +179,30 @@ def parse_marker(filename: str) -> tuple[str, dict]:
     return name, {"labeled": int(labeled), "errors": {reason: int(n) for reason, n in pairs}}
 
 
-def unit_marker_pattern() -> str:
-    return "unit-*~*.json"
+def unit_marker_pattern(prefix: str = "") -> str:
+    return f"unit-{prefix}*~*.json"
 
 
 def unit_file(name: str, kind: str) -> str:
     return f"unit-{name}.{kind}.parquet"
 
 
-def finished_units(tmp_dir: str):
-    """(unit name, its counts) for every unit with a marker: one listing of the temp dir."""
-    for path in fs.list_dir(tmp_dir, unit_marker_pattern()):
+GROUP_UNITS = 4096  # the units' markers and files are listed and planned in groups of about this many at most
+
+
+def name_prefixes(units: int) -> list[str]:
+    """Prefixes of the units' names (hex digests) that split them into groups of at most about GROUP_UNITS,
+    each listed and planned on its own, so that no worker holds every unit's name: [""] (one group) up to
+    GROUP_UNITS units, 16 prefixes up to 16 times that, 256 beyond (293K units: groups of about 1,150)."""
+    digits = 0
+    while units > GROUP_UNITS * 16 ** digits:
+        digits += 1
+    return [format(i, f"0{digits}x") for i in range(16 ** digits)] if digits else [""]
+
+
+def finished_units(prefix: str, tmp_dir: str):
+    """(unit name, its counts) for every unit with a marker whose name starts with `prefix`: one listing."""
+    for path in fs.list_dir(tmp_dir, unit_marker_pattern(prefix)):
         yield parse_marker(fs.name(path))
 
 
@@ -330,19 +344,18 @@ def errors_table(errors: list[ImageRecord]) -> pa.Table:
                                   "detail": r.detail} for r in errors], schema=contract.IMAGE_ERROR_SCHEMA)
 
 
-def _done_units(tmp_dir: str) -> dict[str, dict]:
-    return dict(parse_marker(fs.name(p)) for p in fs.list_dir(tmp_dir, unit_marker_pattern()))
+MARKERS = "markers"  # plan_merges' output of how many unit markers a group holds
 
 
-def plan_merges(tmp_dir: str, units: int, _counts: dict):
-    """Once every unit is done: (kind, number, unit files) of each output file, the units' files in the order
-    of their names, closed once they reach TARGET_FILE_BYTES. Two listings of the temp dir (markers, and the
-    files with their sizes); no output file is empty."""
-    markers = _done_units(tmp_dir)
-    if len(markers) != units:
-        raise RuntimeError(f"internal check failed: {len(markers)} of {units} units are done")
+def plan_merges(prefix: str, tmp_dir: str, _counts: dict):
+    """Once every unit is done, for the units whose names start with `prefix`: (kind, prefix, number, unit
+    files) of each output file, the units' files in the order of their names, closed once they reach
+    TARGET_FILE_BYTES; and, as the MARKERS output, how many markers the group has. Three listings of the temp
+    dir (markers, and each kind's files with their sizes); no output file is empty."""
+    markers = dict(finished_units(prefix, tmp_dir))
+    yield beam.pvalue.TaggedOutput(MARKERS, len(markers))
     for kind in ("labels", "errors"):
-        sizes = dict(fs.match(fs.join(tmp_dir, unit_file("*", kind))))
+        sizes = dict(fs.match(fs.join(tmp_dir, unit_file(prefix + "*", kind))))
         group, nbytes, number = [], 0, 0
         for name in sorted(markers):
             rows = markers[name]["labeled"] if kind == "labels" else sum(markers[name]["errors"].values())
@@ -352,21 +365,21 @@ def plan_merges(tmp_dir: str, units: int, _counts: dict):
             group.append(path)
             nbytes += sizes[path]
             if nbytes >= TARGET_FILE_BYTES:
-                yield kind, number, group
+                yield kind, prefix, number, group
                 group, nbytes, number = [], 0, number + 1
         if group:
-            yield kind, number, group
+            yield kind, prefix, number, group
 
 
-def merged_file(kind: str, number: int) -> str:
-    return f"merged-{kind}-{number:06d}.parquet"
+def merged_file(kind: str, prefix: str, number: int) -> str:
+    return f"merged-{kind}-{prefix}-{number:06d}.parquet"
 
 
-def merge_files(plan: tuple[str, int, list[str]], tmp_dir: str) -> tuple[str, int, str]:
+def merge_files(plan: tuple[str, str, int, list[str]], tmp_dir: str) -> tuple[str, str, int, str]:
     """One output file from units' files, each unit's table a row group of it (one unit in memory at a time);
-    returns (kind, number, its path)."""
-    kind, number, paths = plan
-    path = fs.join(tmp_dir, merged_file(kind, number))
+    returns (kind, prefix, number, its path)."""
+    kind, prefix, number, paths = plan
+    path = fs.join(tmp_dir, merged_file(kind, prefix, number))
     with fs.create(path) as f:
         writer = None
         for unit_path in paths:
@@ -375,19 +388,24 @@ def merge_files(plan: tuple[str, int, list[str]], tmp_dir: str) -> tuple[str, in
             writer = writer or pq.ParquetWriter(f, table.schema)
             writer.write_table(table, row_group_size=max(1, table.num_rows))
         writer.close()
-    return kind, number, path
+    return kind, prefix, number, path
 
 
-def finalize(ctx: LabelContext, counts_this_run: dict, counts_before: dict, units: int,
-             merged: list[tuple[str, int, str]]) -> str:
-    """Moves the merged files into place under their final names, then writes stats.json. The counts are
-    combined in the pipeline: those of the units this run labeled, and those of the units an interrupted run
-    finished (from the names of their markers, listed once when the run began)."""
+def finalize(ctx: LabelContext, counts_this_run: dict, counts_before: dict, units: int, markers: int,
+             merged: list[tuple[str, str, int, str]]) -> str:
+    """Moves the merged files into place under their final names (numbered per kind in the order of the units'
+    names), then writes stats.json. The counts are combined in the pipeline: those of the units this run
+    labeled, and those of the units an interrupted run finished (from the names of their markers, listed when
+    the run began)."""
+    if markers != units:
+        raise RuntimeError(f"internal check failed: {markers} of {units} units are done")
     out, total = ctx.output, {"labeled": 0, "errors": {}}
     for counts in (counts_this_run, counts_before):
         add_counts(total, {"labeled": counts.get("labeled", 0), "errors": counts.get("errors", {})})
-    moves = [(path, (contract.LABELS.data_name if kind == "labels" else contract.LABELS.errors_name)(number))
-             for kind, number, path in sorted(merged)]
+    moves = []
+    for kind, name in (("labels", contract.LABELS.data_name), ("errors", contract.LABELS.errors_name)):
+        paths = [path for k, _, _, path in sorted(merged) if k == kind]
+        moves += [(path, name(number)) for number, path in enumerate(paths)]
     errors = sum(total["errors"].values())
     read_now = counts_this_run.get("labeled", 0) + sum(counts_this_run.get("errors", {}).values())
     seconds = time.time() - ctx.started
@@ -412,7 +430,8 @@ class Label(beam.PTransform):
     """Every work unit of the run in; the path of the written stats.json out, once everything is in place.
 
     Units with a marker (done by an interrupted run) are skipped; the listing is checked against the one the
-    run's first pass recorded before any unit is labeled."""
+    run's first pass recorded before any unit is labeled. The units' markers and files are listed in groups by
+    the prefix of their names (name_prefixes), each on its own worker."""
 
     def __init__(self, ctx: LabelContext):
         super().__init__()
@@ -424,27 +443,31 @@ class Label(beam.PTransform):
                    | "Sizes" >> beam.Map(lambda u: (1, u.nbytes))
                    | "Listing" >> beam.CombineGlobally(_add_pairs)
                    | "CheckListing" >> beam.Map(check_listing, tmp_dir))
-        finished = (units.pipeline
-                    | "FinishedTrigger" >> beam.Create([tmp_dir])
-                    | "ListFinished" >> beam.FlatMap(finished_units))
-        done = finished | "FinishedNames" >> beam.Map(lambda named: (named[0], None))
+        prefixes = (units.pipeline
+                    | "Trigger" >> beam.Create([None])
+                    | "NamePrefixes" >> beam.FlatMap(lambda _, units: name_prefixes(units),
+                                                     beam.pvalue.AsSingleton(checked))
+                    | "SpreadPrefixes" >> beam.Reshuffle())
+        finished = prefixes | "ListFinished" >> beam.FlatMap(finished_units, tmp_dir)
         counts_before = (finished
                          | "FinishedCounts" >> beam.Map(lambda named: named[1])
                          | "SumFinished" >> beam.CombineGlobally(SumCounts()))
-        pending = units | "SkipFinished" >> beam.Filter(lambda u, done, _: u.name not in done,
-                                                          beam.pvalue.AsDict(done), beam.pvalue.AsSingleton(checked))
+        pending = ({"unit": units | "ByName" >> beam.Map(lambda u: (u.name, u)),
+                    "done": finished | "FinishedNames" >> beam.Map(lambda named: (named[0], None))}
+                   | "JoinFinished" >> beam.CoGroupByKey()
+                   | "SkipFinished" >> beam.FlatMap(lambda joined: [] if joined[1]["done"] else joined[1]["unit"]))
         counts = (pending
                   | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
-        merged = (units.pipeline
-                  | "MergeTrigger" >> beam.Create([tmp_dir])
-                  | "PlanMerges" >> beam.FlatMap(plan_merges, beam.pvalue.AsSingleton(checked),
-                                                 beam.pvalue.AsSingleton(counts))
+        planned = prefixes | "PlanMerges" >> beam.FlatMap(plan_merges, tmp_dir, beam.pvalue.AsSingleton(counts)
+                                                           ).with_outputs(MARKERS, main="plans")
+        markers = planned[MARKERS] | "SumMarkers" >> beam.CombineGlobally(sum)
+        merged = (planned.plans
                   | "SpreadMerges" >> beam.Reshuffle()
                   | "Merge" >> beam.Map(merge_files, tmp_dir))
         return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsSingleton(counts),
                          beam.pvalue.AsSingleton(counts_before), beam.pvalue.AsSingleton(checked),
-                         beam.pvalue.AsList(merged))
+                         beam.pvalue.AsSingleton(markers), beam.pvalue.AsList(merged))
 
 
 # ------------------------------------------------------------------------------------------- running

@@ -203,6 +203,41 @@ def test_the_entry_points_print_a_filesystem_error_in_one_line(tmp_path, monkeyp
         balance_pipeline.run(argv)
 
 
+def test_a_users_error_met_inside_the_pipeline_is_one_error_without_beams_traceback(tmp_path):
+    """An input checked inside the pipeline (here a schema that differs from the first file's) stops the run as a
+    StageError: `ns-data` prints its message after `Error: `, without Beam's logged traceback or step name."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    (tmp_path / "in").mkdir()
+    table = read_labels(synth(tmp_path)).slice(0, 200)
+    pq.write_table(table, tmp_path / "in" / "a.parquet")
+    pq.write_table(table.cast(table.schema.set(table.schema.get_field_index("confidence"),
+                                               pa.field("confidence", pa.float64()))), tmp_path / "in" / "b.parquet")
+    done = subprocess.run([sys.executable, "-m", "ns_data.cli", "balance", str(tmp_path / "in"), "--output",
+                           str(tmp_path / "sel"), "--per-class", "5", "--no-progress", "--direct_num_workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Error: " + str(tmp_path / "in" / "b.parquet") + ": schema differs from" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "while running" not in done.stderr, done.stderr
+
+
+def test_the_error_printer_finds_a_users_error_in_a_workers_traceback():
+    """A Beam worker process's StageError reaches the launcher as a RuntimeError holding the worker's traceback:
+    its message is what is printed; any other error in a worker is a bug, shown with its traceback (None)."""
+    from ns_data.console import one_line
+
+    worker = ("Traceback (most recent call last):\n  File \"reading.py\", line 194, in check_footer\n"
+              "ns_data.stage.InputError: b.parquet: schema differs from a.parquet:\nid: string\nvs\nid: int64"
+              "\n\nDuring handling of the above exception, another exception occurred:\n\nTraceback ...\n"
+              "ns_data.stage.InputError: b.parquet: schema differs [while running 'WorkUnits/ReadFooters']\n")
+    assert one_line(RuntimeError(worker)) == "b.parquet: schema differs from a.parquet:\nid: string\nvs\nid: int64"
+    assert one_line(RuntimeError("Traceback (most recent call last):\nZeroDivisionError: division by zero\n")) is None
+    assert one_line(RuntimeError("Traceback:\nns_data.stage.NoSuchThing: x\n")) is None
+
+
 def test_a_template_launch_with_an_unknown_parameter_fails_before_any_output(tmp_path):
     pl = synth(tmp_path)
     out = tmp_path / "out"

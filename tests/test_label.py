@@ -540,11 +540,16 @@ def small_units(monkeypatch):
     monkeypatch.setattr(units, "MIN_FILES_PER_UNIT", 16)
 
 
+@pytest.mark.parametrize("group_units", [None, 1], ids=["one group", "a group per unit"])
 def test_a_run_resumed_with_another_batch_size_gives_the_rows_of_an_uninterrupted_run(tmp_path, teacher_files,
                                                                                      images, monkeypatch,
-                                                                                     small_units):
+                                                                                     small_units, group_units):
+    """The finished units are found by listing their markers, in one group or prefix by prefix."""
+    from ns_data import label as label_module
     from ns_data.label import parse_marker
 
+    if group_units:
+        monkeypatch.setattr(label_module, "GROUP_UNITS", group_units)
     files = many_images(images)  # 40 images: 3 units of loose files
     d = write_dir(tmp_path / "imgs", files)
     _, whole, _ = label([d], tmp_path / "whole", teacher_files, batch_size=4, probs=True)
@@ -627,6 +632,26 @@ def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, im
     assert apart["id"].tolist() == merged["id"].tolist() == sorted(many_images(images))
     assert apart["label"].tolist() == merged["label"].tolist()
     assert json.loads(pq.read_schema(files[0]).metadata[b"ns_data.teacher"])["model"] == MODEL  # in brief
+
+
+def test_units_listed_and_planned_in_groups_by_name_give_the_same_output(tmp_path, teacher_files, images,
+                                                                        monkeypatch, small_units):
+    """With groups of one unit (16 name prefixes for 3 units), the markers are listed and the merges planned
+    prefix by prefix: the same files, numbered in the order of the units' names, the same rows."""
+    from ns_data import label as label_module
+
+    assert label_module.name_prefixes(4096) == [""] and len(label_module.name_prefixes(4097)) == 16
+    assert len(label_module.name_prefixes(293_000)) == 256
+    d = write_dir(tmp_path / "imgs", many_images(images))  # 40 images: 3 units
+    monkeypatch.setattr(label_module, "TARGET_FILE_BYTES", 1)
+    _, whole, _ = label([d], tmp_path / "whole", teacher_files)
+    monkeypatch.setattr(label_module, "GROUP_UNITS", 1)
+    stats, grouped, _ = label([d], tmp_path / "grouped", teacher_files)
+    files = sorted(os.path.basename(f) for f in glob.glob(str(tmp_path / "grouped" / "labels-*.parquet")))
+    assert files == [f"labels-{i:05d}.parquet" for i in range(3)] and stats["units"] == 3
+    for name in files:
+        assert pq.read_table(tmp_path / "grouped" / name).equals(pq.read_table(tmp_path / "whole" / name))
+    assert grouped["id"].tolist() == whole["id"].tolist()
 
 
 def test_the_teacher_is_in_stats_json_once_and_footers_hold_it_in_brief(tmp_path, images):
