@@ -18,9 +18,10 @@ fingerprint holds the input patterns, not the files they match: the first run re
 units and bytes in the temp dir (`outputs.check_listing`), and a resumed run whose listing differs stops with an error
 before it labels anything (a changed file of the same size is not seen). The model is built once per worker
 process (in `setup`). Output, complete or absent (contract.LABELS): `labels-NNNNN.parquet`,
-`errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds consecutive units (in the
-order of their digests), a row group each, and is about 64 MB or the rest of the run: at most one file per
-64 MB of the run's rows and one more, never an empty one. The teacher's identity (with its class names) is
+`errors-NNNNN.parquet` where images failed, `stats.json` last. Each output file holds units in the order of
+their digests, a row group each, and is about 64 MB: the units of a name-prefix group fill files of their own,
+and the groups' leftovers are packed together (pack_rests), so there is at most one file per 64 MB of the run's
+rows and one more, never an empty one. The teacher's identity (with its class names) is
 in stats.json, once; every file's footer holds it in brief (contract.footer_teacher: model, class count, the
 identity's digest), whatever the number of classes. Each row carries its image's content fingerprint, the
 length and CRC32C of the bytes labeled (contract.CONTENT_FIELDS), which `shard` checks against the bytes it
@@ -345,13 +346,16 @@ def errors_table(errors: list[ImageRecord]) -> pa.Table:
 
 
 MARKERS = "markers"  # plan_merges' output of how many unit markers a group holds
+REST = "rest"  # plan_merges' output of a group's last files, short of TARGET_FILE_BYTES (pack_rests packs them)
+RESTS = "z"  # the prefix of the files pack_rests plans: after every name prefix (hex digits) in name order
 
 
 def plan_merges(prefix: str, tmp_dir: str, _counts: dict):
     """Once every unit is done, for the units whose names start with `prefix`: (kind, prefix, number, unit
     files) of each output file, the units' files in the order of their names, closed once they reach
-    TARGET_FILE_BYTES; and, as the MARKERS output, how many markers the group has. Three listings of the temp
-    dir (markers, and each kind's files with their sizes); no output file is empty."""
+    TARGET_FILE_BYTES; as the REST output, (kind, prefix, unit files, bytes) of the files left over, and as the
+    MARKERS output, how many markers the group has. Three listings of the temp dir (markers, and each kind's
+    files with their sizes)."""
     markers = dict(finished_units(prefix, tmp_dir))
     yield beam.pvalue.TaggedOutput(MARKERS, len(markers))
     for kind in ("labels", "errors"):
@@ -368,7 +372,23 @@ def plan_merges(prefix: str, tmp_dir: str, _counts: dict):
                 yield kind, prefix, number, group
                 group, nbytes, number = [], 0, number + 1
         if group:
-            yield kind, prefix, number, group
+            yield beam.pvalue.TaggedOutput(REST, (kind, prefix, group, nbytes))
+
+
+def pack_rests(rests: list[tuple[str, str, list[str], int]]):
+    """The groups' leftover files packed, in the order of their prefixes, into output files closed once they
+    reach TARGET_FILE_BYTES: all groups together write at most one file short of it per kind, never an empty
+    one. At most one leftover per group (256 groups at the most), each under TARGET_FILE_BYTES of files."""
+    for kind in ("labels", "errors"):
+        group, nbytes, number = [], 0, 0
+        for _, _, paths, size in sorted(r for r in rests if r[0] == kind):
+            group += paths
+            nbytes += size
+            if nbytes >= TARGET_FILE_BYTES:
+                yield kind, RESTS, number, group
+                group, nbytes, number = [], 0, number + 1
+        if group:
+            yield kind, RESTS, number, group
 
 
 def merged_file(kind: str, prefix: str, number: int) -> str:
@@ -460,9 +480,13 @@ class Label(beam.PTransform):
                   | "LabelUnits" >> beam.ParDo(LabelUnitFn(self.ctx))
                   | "SumCounts" >> beam.CombineGlobally(SumCounts()))
         planned = prefixes | "PlanMerges" >> beam.FlatMap(plan_merges, tmp_dir, beam.pvalue.AsSingleton(counts)
-                                                           ).with_outputs(MARKERS, main="plans")
+                                                           ).with_outputs(MARKERS, REST, main="plans")
         markers = planned[MARKERS] | "SumMarkers" >> beam.CombineGlobally(sum)
-        merged = (planned.plans
+        rests = (planned[REST]
+                 | "AllRests" >> beam.combiners.ToList()
+                 | "PackRests" >> beam.FlatMap(pack_rests))
+        merged = ((planned.plans, rests)
+                  | "AllMerges" >> beam.Flatten()
                   | "SpreadMerges" >> beam.Reshuffle()
                   | "Merge" >> beam.Map(merge_files, tmp_dir))
         return after_all(units.pipeline, finalize, self.ctx, beam.pvalue.AsSingleton(counts),

@@ -637,21 +637,27 @@ def test_units_are_merged_into_output_files_by_bytes(tmp_path, teacher_files, im
 def test_units_listed_and_planned_in_groups_by_name_give_the_same_output(tmp_path, teacher_files, images,
                                                                         monkeypatch, small_units):
     """With groups of one unit (16 name prefixes for 3 units), the markers are listed and the merges planned
-    prefix by prefix: the same files, numbered in the order of the units' names, the same rows."""
+    prefix by prefix: the same files, numbered in the order of the units' names, the same rows; the groups'
+    leftover files are packed together (one output file, not one a group)."""
     from ns_data import label as label_module
 
     assert label_module.name_prefixes(4096) == [""] and len(label_module.name_prefixes(4097)) == 16
     assert len(label_module.name_prefixes(293_000)) == 256
     d = write_dir(tmp_path / "imgs", many_images(images))  # 40 images: 3 units
-    monkeypatch.setattr(label_module, "TARGET_FILE_BYTES", 1)
-    _, whole, _ = label([d], tmp_path / "whole", teacher_files)
-    monkeypatch.setattr(label_module, "GROUP_UNITS", 1)
-    stats, grouped, _ = label([d], tmp_path / "grouped", teacher_files)
-    files = sorted(os.path.basename(f) for f in glob.glob(str(tmp_path / "grouped" / "labels-*.parquet")))
-    assert files == [f"labels-{i:05d}.parquet" for i in range(3)] and stats["units"] == 3
-    for name in files:
-        assert pq.read_table(tmp_path / "grouped" / name).equals(pq.read_table(tmp_path / "whole" / name))
-    assert grouped["id"].tolist() == whole["id"].tolist()
+    for target, files_out in ((1, 3), (label_module.TARGET_FILE_BYTES, 1)):
+        # a file each, the groups' files full; then the groups' leftovers packed into one file (3 row groups)
+        monkeypatch.setattr(label_module, "TARGET_FILE_BYTES", target)
+        monkeypatch.setattr(label_module, "GROUP_UNITS", 4096)
+        _, whole, _ = label([d], tmp_path / f"whole-{target}", teacher_files)
+        monkeypatch.setattr(label_module, "GROUP_UNITS", 1)
+        stats, grouped, _ = label([d], tmp_path / f"grouped-{target}", teacher_files)
+        files = sorted(os.path.basename(f) for f in glob.glob(str(tmp_path / f"grouped-{target}" / "labels-*.parquet")))
+        assert files == [f"labels-{i:05d}.parquet" for i in range(files_out)] and stats["units"] == 3
+        for name in files:
+            assert pq.read_table(tmp_path / f"grouped-{target}" / name).equals(
+                pq.read_table(tmp_path / f"whole-{target}" / name))
+        assert pq.ParquetFile(tmp_path / f"grouped-{target}" / files[-1]).num_row_groups == 3 // files_out
+        assert grouped["id"].tolist() == whole["id"].tolist()
 
 
 def test_the_teacher_is_in_stats_json_once_and_footers_hold_it_in_brief(tmp_path, images):
